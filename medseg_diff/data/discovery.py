@@ -1,0 +1,146 @@
+"""Find the cases of a data set folder and detect its layout / label convention.
+
+Layouts recognised (the convention can always be forced):
+- brats2021: ``CASE/CASE_{t1,t1ce,t2,flair}[.nii.gz|.nii|.mha|.nrrd|/ (DICOM)]`` + optional ``CASE_seg``
+- brats2023: ``CASE/CASE-{t1n,t1c,t2w,t2f}...`` + optional ``CASE-seg`` (ET = 3)
+- msd:       ``imagesTr/NAME.nii.gz`` (4D: FLAIR, T1w, t1gd, T2w) + ``labelsTr/NAME.nii.gz``; also ``imagesTs``
+Case folders may sit up to ``MAX_DEPTH`` levels below the root (e.g. ``root/TrainingData/CASE``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medseg_diff.data.conventions import BRATS2021, BRATS2023, MODALITIES, LabelConvention, get_convention
+from medseg_diff.data.io import image_suffix, is_image_path
+from medseg_diff.errors import DataError
+
+MAX_DEPTH = 3
+
+
+@dataclass
+class CaseFiles:
+    """The files of one case, as absolute paths.
+
+    images: canonical modality -> file (brats layouts), or {"4d": file} for MSD
+    label:  the segmentation file, or None when the case has none
+    """
+
+    case_id: str
+    images: dict[str, Path]
+    label: Path | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self.images.values()) + ([self.label] if self.label else [])
+
+
+def discover(root: str | Path, convention: str | None = None) -> tuple[LabelConvention, list[CaseFiles]]:
+    """``(convention, cases)`` of the data set under ``root``, cases sorted by id.
+
+    ``convention`` forces the layout; otherwise it is detected. A case folder that has some but not all
+    modalities is returned with ``missing`` filled in (``check`` reports it); nothing is silently dropped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "data root is not a folder")
+    if convention is not None:
+        conv = get_convention(convention)
+        cases = _msd_cases(root) if conv.name == "msd" else _brats_cases(root, conv)
+    else:
+        conv, cases = _detect(root)
+    if not cases:
+        raise DataError(root, f"no {conv.name} cases found (expected {_layout_hint(conv)})")
+    return conv, sorted(cases, key=lambda c: c.case_id)
+
+
+def _detect(root: Path) -> tuple[LabelConvention, list[CaseFiles]]:
+    if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
+        return get_convention("msd"), _msd_cases(root)
+    found = {conv.name: _brats_cases(root, conv) for conv in (BRATS2021, BRATS2023)}
+    complete = {name: [c for c in cases if not c.missing] for name, cases in found.items()}
+    counts = {name: len(cases) for name, cases in complete.items()}
+    if counts["brats2021"] and counts["brats2023"]:
+        raise DataError(
+            root,
+            f"mixed layouts: {counts['brats2021']} BraTS 2018-2021 cases and {counts['brats2023']} "
+            "BraTS 2023 cases; split the folder or force one with --convention",
+        )
+    best = max(found, key=lambda name: (counts[name], len(found[name])))
+    if not found[best]:
+        raise DataError(
+            root,
+            "no BraTS or MSD cases found (expected CASE/CASE_t1.nii.gz ... (BraTS 2018-2021), "
+            "CASE/CASE-t1n.nii.gz ... (BraTS 2023+) or imagesTr/ + labelsTr/ (MSD Task01))",
+        )
+    return get_convention(best), found[best]
+
+
+def _layout_hint(conv: LabelConvention) -> str:
+    if conv.name == "msd":
+        return "imagesTr/*.nii.gz and labelsTr/*.nii.gz"
+    sep = conv.separator
+    return f"CASE/CASE{sep}" + f", CASE{sep}".join(conv.modality_suffixes) + f" (+ CASE{sep}{conv.seg_suffix})"
+
+
+def _split_name(path: Path, conv: LabelConvention) -> tuple[str, str] | None:
+    """``(case_id, suffix)`` of a BraTS file/folder name like ``CASE_t1ce.nii.gz``, else None."""
+    name = path.name
+    ext = image_suffix(name)
+    stem = name[: len(name) - len(ext)] if ext else name
+    if not ext and not path.is_dir():
+        return None
+    case_id, sep, suffix = stem.rpartition(conv.separator)
+    if not sep or not case_id:
+        return None
+    known = set(conv.modality_suffixes) | {conv.seg_suffix}
+    return (case_id, suffix.lower()) if suffix.lower() in known else None
+
+
+def _case_folders(root: Path) -> list[Path]:
+    folders, frontier = [], [root]
+    for _ in range(MAX_DEPTH + 1):
+        next_frontier = []
+        for folder in frontier:
+            folders.append(folder)
+            next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        frontier = next_frontier
+    return folders
+
+
+def _brats_cases(root: Path, conv: LabelConvention) -> list[CaseFiles]:
+    by_suffix = dict(zip(conv.modality_suffixes, MODALITIES))
+    cases: dict[str, CaseFiles] = {}
+    for folder in _case_folders(root):
+        for entry in sorted(folder.iterdir()):
+            parsed = _split_name(entry, conv)
+            if parsed is None or entry.name.startswith("._") or not is_image_path(entry):
+                continue
+            case_id, suffix = parsed
+            case = cases.setdefault(case_id, CaseFiles(case_id=case_id, images={}))
+            if suffix == conv.seg_suffix:
+                case.label = entry.resolve()
+            else:
+                case.images[by_suffix[suffix]] = entry.resolve()
+    for case in cases.values():
+        case.missing = [m for m in MODALITIES if m not in case.images]
+        case.images = {m: case.images[m] for m in MODALITIES if m in case.images}
+    return list(cases.values())
+
+
+def _msd_cases(root: Path) -> list[CaseFiles]:
+    cases = []
+    for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+        folder = root / images_dir
+        if not folder.is_dir():
+            continue
+        for image in sorted(folder.iterdir()):
+            if image.name.startswith(".") or image_suffix(image) not in (".nii", ".nii.gz"):
+                continue
+            case_id = image.name[: -len(image_suffix(image))]
+            label = root / labels_dir / image.name
+            cases.append(CaseFiles(case_id=case_id, images={"4d": image.resolve()},
+                                   label=label.resolve() if label.exists() else None))
+    return cases

@@ -1,0 +1,90 @@
+"""``synthesize``: write a seeded set of BraTS-like phantom cases to disk (the ``medseg-diff synth`` API)."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from medseg_diff.data.synth.anatomy import Anatomy, load_anatomy, template_resolution
+from medseg_diff.data.synth.case import make_case
+from medseg_diff.data.synth.writer import case_id, layout_convention, write_case
+
+#: accepted output spacing (mm)
+SPACING_RANGE: tuple[float, float] = (0.5, 5.0)
+
+_WORKER_ANATOMY: Anatomy | None = None
+
+
+def synthesize(
+    out: Path, cases: int, spacing: float = 2.0, seed: int = 0, layout: str = "brats2021",
+    workers: int = 1, progress: bool = False,
+) -> list[Path]:
+    """Write ``cases`` phantom cases under ``out`` and return their folders, in case order.
+
+    Case ``i`` depends only on (``seed``, ``i``, ``spacing``, ``layout``): its files are byte-identical
+    across runs and across ``workers`` (processes; each case is drawn and written by one worker).
+    ``layout`` is ``"brats2021"`` (``CASE_{t1,t1ce,t2,flair,seg}``, labels 0/1/2/4) or ``"brats2023"``
+    (``CASE-{t1n,t1c,t2w,t2f,seg}``, labels 0/1/2/3). Raises ValueError on invalid arguments.
+    """
+    # 1. validate before touching the disk
+    _validate(cases, spacing, seed, workers)
+    layout_convention(layout)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(out, seed, i, float(spacing), layout) for i in range(cases)]
+    # 2. the template anatomy, loaded once and shared with the workers
+    anatomy = load_anatomy(template_resolution(spacing))
+    # 3. draw and write each case
+    done: list[Path] = []
+    if workers == 1 or cases == 1:
+        for job in jobs:
+            done.append(_write_one(*job, anatomy=anatomy))
+            _report(progress, len(done), cases)
+        return done
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, cases), mp_context=context, initializer=_init_worker, initargs=(anatomy,)) as pool:
+        for path in pool.map(_write_job, jobs):
+            done.append(path)
+            _report(progress, len(done), cases)
+    return done
+
+
+def _validate(cases: int, spacing: float, seed: int, workers: int) -> None:
+    """ValueError with a clear message for any out-of-range argument."""
+    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+        raise ValueError(f"cases must be an integer ≥ 1, got {cases!r}")
+    lo, hi = SPACING_RANGE
+    if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not math.isfinite(spacing) or not lo <= spacing <= hi:
+        raise ValueError(f"spacing must be a number of mm in [{lo}, {hi}], got {spacing!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer ≥ 0, got {seed!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer ≥ 1, got {workers!r}")
+
+
+def _write_one(out: Path, seed: int, index: int, spacing: float, layout: str, anatomy: Anatomy | None) -> Path:
+    """Draw case ``index`` and write it under ``out``; returns its folder."""
+    case = make_case(seed, index, spacing, anatomy)
+    case_dir = out / case_id(layout, index)
+    write_case(case_dir, layout_convention(layout), case.volumes, case.grid.affine)
+    return case_dir
+
+
+def _init_worker(anatomy: Anatomy) -> None:
+    """Worker start-up: keep the parent's anatomy (no nilearn import or template load per worker)."""
+    global _WORKER_ANATOMY
+    _WORKER_ANATOMY = anatomy
+
+
+def _write_job(job: tuple) -> Path:
+    """``_write_one`` for a pool worker, with the anatomy its initializer received."""
+    return _write_one(*job, anatomy=_WORKER_ANATOMY)
+
+
+def _report(progress: bool, done: int, total: int) -> None:
+    """One progress line on stderr when ``progress`` is on."""
+    if progress:
+        print(f"synth: {done}/{total} cases", file=sys.stderr, flush=True)

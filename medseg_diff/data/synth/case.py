@@ -1,0 +1,84 @@
+"""One phantom case in memory: anatomy warped per case, a tumour grown in it, four modalities rendered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medseg_diff.data.conventions import MODALITIES
+from medseg_diff.data.synth.anatomy import Anatomy, load_anatomy, sample, template_resolution
+from medseg_diff.data.synth.contrast import Tissue, draw_appearance, render_modality
+from medseg_diff.data.synth.geometry import OutputGrid, output_grid, random_warp, warp_grid
+from medseg_diff.data.synth.tumour import Tumour, draw_tumour, grow_tumour
+
+
+@dataclass(frozen=True)
+class SynthCase:
+    """A rendered case: ``volumes`` maps each of MODALITIES to int16 ``[X, Y, Z]`` and ``"seg"`` to
+    internal labels (0, NCR, ED, ET) uint8 ``[X, Y, Z]``; ``grid`` holds shape and LPS affine.
+    """
+
+    volumes: dict[str, np.ndarray]
+    grid: OutputGrid
+    tumour: Tumour
+
+
+def case_rngs(seed: int, index: int) -> dict[str, np.random.Generator]:
+    """Independent generators for each part of case ``index``; they depend on (seed, index) only."""
+    names = ("warp", "tumour", "appearance", "noise")
+    children = np.random.SeedSequence([seed, index]).spawn(len(names))
+    return {name: np.random.default_rng(child) for name, child in zip(names, children)}
+
+
+def make_case(seed: int, index: int, spacing: float, anatomy: Anatomy | None = None) -> SynthCase:
+    """Draw and render case ``index`` of the phantom set ``seed`` at ``spacing`` mm.
+
+    Steps: 1. random pose + smooth deformation (output voxel → template point q); 2. tumour;
+    3. mass effect near the tumour; 4. healthy tissue at the displaced points; 5. tumour labels;
+    6. the four modalities with their artefacts.
+    """
+    rngs = case_rngs(seed, index)
+    anatomy = anatomy if anatomy is not None else load_anatomy(template_resolution(spacing))
+    grid = output_grid(spacing)
+    # 1. case space → tumour-bearing template space, [3, N]
+    q = warp_grid(grid, random_warp(rngs["warp"])).reshape(3, -1)
+    # 2. tumour (in template space)
+    tumour = draw_tumour(rngs["tumour"], anatomy)
+    # 3. mass effect, only where it is not negligible
+    near = _points_within(q, tumour.centre, tumour.reach_mm())
+    q_near = q[:, near]
+    source = q.copy()
+    source[:, near] = tumour.mass.pull_back(q_near)
+    # 4. healthy tissue at the displaced points
+    tissue_flat = _sample_tissue(anatomy, source)
+    # 5. tumour labels near its centre, inside the brain
+    in_brain = tissue_flat["mask"] > 0.5
+    tmap = grow_tumour(tumour, q_near, tissue_flat["wm"][near], tissue_flat["csf"][near], in_brain[near])
+    labels = np.zeros(q.shape[1], dtype=np.uint8)
+    labels[near] = tmap.labels
+    # 6. modalities
+    tissue = Tissue(
+        csf=tissue_flat["csf"].reshape(grid.shape), gm=tissue_flat["gm"].reshape(grid.shape),
+        wm=tissue_flat["wm"].reshape(grid.shape), detail=tissue_flat["detail"].reshape(grid.shape),
+        brain=(in_brain | (labels > 0)).reshape(grid.shape),
+    )
+    look = draw_appearance(rngs["appearance"], tumour.enhancement)
+    volumes = {m: render_modality(m, tissue, near, tmap, look, grid.spacing, rngs["noise"]) for m in MODALITIES}
+    volumes["seg"] = labels.reshape(grid.shape)
+    return SynthCase(volumes=volumes, grid=grid, tumour=tumour)
+
+
+def _points_within(points: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
+    """Flat indices of the points ``[3, N]`` closer than ``radius`` mm to ``centre`` ``[3]``."""
+    d2 = np.zeros(points.shape[1], dtype=np.float32)
+    for a in range(3):
+        d2 += (points[a] - np.float32(centre[a])) ** 2
+    return np.flatnonzero(d2 < np.float32(radius) ** 2)
+
+
+def _sample_tissue(anatomy: Anatomy, points: np.ndarray) -> dict[str, np.ndarray]:
+    """Tissue maps (csf, gm, wm, detail, mask) sampled at world points ``[3, N]`` → ``[N]`` each."""
+    index = anatomy.world_to_index(points)
+    names = ("csf", "gm", "wm", "detail", "mask")
+    return {name: sample(getattr(anatomy, name), index) for name in names}

@@ -1,0 +1,172 @@
+"""A glioma-like tumour: irregular core with a necrotic centre and an enhancing rim, white-matter edema.
+
+Shapes are level sets of ``distance / radius + amplitude · smooth noise`` (never plain spheres),
+drawn in the tumour-bearing template space ``q`` (see geometry.py) so that the mass effect and the
+per-case warp deform them like the anatomy around them. Labels use the internal codes NCR, ED, ET
+below; the writer maps them to a BraTS convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medseg_diff.data.synth.anatomy import Anatomy
+from medseg_diff.data.synth.fields import LocalNoise, local_noise
+from medseg_diff.data.synth.geometry import MassEffect, rotation_matrix
+
+#: internal label codes (mapped to a convention's core/edema/enhancing by the writer)
+NCR, ED, ET = 1, 2, 3
+
+#: case kinds and their probabilities: "small" has a < 1 cm³ tumour core (so ET < 1 cm³),
+#: "faint" a barely enhancing rim; together ≥ 20 % of cases keep ET Dice from saturating.
+KINDS: dict[str, float] = {"typical": 0.68, "small": 0.16, "faint": 0.16}
+#: probabilities of a case with no enhancing tumour (all core necrotic / non-enhancing), and of a
+#: solid enhancing core with no necrosis
+P_NO_ET, P_NO_NCR = 0.06, 0.06
+
+
+@dataclass(frozen=True)
+class Tumour:
+    """One case's tumour: geometry (mm, template space), appearance and its smooth noise fields.
+
+    ``rotation`` ``[3, 3]`` and ``axes`` ``[3]`` (relative semi-axes) make the ellipsoidal distance;
+    ``enhancement`` is the T1ce signal of ET relative to white matter.
+    """
+
+    kind: str
+    centre: np.ndarray
+    rotation: np.ndarray
+    axes: np.ndarray
+    core_radius_mm: float
+    rim_mm: float
+    rim_coverage: float
+    core_noise_amp: float
+    edema_radius_mm: float
+    edema_noise_amp: float
+    edema_wm_affinity: float
+    enhancement: float
+    has_ncr: bool
+    has_et: bool
+    mass: MassEffect
+    noise: dict[str, LocalNoise]
+
+    def reach_mm(self) -> float:
+        """Radius (mm) around the centre outside which no label and no mass effect is drawn."""
+        edema = self.edema_radius_mm * float(self.axes.max()) * (1 + 3 * self.edema_noise_amp + self.edema_wm_affinity)
+        return max(min(edema, 80.0), self.mass.reach_mm())
+
+
+@dataclass(frozen=True)
+class TumourMap:
+    """Tumour labels at a set of P points: ``labels`` ``[P]`` (0, NCR, ED, ET), ``edema_weight`` ``[P]``
+    (0–1, how strongly edema replaces normal tissue signal), ``texture`` ``[P]`` (unit-variance noise).
+    """
+
+    labels: np.ndarray
+    edema_weight: np.ndarray
+    texture: np.ndarray
+
+
+def draw_tumour(rng: np.random.Generator, anatomy: Anatomy) -> Tumour:
+    """A random tumour placed in deep white matter of either hemisphere, any lobe.
+
+    Steps: 1. kind and composition; 2. sizes; 3. centre in white matter deep enough for the core;
+    4. shape (ellipsoid + noise amplitudes); 5. mass effect; 6. smooth noise fields around the centre.
+    """
+    # 1. kind and composition
+    kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
+    composition = rng.choice(["full", "no_et", "no_ncr"], p=[1 - P_NO_ET - P_NO_NCR, P_NO_ET, P_NO_NCR])
+    # 2. sizes (mm) and enhancement
+    if kind == "small":
+        core = rng.uniform(3.5, 6.0)
+        rim = rng.uniform(1.5, 3.0)
+        edema = rng.uniform(8.0, 26.0)
+        enhancement = rng.uniform(1.25, 1.9)
+    else:
+        core = rng.uniform(9.0, 22.0) if kind == "typical" else rng.uniform(8.0, 18.0)
+        rim = rng.uniform(2.0, 6.0)
+        edema = min(core * rng.uniform(1.5, 2.6), 45.0)
+        enhancement = rng.uniform(1.5, 2.2) if kind == "typical" else rng.uniform(1.02, 1.15)
+    coverage = -np.inf if rng.random() < 0.5 else rng.uniform(-0.8, 0.5)
+    # 3. centre (MNI mm), jittered within a template voxel
+    centre = _white_matter_point(rng, anatomy, min_depth_mm=1.3 * core + 6.0)
+    # 4. shape
+    rotation = rotation_matrix(rng.uniform(-np.pi, np.pi, size=3))
+    axes = np.clip(np.exp(rng.normal(0.0, 0.12, size=3)), 0.8, 1.25)
+    core_amp, edema_amp, affinity = rng.uniform(0.12, 0.28), rng.uniform(0.2, 0.4), rng.uniform(0.3, 0.7)
+    # 5. mass effect: stronger for bigger tumours
+    size = core + 0.3 * edema
+    mass = MassEffect(centre=centre, strength=float(rng.uniform(0.3, 0.6) * min(1.0, size / 25.0)), sigma_mm=size)
+    # 6. noise fields (correlation lengths in mm)
+    core_reach = core * 1.25 * (1 + 3 * core_amp) + 4.0
+    edema_reach = min(edema * 1.25 * (1 + 3 * edema_amp + affinity), 80.0)
+    noise = {
+        "core": local_noise(rng, centre, core_reach, float(np.clip(0.35 * core, 2.0, 7.0))),
+        "rim_width": local_noise(rng, centre, core_reach, 4.0),
+        "rim_coverage": local_noise(rng, centre, core_reach, 6.0),
+        "edema": local_noise(rng, centre, edema_reach, rng.uniform(6.0, 10.0)),
+        "texture": local_noise(rng, centre, edema_reach, 2.5),
+    }
+    return Tumour(
+        kind=kind, centre=centre, rotation=rotation, axes=axes, core_radius_mm=float(core), rim_mm=float(rim),
+        rim_coverage=float(coverage), core_noise_amp=float(core_amp), edema_radius_mm=float(edema),
+        edema_noise_amp=float(edema_amp), edema_wm_affinity=float(affinity), enhancement=float(enhancement),
+        has_ncr=composition != "no_ncr", has_et=composition != "no_et", mass=mass, noise=noise,
+    )
+
+
+def grow_tumour(tumour: Tumour, q: np.ndarray, wm: np.ndarray, csf: np.ndarray, brain: np.ndarray) -> TumourMap:
+    """Labels at tumour-bearing template points ``q`` ``[3, P]`` given the (mass-displaced) tissue there.
+
+    ``wm``, ``csf`` ``[P]`` are tissue probabilities and ``brain`` ``[P]`` (bool) the brain mask at
+    the displaced points. Steps: 1. ellipsoidal distance; 2. tumour core (TC) level set; 3. rim of
+    varying width → ET, partly non-enhancing (→ NCR), the inside → NCR; 4. composition overrides;
+    5. edema along white matter, outside CSF and the core.
+    """
+    # 1. ellipsoidal distance (mm)
+    d = q - tumour.centre.astype(np.float32)[:, None]
+    local = (tumour.rotation.T.astype(np.float32) @ d) / tumour.axes.astype(np.float32)[:, None]
+    r = np.sqrt(np.sum(local * local, axis=0))
+    # 2. tumour core: level set of r / R + noise, inside the brain
+    f_core = r / np.float32(tumour.core_radius_mm) + np.float32(tumour.core_noise_amp) * tumour.noise["core"](q)
+    core = (f_core < 1.0) & brain
+    # 3. rim: within rim width (mm) of the core boundary; partial coverage leaves non-enhancing rim
+    depth = (1.0 - f_core) * np.float32(tumour.core_radius_mm)
+    width = np.float32(tumour.rim_mm) * np.clip(1.0 + 0.45 * tumour.noise["rim_width"](q), 0.3, 2.0)
+    rim = core & (depth < width) & (tumour.noise["rim_coverage"](q) > tumour.rim_coverage)
+    labels = np.zeros(q.shape[1], dtype=np.uint8)
+    labels[core] = NCR
+    labels[rim] = ET
+    # 4. composition: no enhancement at all, or a solid enhancing core
+    if not tumour.has_et:
+        labels[rim] = NCR
+    if not tumour.has_ncr:
+        labels[core] = ET
+    # 5. edema: white matter pulls the level set outwards, grey matter and CSF hold it back
+    f_edema = (
+        r / np.float32(tumour.edema_radius_mm)
+        + np.float32(tumour.edema_noise_amp) * tumour.noise["edema"](q)
+        - np.float32(tumour.edema_wm_affinity) * (wm - 0.5)
+    )
+    edema = (f_edema < 1.0) & brain & (csf < 0.5) & ~core
+    labels[edema] = ED
+    weight = np.where(edema, np.clip(0.45 + 2.0 * (1.0 - f_edema), 0.45, 1.0), 0.0).astype(np.float32)
+    return TumourMap(labels=labels, edema_weight=weight, texture=tumour.noise["texture"](q))
+
+
+def _white_matter_point(rng: np.random.Generator, anatomy: Anatomy, min_depth_mm: float) -> np.ndarray:
+    """A random point (MNI mm ``[3]``) in cerebral white matter at least ``min_depth_mm`` inside the brain.
+
+    Candidates: white matter > 0.9, above the cerebellum (z > −10 mm), off the midline (|x| > 12 mm).
+    Falls back to the deepest such voxel when the tumour is too big for any candidate.
+    """
+    index = np.argwhere(anatomy.wm > 0.9)
+    world = anatomy.index_to_world(index)
+    depth = anatomy.depth[tuple(index.T)]
+    cerebral = (world[:, 2] > -10.0) & (np.abs(world[:, 0]) > 12.0)
+    deep = cerebral & (depth >= min_depth_mm)
+    pool = np.flatnonzero(deep) if deep.any() else np.array([np.flatnonzero(cerebral)[np.argmax(depth[cerebral])]])
+    point = world[pool[rng.integers(len(pool))]]
+    return point + rng.uniform(-0.5, 0.5, size=3) * anatomy.resolution

@@ -1,0 +1,228 @@
+"""Typed input and output of the clinician export, and the checks every input passes first.
+
+Everything in a :class:`CaseOverlay` is on the **original grid** of the case: the shape, voxel order
+and affine of ``reference`` (one input modality file). Axis order is NIfTI's ``[X, Y, Z]`` = the
+file's voxel index order ``(i, j, k)`` (for MHA/NRRD read through SimpleITK, the transpose of
+``GetArrayFromImage``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from medseg_diff.data.conventions import REGIONS, LabelConvention
+from medseg_diff.errors import DataError
+
+#: Modalities tried, in order, for the grey background of the montage (canonical and BraTS-2023 names).
+DISPLAY_MODALITIES: tuple[str, ...] = ("flair", "t2f", "t1ce", "t1c", "t2", "t2w", "t1", "t1n")
+#: Robust maximum used to scale attention maps to [0, 1]: this percentile of the brain's voxels.
+ATTENTION_PERCENTILE = 99.5
+UNCERTAINTY_UNITS = ("nats", "bits")
+#: Okabe-Ito colours (colour-blind safe), shared by the montage, Slicer and ITK-SNAP tables.
+REGION_RGB: dict[str, tuple[int, int, int]] = {
+    "WT": (240, 228, 66),  # yellow: outer tumour boundary (edema included)
+    "TC": (86, 180, 233),  # sky blue
+    "ET": (213, 94, 0),  # vermillion
+}
+REGION_NAMES: dict[str, str] = {
+    "WT": "whole tumour",
+    "TC": "tumour core",
+    "ET": "enhancing tumour",
+}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class LabelEntry:
+    """One label value of a convention, as the colour tables and the report name it."""
+
+    value: int
+    short: str  # no spaces (3D Slicer colour-table names)
+    description: str
+    rgb: tuple[int, int, int]
+
+
+def label_entries(convention: LabelConvention) -> tuple[LabelEntry, ...]:
+    """The tumour labels of ``convention`` (background excluded), ordered by value."""
+    if convention.name == "msd":
+        names = {
+            convention.edema: ("edema", "edema"),
+            convention.core: ("non-enhancing_tumour", "non-enhancing tumour"),
+            convention.enhancing: ("enhancing_tumour", "enhancing tumour"),
+        }
+    else:
+        names = {
+            convention.core: ("NCR", "NCR - necrotic tumour core"),
+            convention.edema: ("ED", "ED - peritumoural edema"),
+            convention.enhancing: ("ET", "ET - enhancing tumour"),
+        }
+    colour = {convention.edema: "WT", convention.core: "TC", convention.enhancing: "ET"}
+    return tuple(
+        LabelEntry(value, *names[value], REGION_RGB[colour[value]]) for value in sorted(names)
+    )
+
+
+@dataclass
+class CaseOverlay:
+    """One case's prediction and maps, on the original grid of ``reference``."""
+
+    case_id: str
+    reference: Path  # one input modality file; its header, affine and shape define the output grid
+    images: dict[str, np.ndarray]  # modality name -> [X, Y, Z] float
+    labels: np.ndarray  # [X, Y, Z] BraTS labels in `convention`
+    convention: LabelConvention
+    probabilities: np.ndarray | None  # [3, X, Y, Z] region probabilities in REGIONS order (TC, WT, ET)
+    uncertainty: np.ndarray | None  # [X, Y, Z] predictive entropy, in `uncertainty_units`
+    attention: dict[str, np.ndarray]  # name ("self", "cross", ...) -> [X, Y, Z] raw units, >= 0
+    model_name: str
+    run_id: str | None
+    ground_truth: np.ndarray | None  # [X, Y, Z] labels in `convention`
+    dice: dict[str, float] | None  # region ("TC", "WT", "ET") -> Dice vs ground truth
+    uncertainty_units: str = "nats"  # "nats" (natural log) or "bits" (log2)
+
+    @property
+    def grey_modality(self) -> str:
+        """The modality shown in grey in the montage: FLAIR, else T1ce, else T2, else T1, else the first."""
+        for name in DISPLAY_MODALITIES:
+            if name in self.images:
+                return name
+        return next(iter(self.images))
+
+    @cached_property
+    def brain_mask(self) -> np.ndarray:
+        """``[X, Y, Z]`` bool: voxels where any modality is non-zero (skull-stripped BraTS: the brain)."""
+        mask = np.zeros(self.labels.shape, dtype=bool)
+        for image in self.images.values():
+            mask |= np.asarray(image) != 0
+        return mask if mask.any() else np.ones_like(mask)
+
+    def normalised_attention(self, name: str) -> np.ndarray:
+        """Attention map ``name`` scaled to [0, 1], float32 ``[X, Y, Z]``.
+
+        Divided by its robust maximum, the ``ATTENTION_PERCENTILE`` (99.5th) percentile of the values
+        inside :attr:`brain_mask` (the maximum if that percentile is 0), then clipped to [0, 1], so a
+        few extreme voxels do not wash the map out. An all-zero map stays zero.
+        """
+        values = np.asarray(self.attention[name], dtype=np.float32)
+        inside = values[self.brain_mask]
+        scale = float(np.percentile(inside, ATTENTION_PERCENTILE))
+        if scale <= 0:
+            scale = float(values.max())
+        if scale <= 0:
+            return np.zeros(values.shape, dtype=np.float32)
+        return np.clip(values / scale, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A written file as the report lists it."""
+
+    path: Path
+    description: str
+
+
+@dataclass
+class ExportResult:
+    """Paths that :func:`medseg_diff.export.export_case` wrote (all in ``out_dir``)."""
+
+    out_dir: Path
+    seg: Path
+    slicer_colour_table: Path
+    itksnap_labels: Path
+    montage: Path
+    report: Path
+    uncertainty: Path | None = None
+    probabilities: Path | None = None
+    attention: dict[str, Path] = field(default_factory=dict)
+
+    def paths(self) -> list[Path]:
+        """Every written path."""
+        maybe = [self.uncertainty, self.probabilities, *self.attention.values()]
+        fixed = [self.seg, self.slicer_colour_table, self.itksnap_labels, self.montage, self.report]
+        return fixed + [p for p in maybe if p is not None]
+
+
+def check_name(value: str, what: str, case: str | None) -> None:
+    """Raise DataError unless ``value`` is usable in a file name (no path separators, no '..')."""
+    if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
+        raise DataError(
+            None, f"{what} {value!r} cannot be used in a file name (letters, digits, . _ + - only)", case
+        )
+
+
+def check_overlay(overlay: CaseOverlay, grid_shape: tuple[int, int, int]) -> None:
+    """Raise DataError (naming the case and the reference file) for anything unusable in ``overlay``."""
+    if not isinstance(overlay.case_id, str) or not overlay.case_id.strip():
+        raise DataError(overlay.reference, "case id is empty")
+    ref = overlay.reference
+    fail = _failer(ref, overlay.case_id)
+    if overlay.uncertainty_units not in UNCERTAINTY_UNITS:
+        fail(f"uncertainty_units must be one of {UNCERTAINTY_UNITS}, got {overlay.uncertainty_units!r}")
+    if not overlay.images:
+        fail("no modality image given (need at least one for the montage)")
+    for name, image in overlay.images.items():
+        _check_map(f"image '{name}'", image, grid_shape, fail)
+        if not np.any(np.asarray(image)):
+            fail(f"image '{name}' is empty (all zero)")
+    _check_labels("labels", overlay.labels, overlay.convention, grid_shape, fail)
+    if overlay.ground_truth is not None:
+        _check_labels("ground_truth", overlay.ground_truth, overlay.convention, grid_shape, fail)
+    if overlay.probabilities is not None:
+        probs = _check_map("probabilities", overlay.probabilities, (len(REGIONS), *grid_shape), fail)
+        if probs.min() < 0 or probs.max() > 1:
+            fail(f"probabilities outside [0, 1] (min {probs.min():.4g}, max {probs.max():.4g})")
+    if overlay.uncertainty is not None:
+        unc = _check_map("uncertainty", overlay.uncertainty, grid_shape, fail)
+        if unc.min() < 0:
+            fail(f"uncertainty has negative values (min {unc.min():.4g}); entropy is >= 0")
+    for name, att in overlay.attention.items():
+        check_name(name, "attention map name", overlay.case_id)
+        values = _check_map(f"attention '{name}'", att, grid_shape, fail)
+        if values.min() < 0:
+            fail(f"attention '{name}' has negative values (min {values.min():.4g}); expected >= 0")
+    _check_dice(overlay.dice, fail)
+
+
+def _failer(path: Path, case: str):
+    def fail(problem: str) -> None:
+        raise DataError(path, problem, case=case)
+
+    return fail
+
+
+def _check_map(what: str, array: np.ndarray, shape: tuple[int, ...], fail) -> np.ndarray:
+    """The array as a numpy array, after checking its shape, numeric dtype and finiteness."""
+    array = np.asarray(array)
+    if array.shape != tuple(shape):
+        fail(f"{what} has shape {array.shape}, but the reference grid is {tuple(shape)}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        fail(f"{what} has non-numeric dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            kind = "NaN" if np.isnan(array).any() else "Inf"
+            fail(f"{what} contains {kind} ({int(bad.sum())} non-finite voxels)")
+    return array
+
+
+def _check_labels(what: str, labels: np.ndarray, convention: LabelConvention, shape, fail) -> None:
+    _check_map(what, labels, shape, fail)
+    unknown = convention.unknown_labels(labels)
+    if unknown:
+        fail(
+            f"{what} has values {unknown} that the {convention.name} convention does not define "
+            f"(allowed: {list(convention.labels)})"
+        )
+
+
+def _check_dice(dice: dict[str, float] | None, fail) -> None:
+    for region, value in (dice or {}).items():
+        if region not in REGIONS:
+            fail(f"dice has unknown region {region!r} (expected {', '.join(REGIONS)})")
+        if not (np.isfinite(value) and 0.0 <= value <= 1.0):
+            fail(f"dice[{region!r}] = {value!r} is not within [0, 1]")

@@ -1,0 +1,238 @@
+"""The conditional diffusion U-Net: denoises the 3-channel region mask ``x_t`` given image features and a prior.
+
+Layout (``L = len(channels)`` levels, level ``i`` at ``1/2^i`` of the input size, ``stride = 2^(L-1)``)::
+
+    x_t -> stem -> [level i: + fuse_i(image features_i) -> ResBlock x res_blocks -> attention_i -> skip_i
+                    -> downsample] ... -> mid (ResBlock, attention, ResBlock)
+        -> [level i: concat skip_i -> ResBlock x res_blocks -> attention_i -> upsample] ... -> head -> [B, 3, X, Y, Z]
+
+``attention_i`` is linear self-attention when ``i in linear_attention_levels`` and mask-prior cross-attention
+when ``i in cross_attention_levels`` (both, in that order, when in both). Every ResBlock gets the time embedding
+(FiLM). The network knows nothing of noise schedules or of what its 3 output channels mean (x0 / eps / v).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medseg_diff.models.attention import LinearAttention3d, MaskPriorCrossAttention
+from medseg_diff.models.blocks import Downsample3d, ResBlock3d, TimeEmbedding, Upsample3d, as_timesteps, group_norm
+from medseg_diff.models.encoder import PRIOR_CHANNELS, ImageEncoder, resample_to_grid
+from medseg_diff.models.types import Conditioning, DenoiserOutput
+
+PRIOR_SOURCES = ("head", "external", "none")
+
+# name -> list of raw maps of one kind at one level, each [B, 1, *grid]
+MapCollector = dict[str, list[Tensor]]
+
+
+class _Stage(nn.Module):
+    """ResBlocks, then optional linear self-attention and cross-attention, then more ResBlocks (same width)."""
+
+    def __init__(self, in_ch: int, out_ch: int, blocks: tuple[int, int], time_dim: int, level: int, opts: dict):
+        super().__init__()
+        before, after = blocks
+        widths = [in_ch] + [out_ch] * (before + after)
+        res = [ResBlock3d(widths[j], widths[j + 1], time_dim, opts["norm_groups"], opts["dropout"]) for j in range(before + after)]
+        self.before, self.after = nn.ModuleList(res[:before]), nn.ModuleList(res[before:])
+        self.level = level
+        attn = dict(heads=opts["heads"], dim_head=opts["dim_head"], norm_groups=opts["norm_groups"])
+        self.self_attn = LinearAttention3d(out_ch, **attn) if level in opts["linear_levels"] else None
+        self.cross_attn = (
+            MaskPriorCrossAttention(out_ch, opts["token_dim"], **attn) if level in opts["cross_levels"] else None
+        )
+
+    def forward(self, h: Tensor, temb: Tensor, cond: Conditioning, maps: MapCollector | None) -> Tensor:
+        for block in self.before:
+            h = block(h, temb)
+        if self.self_attn is not None:
+            h = self._self_attention(h, maps)
+        if self.cross_attn is not None:
+            h = self._cross_attention(h, cond, maps)
+        for block in self.after:
+            h = block(h, temb)
+        return h
+
+    def _self_attention(self, h: Tensor, maps: MapCollector | None) -> Tensor:
+        if maps is None:
+            return self.self_attn(h)
+        h, attention = self.self_attn.forward_with_attention(h)
+        maps.setdefault(f"self_l{self.level}", []).append(attention)
+        return h
+
+    def _cross_attention(self, h: Tensor, cond: Conditioning, maps: MapCollector | None) -> Tensor:
+        if cond.tokens is None:
+            raise ValueError("this model has cross-attention but cond.tokens is None; build cond with model.encode()")
+        if maps is None:
+            return self.cross_attn(h, cond.tokens)
+        h, attention = self.cross_attn.forward_with_attention(h, cond.tokens, cond.token_grid)
+        maps.setdefault(f"cross_l{self.level}", []).append(attention)
+        return h
+
+
+def _validate_levels(name: str, levels: Sequence[int], n_levels: int) -> tuple[int, ...]:
+    levels = tuple(int(i) for i in levels)
+    bad = [i for i in levels if not 0 <= i < n_levels]
+    if bad:
+        raise ValueError(f"{name}={levels}: levels must be in 0..{n_levels - 1} for {n_levels} channel levels")
+    return levels
+
+
+class DiffusionSegUNet(nn.Module):
+    """Conditional 3D diffusion U-Net over the region mask with linear self- and mask-prior cross-attention.
+
+    ``encode(image, external_prior) -> Conditioning`` once per window; ``forward(x_t, t, cond) -> [B, 3, X, Y, Z]``;
+    ``forward_with_attention`` also returns attention maps ``[B, 1, X, Y, Z]`` named ``self_l{i}``, ``cross_l{i}``
+    and the aggregates ``self`` / ``cross`` (mean over levels). Spatial sizes must be multiples of ``stride``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 3,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        res_blocks: int = 1,
+        linear_attention_levels: Sequence[int] = (1, 2),
+        cross_attention_levels: Sequence[int] = (3,),
+        heads: int = 4,
+        dim_head: int = 32,
+        prior_source: str = "head",
+        time_dim: int | None = None,
+        norm_groups: int = 8,
+        encoder_channels: Sequence[int] | None = None,
+        max_token_grid: int = 16,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if prior_source not in PRIOR_SOURCES:
+            raise ValueError(f"prior_source must be one of {PRIOR_SOURCES}, got {prior_source!r}")
+        channels = tuple(channels)
+        enc_channels = tuple(encoder_channels or channels)
+        if len(enc_channels) != len(channels):
+            raise ValueError(f"encoder_channels {enc_channels} needs one width per level of channels {channels}")
+        n = len(channels)
+        self.prior_source = prior_source
+        self.channels = channels
+        self.linear_attention_levels = _validate_levels("linear_attention_levels", linear_attention_levels, n)
+        self.cross_attention_levels = _validate_levels("cross_attention_levels", cross_attention_levels, n)
+        token_dim = enc_channels[-1] if self.cross_attention_levels else None
+        time_dim = time_dim or 4 * channels[0]
+        opts = dict(
+            norm_groups=norm_groups, dropout=dropout, heads=heads, dim_head=dim_head, token_dim=token_dim,
+            linear_levels=self.linear_attention_levels, cross_levels=self.cross_attention_levels,
+        )  # fmt: skip
+
+        self.encoder = ImageEncoder(
+            in_channels, enc_channels, norm_groups, prior_head=prior_source == "head",
+            token_dim=token_dim, max_token_grid=max_token_grid,
+        )  # fmt: skip
+        self.time = TimeEmbedding(channels[0], time_dim)
+        self.stem = nn.Conv3d(out_channels, channels[0], 3, padding=1)
+        self.fuse = nn.ModuleList(nn.Conv3d(e, c, 1) for e, c in zip(enc_channels, channels))
+        self.down = nn.ModuleList(_Stage(c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
+        self.downsample = nn.ModuleList(Downsample3d(a, b) for a, b in zip(channels[:-1], channels[1:]))
+        self.mid = _Stage(channels[-1], channels[-1], (1, 1), time_dim, n - 1, opts)
+        self.up = nn.ModuleList(_Stage(2 * c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
+        self.upsample = nn.ModuleList(Upsample3d(b, a) for a, b in zip(channels[:-1], channels[1:]))
+        self.head = nn.Sequential(group_norm(channels[0], norm_groups), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1))
+
+    @property
+    def stride(self) -> int:
+        """Every spatial size of the input must be a multiple of this."""
+        return 2 ** (len(self.channels) - 1)
+
+    def check_size(self, spatial: Sequence[int]) -> None:
+        """Raise a ``ValueError`` naming the size unless every axis is a positive multiple of ``stride``."""
+        if len(spatial) != 3 or any(s <= 0 or s % self.stride for s in spatial):
+            raise ValueError(f"spatial size {tuple(spatial)} must be 3 positive multiples of the stride {self.stride}")
+
+    # -- conditioning -------------------------------------------------------------------------------------------
+    def encode(self, image: Tensor, external_prior: Tensor | None = None) -> Conditioning:
+        """Run the image encoder once: ``image [B, 4, X, Y, Z]`` (and, for prior source "external", probabilities
+        ``[B or 1, 3, X', Y', Z']`` of any size) ``-> Conditioning`` reusable by every step and ensemble member."""
+        self.check_size(image.shape[2:])
+        features = self.encoder(image)
+        grid = self.encoder.token_grid(features[-1].shape[2:])
+        coarse = resample_to_grid(features[-1], grid)
+        prior, logits = self._prior(coarse, external_prior)
+        tokens = self.encoder.tokens(prior, coarse) if self.cross_attention_levels else None
+        return Conditioning(features=features, prior=prior, prior_logits=logits, tokens=tokens, token_grid=grid)
+
+    def _prior(self, coarse: Tensor, external_prior: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(prior probabilities [B, 3, *grid], prior logits or None)`` for the configured source."""
+        if self.prior_source != "external" and external_prior is not None:
+            raise ValueError(f"an external prior was given but prior_source is {self.prior_source!r}, not 'external'")
+        if self.prior_source == "head":
+            logits = self.encoder.prior_logits(coarse)
+            return torch.sigmoid(logits), logits
+        if self.prior_source == "none":
+            return coarse.new_zeros(coarse.shape[0], PRIOR_CHANNELS, *coarse.shape[2:]), None
+        return self._external_prior(external_prior, coarse), None
+
+    @staticmethod
+    def _external_prior(prior: Tensor | None, coarse: Tensor) -> Tensor:
+        if prior is None:
+            raise ValueError(
+                "prior_source is 'external' but no external_prior was given: pass encode(image, external_prior=p) "
+                "with p the region probabilities [B, 3, X', Y', Z'] (e.g. the baseline's prediction)"
+            )
+        batch = coarse.shape[0]
+        if prior.ndim != 5 or prior.shape[1] != PRIOR_CHANNELS or prior.shape[0] not in (1, batch):
+            raise ValueError(f"external_prior must be [{batch} or 1, 3, X', Y', Z'], got {tuple(prior.shape)}")
+        if not torch.isfinite(prior).all() or prior.min() < 0 or prior.max() > 1:
+            raise ValueError("external_prior must hold finite probabilities in [0, 1] (not labels or logits)")
+        prior = resample_to_grid(prior.to(coarse.dtype), coarse.shape[2:])
+        return prior.expand(batch, -1, -1, -1, -1)
+
+    # -- denoising ----------------------------------------------------------------------------------------------
+    def forward(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning) -> Tensor:
+        """``x_t [B, 3, X, Y, Z]``, ``t`` timesteps ``[B]`` (0..999, int or float) -> prediction ``[B, 3, X, Y, Z]``."""
+        return self._denoise(x_t, t, cond, maps=None)
+
+    def forward_with_attention(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning) -> DenoiserOutput:
+        """Prediction plus attention maps ``[B, 1, X, Y, Z]`` ("times uniform" units, mean about 1)."""
+        maps: MapCollector = {}
+        pred = self._denoise(x_t, t, cond, maps)
+        return DenoiserOutput(pred=pred, attention=self._maps_in_space(maps, x_t.shape[2:]))
+
+    def _denoise(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning, maps: MapCollector | None) -> Tensor:
+        self._check_inputs(x_t, cond)
+        temb = self.time(as_timesteps(t, x_t.shape[0], x_t.device))
+        h, skips = self.stem(x_t), []
+        for i, stage in enumerate(self.down):
+            h = stage(h + self.fuse[i](cond.features[i]), temb, cond, maps)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid(h, temb, cond, maps)
+        for i in reversed(range(len(self.up))):
+            h = self.up[i](torch.cat([h, skips[i]], dim=1), temb, cond, maps)
+            if i > 0:
+                h = self.upsample[i - 1](h)
+        return self.head(h)
+
+    def _check_inputs(self, x_t: Tensor, cond: Conditioning) -> None:
+        self.check_size(x_t.shape[2:])
+        feat = cond.features[0]
+        if feat.shape[0] != x_t.shape[0] or feat.shape[2:] != x_t.shape[2:]:
+            raise ValueError(
+                f"x_t {tuple(x_t.shape)} does not match the conditioning {tuple(feat.shape)} in batch or size; "
+                "for n ensemble members per image use cond.repeat(n)"
+            )
+
+    @staticmethod
+    def _maps_in_space(maps: MapCollector, size: Sequence[int]) -> dict[str, Tensor]:
+        """Per level: mean of that level's maps upsampled to ``size``; plus ``self``/``cross`` means over levels."""
+        def to_space(m: Tensor) -> Tensor:
+            return F.interpolate(m.float(), size=tuple(size), mode="trilinear", align_corners=False)
+
+        out = {name: torch.stack([to_space(m) for m in group]).mean(0) for name, group in sorted(maps.items())}
+        for kind in ("self", "cross"):
+            levels = [m for name, m in out.items() if name.startswith(f"{kind}_l")]
+            if levels:
+                out[kind] = torch.stack(levels).mean(0)
+        return out

@@ -1,0 +1,68 @@
+"""Test factories: tiny BraTS-like cases written to tmp dirs, and the real cases in ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg_diff.data.conventions import BRATS2021, BRATS2023, MSD, MSD_CHANNEL_ORDER, MODALITIES, LabelConvention
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+LPS_AFFINE = np.diag([-2.0, -2.0, 2.0, 1.0]) + np.array([[0, 0, 0, 30], [0, 0, 0, 30], [0, 0, 0, -20], [0, 0, 0, 0]])
+RAS_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0]) + np.array([[0, 0, 0, -30], [0, 0, 0, -30], [0, 0, 0, -20], [0, 0, 0, 0]])
+
+
+def tiny_label(shape=(16, 16, 16), convention: LabelConvention = BRATS2021, seed: int = 0) -> np.ndarray:
+    """Nested spheres: edema shell, core, enhancing rim — every label of the convention present."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    centre = np.array(shape)[:, None, None, None] / 2 + np.random.default_rng(seed).uniform(-1, 1, 3)[:, None, None, None]
+    r = np.sqrt(((grid - centre) ** 2).sum(0))
+    s = min(shape) / 16
+    label = np.zeros(shape, np.uint8)
+    label[r < 6 * s] = convention.edema
+    label[r < 4 * s] = convention.enhancing
+    label[r < 2.5 * s] = convention.core
+    return label
+
+
+def tiny_images(label: np.ndarray, convention: LabelConvention, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = label.shape
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    brain = np.sqrt(((grid - np.array(shape)[:, None, None, None] / 2) ** 2).sum(0)) < min(shape) * 0.48
+    out = {}
+    for i, m in enumerate(MODALITIES):
+        img = (100 + 20 * i) * brain + 40.0 * (label > 0) * (i + 1) + rng.normal(0, 3, shape) * brain
+        out[m] = np.where(brain | (label > 0), img, 0).astype(np.float32)
+    return out
+
+
+def save(array: np.ndarray, path: Path, affine=LPS_AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def write_case(root: Path, case_id: str, convention: LabelConvention = BRATS2021, shape=(16, 16, 16),
+               affine=LPS_AFFINE, label: bool = True, seed: int = 0, ext: str = ".nii.gz") -> Path:
+    """Write one tiny case in the convention's layout; returns the case folder (MSD: the root)."""
+    lab = tiny_label(shape, convention, seed)
+    images = tiny_images(lab, convention, seed)
+    if convention.name == "msd":
+        stacked = np.stack([images[m] for m in MSD_CHANNEL_ORDER], axis=-1)
+        save(stacked, root / "imagesTr" / f"{case_id}.nii.gz", affine)
+        if label:
+            save(lab, root / "labelsTr" / f"{case_id}.nii.gz", affine)
+        return root
+    folder = root / case_id
+    sep = convention.separator
+    for m, suffix in zip(MODALITIES, convention.modality_suffixes):
+        save(images[m], folder / f"{case_id}{sep}{suffix}{ext}", affine)
+    if label:
+        save(lab, folder / f"{case_id}{sep}{convention.seg_suffix}{ext}", affine)
+    return folder
+
+
+__all__ = ["BRATS2021", "BRATS2023", "MSD", "write_case", "tiny_label", "tiny_images", "save"]
