@@ -1,0 +1,73 @@
+"""Noise maths: MONAI's schedulers, set up for mask diffusion.
+
+The mask x0 ∈ {-1, 1}^3 is noised as x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (MONAI ``Scheduler.add_noise``).
+The network's 3 output channels mean, per ``prediction``:
+- ``sample``: logits of x0 in [0, 1] (x0 = 2σ(logits) - 1),
+- ``epsilon``: the noise ε,
+- ``v_prediction``: v = √ᾱ ε - √(1-ᾱ) x0.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.schedulers import DDIMScheduler
+from torch import Tensor
+
+
+def build_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", prediction: str = "sample") -> DDIMScheduler:
+    """A MONAI DDIM scheduler (its ``add_noise`` serves training, its ``step`` sampling)."""
+    return DDIMScheduler(
+        num_train_timesteps=timesteps,
+        schedule=schedule,
+        prediction_type=prediction,
+        clip_sample=True,
+        set_alpha_to_one=True,
+    )
+
+
+def set_trailing_timesteps(scheduler: DDIMScheduler, steps: int, device: torch.device | str | None = None) -> Tensor:
+    """K uniformly spaced timesteps ending the chain: T-1, T-1-T/K, ..., T/K-1.
+
+    MONAI's ``DDIMScheduler.step`` moves from t to t - T//K, while its ``set_timesteps`` spaces steps by
+    linspace (999, 888, ...); with the uniform "trailing" spacing (Lin et al., WACV 2024, Table 2) the two
+    agree, and the first step starts from pure noise at t = T-1, as in training.
+    """
+    scheduler.set_timesteps(steps, device=device)
+    stride = scheduler.num_train_timesteps // steps
+    timesteps = torch.arange(steps - 1, -1, -1, device=device) * stride + (stride - 1)
+    scheduler.timesteps = timesteps.long()
+    return scheduler.timesteps
+
+
+def x0_from_output(scheduler: DDIMScheduler, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """Estimate of x0 in [-1, 1] from the network output at timesteps ``t`` ``[B]`` (DDIM eq. 12)."""
+    prediction = scheduler.prediction_type
+    if prediction == "sample":
+        return 2.0 * torch.sigmoid(output) - 1.0
+    alpha = _alpha_bar(scheduler, t, x_t)
+    if prediction == "epsilon":
+        x0 = (x_t - (1 - alpha).sqrt() * output) / alpha.sqrt()
+    else:  # v_prediction
+        x0 = alpha.sqrt() * x_t - (1 - alpha).sqrt() * output
+    return x0.clamp(-1.0, 1.0)
+
+
+def training_target(scheduler: DDIMScheduler, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor | None:
+    """The regression target of ε / v prediction; None for x0 prediction (its losses act on x0 itself)."""
+    if scheduler.prediction_type == "epsilon":
+        return noise
+    if scheduler.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return None
+
+
+def scheduler_input(scheduler: DDIMScheduler, output: Tensor) -> Tensor:
+    """What ``scheduler.step`` expects as ``model_output``: x0 in [-1, 1] for x0 prediction, else as is."""
+    if scheduler.prediction_type == "sample":
+        return 2.0 * torch.sigmoid(output) - 1.0
+    return output
+
+
+def _alpha_bar(scheduler: DDIMScheduler, t: Tensor, like: Tensor) -> Tensor:
+    alphas = scheduler.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+    return alphas[t.to(like.device).long()].view(-1, *([1] * (like.ndim - 1)))

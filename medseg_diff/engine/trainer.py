@@ -1,0 +1,289 @@
+"""One trainer for both models (template method): the loop is here, the model-specific loss and
+predictor come from a ``Task``, and side effects (MLflow, printing) from ``TrainerHook``s.
+
+Exact resume: every epoch starts by reseeding the data order, the MONAI random transforms, the
+diffusion noise generator and torch's global RNG from (seed, epoch), and a checkpoint holds model,
+optimiser, LR schedule, EMA, RNG states, epoch, step, best metric and the MLflow run id. So a run
+killed at any point and resumed from its last checkpoint gives the same losses and weights as one
+that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from medseg_diff.config import Config
+from medseg_diff.data.conventions import REGIONS
+from medseg_diff.data.transforms import IMAGE, LABEL
+from medseg_diff.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg_diff.engine.distributed import DistInfo, barrier, mean_across
+from medseg_diff.engine.infer import infer_volume
+from medseg_diff.engine.tasks import Task
+from medseg_diff.errors import TrainingError
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+class TrainerHook(Protocol):
+    def on_start(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def on_end(self, trainer: "Trainer", status: str) -> None: ...
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    run_id: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def ema_avg_fn(decay: float) -> Callable:
+    """EMA with warm-up: the decay ramps as min(decay, (1+n)/(10+n)) over the first updates."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        return d * averaged + (1.0 - d) * current
+
+    return avg
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warm-up to 1, then cosine to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (BraTS convention)."""
+    total = int(pred.sum()) + int(gt.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task: Task, train_data, val_data, device: torch.device,
+                 dist_info: DistInfo = DistInfo(), hooks: list[TrainerHook] | None = None,
+                 train_transform=None):
+        self.cfg, self.task, self.device, self.dist = cfg, task, device, dist_info
+        self.hooks = hooks or []
+        self.train_data, self.val_data, self.train_transform = train_data, val_data, train_transform
+        self.out_dir = Path(cfg.experiment.output_dir)
+        self.state = TrainState()
+        self.net = task.net.to(device)
+        self.module = self._wrap(task.train_module().to(device))
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.loader_generator = torch.Generator()
+        self.loader = self._loader()
+        self.steps_per_epoch = cfg.train.steps_per_epoch or len(self.loader)
+        total = self.steps_per_epoch * cfg.train.epochs
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.train.warmup_epochs * self.steps_per_epoch, total))
+        use_ema = task.uses_ema and cfg.train.ema_decay > 0
+        self.ema = AveragedModel(self.net, avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True) if use_ema else None
+        self.noise_generator = torch.Generator(device=device)
+        self.amp = cfg.train.amp and device.type == "cuda"
+
+    # --- set-up ------------------------------------------------------------------------------------
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def _loader(self) -> DataLoader:
+        sampler = None
+        if self.dist.enabled:
+            sampler = torch.utils.data.DistributedSampler(self.train_data, num_replicas=self.dist.world_size,
+                                                          rank=self.dist.rank, shuffle=True,
+                                                          seed=self.cfg.experiment.seed)
+        return DataLoader(self.train_data, batch_size=self.cfg.data.batch_size, shuffle=sampler is None,
+                          sampler=sampler, num_workers=self.cfg.data.num_workers, generator=self.loader_generator,
+                          drop_last=False, pin_memory=self.device.type == "cuda")
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The weights used for validation and saved for inference: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = True) -> TrainState:
+        """Train to ``train.epochs``, resuming from ``output_dir/last.pt`` when it exists and ``resume``."""
+        if resume and (self.out_dir / LAST).exists():
+            self.load(self.out_dir / LAST)
+        for hook in self.hooks:
+            hook.on_start(self)
+        status = "FAILED"
+        try:
+            for epoch in range(self.state.epoch, self.cfg.train.epochs):
+                metrics = self._train_epoch(epoch)
+                if self._should_validate(epoch):
+                    metrics.update(self._validate())
+                self._end_epoch(epoch, metrics)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            for hook in self.hooks:
+                hook.on_end(self, status)
+        return self.state
+
+    def _should_validate(self, epoch: int) -> bool:
+        every = self.cfg.train.val_every
+        return bool(self.val_data) and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.train.epochs)
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """1. reseed everything random from (seed, epoch): resuming at an epoch boundary is exact."""
+        seed = self.cfg.experiment.seed * 1_000_003 + epoch
+        self.loader_generator.manual_seed(seed)
+        self.noise_generator.manual_seed(seed + 1)
+        torch.manual_seed(seed + 2)
+        np.random.seed(seed % 2**32)
+        if self.train_transform is not None:
+            self.train_transform.set_random_state(seed=seed % 2**32)
+        if isinstance(self.loader.sampler, torch.utils.data.DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+
+    def _batches(self) -> Iterator[dict]:
+        """``steps_per_epoch`` batches, cycling over the loader when it is shorter."""
+        n = 0
+        while True:
+            for batch in self.loader:
+                yield batch
+                n += 1
+                if n >= self.steps_per_epoch:
+                    return
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self._seed_epoch(epoch)
+        self.module.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(self._batches(), total=self.steps_per_epoch, desc=f"{self.task.kind} epoch {epoch + 1}",
+                   disable=not (self.cfg.train.progress and self.dist.is_main), leave=False)
+        start = time.perf_counter()
+        for i, batch in enumerate(bar):
+            parts = self._train_step(batch, epoch, i)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        metrics = {f"train_{k}": mean_across(v / self.steps_per_epoch, self.dist, self.device) for k, v in sums.items()}
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["epoch_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def _train_step(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
+        image = batch[IMAGE].to(self.device, non_blocking=True)
+        regions = batch[LABEL].to(self.device, non_blocking=True)
+        # 2. forward + loss (bf16 autocast on CUDA)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.task.loss(self.module, image, regions, self.noise_generator)
+        loss_value = mean_across(float(out.total.detach()), self.dist, self.device)
+        if not math.isfinite(loss_value):
+            last = self.out_dir / LAST
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingError(
+                f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {index + 1}; training stopped, {kept}")
+        # 3. backward, clip, step, schedule, EMA
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        self.state.step += 1
+        return out.parts
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, float]:
+        """Cheap whole-volume validation (rank 0): Dice per region on the transformed grid."""
+        if not self.dist.is_main:
+            return {}
+        net = self.eval_net.eval()
+        segmenter = self.task.segmenter(net, validation=True, seed=self.cfg.experiment.seed)
+        roi = self.cfg.infer.roi_size or self.cfg.data.roi_size
+        dice: dict[str, list[float]] = {r: [] for r in REGIONS}
+        for item in self.val_data:
+            image = item[IMAGE].unsqueeze(0).to(self.device)
+            pred = infer_volume(segmenter, image.as_tensor() if hasattr(image, "as_tensor") else image, roi,
+                                overlap=self.cfg.infer.overlap, sw_batch_size=self.cfg.infer.sw_batch_size,
+                                mode=self.cfg.infer.mode, amp=self.cfg.train.amp)
+            mask = (pred.probs > self.cfg.infer.threshold).cpu().numpy()
+            gt = np.asarray(item[LABEL]) > 0.5
+            for r, name in enumerate(REGIONS):
+                dice[name].append(dice_score(mask[r], gt[r]))
+        out = {f"val_dice_{r}": float(np.mean(v)) for r, v in dice.items()}
+        out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
+        return out
+
+    def _end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """4. bookkeeping, best/last checkpoints (rank 0), hooks."""
+        self.state.epoch = epoch + 1
+        self.state.history.append({"epoch": epoch + 1, **metrics})
+        if self.dist.is_main:
+            if "val_dice_mean" in metrics and metrics["val_dice_mean"] > self.state.best_metric:
+                self.state.best_metric, self.state.best_epoch = metrics["val_dice_mean"], epoch + 1
+                save_checkpoint(self.checkpoint(), self.out_dir / BEST)
+            save_checkpoint(self.checkpoint(), self.out_dir / LAST)
+            if not self.val_data:  # no validation set: the last epoch is the best we know
+                save_checkpoint(self.checkpoint(), self.out_dir / BEST)
+        barrier(self.dist)
+        for hook in self.hooks:
+            hook.on_epoch_end(self, epoch + 1, metrics)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format": 1,
+            "model_kind": self.task.kind,
+            "config": self.cfg.to_dict(),
+            "model": self.net.state_dict(),
+            "inference_model": self.eval_net.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "epoch": s.epoch, "step": s.step, "best_metric": s.best_metric, "best_epoch": s.best_epoch,
+            "run_id": s.run_id, "history": s.history,
+            "rng": rng_state(),
+        }
+
+    def load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("model_kind") != self.task.kind:
+            raise TrainingError(f"{path}: checkpoint is of a '{ckpt.get('model_kind')}' model, not '{self.task.kind}'")
+        self.net.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        self.state = TrainState(epoch=ckpt["epoch"], step=ckpt["step"], best_metric=ckpt["best_metric"],
+                                best_epoch=ckpt["best_epoch"], run_id=ckpt.get("run_id"),
+                                history=list(ckpt.get("history", [])))
+        set_rng_state(ckpt["rng"])
