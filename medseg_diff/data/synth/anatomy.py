@@ -25,7 +25,8 @@ class Anatomy:
 
     ``gm``, ``wm``, ``csf`` are probabilities (summing to ``mask`` inside the brain), ``mask`` is the
     brain mask in {0, 1}, ``detail`` the T1 template minus its tissue-class fit (about ±0.1),
-    ``depth`` the distance (mm) of each voxel to the outside of the brain.
+    ``depth`` the distance (mm) of each voxel to the outside of the brain, ``support`` (bool) the
+    mask dilated by two voxels: outside it every map interpolates to 0.
     ``affine`` maps voxel indices to MNI world millimetres (RAS).
     """
 
@@ -35,6 +36,7 @@ class Anatomy:
     mask: np.ndarray
     detail: np.ndarray
     depth: np.ndarray
+    support: np.ndarray
     affine: np.ndarray
 
     @property
@@ -84,12 +86,31 @@ def load_anatomy(resolution: int) -> Anatomy:
     # C order: nibabel arrays are Fortran-ordered, which makes every later lookup ~5× slower
     maps = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in
             dict(gm=gm, wm=wm, csf=csf, mask=mask, detail=detail, depth=depth).items()}
-    return Anatomy(affine=affine, **maps)
+    support = ndimage.binary_dilation(mask > 0, structure=np.ones((3, 3, 3), dtype=bool), iterations=2)
+    return Anatomy(affine=affine, support=support, **maps)
 
 
 def sample(volume: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Trilinear samples of ``volume`` ``[X, Y, Z]`` at fractional indices ``[3, ...]`` → ``[...]``; 0 outside."""
     return ndimage.map_coordinates(volume, index, order=1, mode="constant", cval=0.0, prefilter=False)
+
+
+def sample_tissue(anatomy: Anatomy, points: np.ndarray) -> dict[str, np.ndarray]:
+    """Tissue maps (csf, gm, wm, detail, mask) at world points ``[3, N]`` → ``[N]`` float32 each.
+
+    Only points whose nearest template voxel is in ``support`` are interpolated (the brain is a
+    fifth of the field of view); the rest are 0. The mask is csf + gm + wm (they sum to it).
+    """
+    index = anatomy.world_to_index(points)
+    nearest = [np.clip(np.rint(index[a]), 0, n - 1).astype(np.intp) for a, n in enumerate(anatomy.mask.shape)]
+    inside = np.flatnonzero(anatomy.support[tuple(nearest)])
+    index_in = index[:, inside]
+    maps = {}
+    for name in ("csf", "gm", "wm", "detail"):
+        maps[name] = np.zeros(points.shape[1], dtype=np.float32)
+        maps[name][inside] = sample(getattr(anatomy, name), index_in)
+    maps["mask"] = maps["csf"] + maps["gm"] + maps["wm"]
+    return maps
 
 
 def _load_mni152_1mm() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -123,9 +144,14 @@ def _tissue_probabilities(gm: np.ndarray, wm: np.ndarray, mask: np.ndarray) -> t
 
 
 def _template_detail(t1, gm, wm, csf, mask) -> np.ndarray:
-    """T1 template minus its least-squares fit by the three tissue maps, inside the mask ``[X, Y, Z]``."""
+    """T1 template minus its least-squares fit by the three tissue maps, inside the mask ``[X, Y, Z]``.
+
+    Normal equations summed by numpy (pairwise, no BLAS) so the fit is bit-identical in any process.
+    """
     inside = mask > 0.5
-    design = np.stack([csf[inside], gm[inside], wm[inside]], axis=1)
-    coef, *_ = np.linalg.lstsq(design, t1[inside], rcond=None)
+    design = [v[inside].astype(np.float64) for v in (csf, gm, wm)]
+    target = t1[inside].astype(np.float64)
+    gram = np.array([[np.sum(a * b) for b in design] for a in design])
+    coef = np.linalg.solve(gram, np.array([np.sum(a * target) for a in design]))
     fit = coef[0] * csf + coef[1] * gm + coef[2] * wm
     return ((t1 - fit) * mask).astype(np.float32)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import multiprocessing
+import numbers
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,7 +34,7 @@ def synthesize(
     layout_convention(layout)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(out, seed, i, float(spacing), layout) for i in range(cases)]
+    jobs = [(out, int(seed), i, float(spacing), layout) for i in range(int(cases))]
     # 2. the template anatomy, loaded once and shared with the workers
     anatomy = load_anatomy(template_resolution(spacing))
     # 3. draw and write each case
@@ -54,15 +54,20 @@ def synthesize(
 
 def _validate(cases: int, spacing: float, seed: int, workers: int) -> None:
     """ValueError with a clear message for any out-of-range argument."""
-    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+    if not _is_int(cases) or cases < 1:
         raise ValueError(f"cases must be an integer ≥ 1, got {cases!r}")
     lo, hi = SPACING_RANGE
-    if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not math.isfinite(spacing) or not lo <= spacing <= hi:
+    if not isinstance(spacing, numbers.Real) or isinstance(spacing, bool) or not lo <= float(spacing) <= hi:
         raise ValueError(f"spacing must be a number of mm in [{lo}, {hi}], got {spacing!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an integer ≥ 0, got {seed!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not _is_int(workers) or workers < 1:
         raise ValueError(f"workers must be an integer ≥ 1, got {workers!r}")
+
+
+def _is_int(value) -> bool:
+    """True for integers (Python or numpy), False for bool and everything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _write_one(out: Path, seed: int, index: int, spacing: float, layout: str, anatomy: Anatomy | None) -> Path:

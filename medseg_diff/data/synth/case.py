@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from medseg_diff.data.conventions import MODALITIES
-from medseg_diff.data.synth.anatomy import Anatomy, load_anatomy, sample, template_resolution
+from medseg_diff.data.synth.anatomy import Anatomy, load_anatomy, sample, sample_tissue, template_resolution
 from medseg_diff.data.synth.contrast import Tissue, draw_appearance, render_modality
 from medseg_diff.data.synth.geometry import OutputGrid, output_grid, random_warp, warp_grid
-from medseg_diff.data.synth.tumour import Tumour, draw_tumour, grow_tumour
+from medseg_diff.data.synth.tumour import Tumour, draw_tumour, grow_tumour, keep_connected
 
 
 @dataclass(frozen=True)
 class SynthCase:
     """A rendered case: ``volumes`` maps each of MODALITIES to int16 ``[X, Y, Z]`` and ``"seg"`` to
-    internal labels (0, NCR, ED, ET) uint8 ``[X, Y, Z]``; ``grid`` holds shape and LPS affine.
+    internal labels (0, NCR, ED, ET) uint8 ``[X, Y, Z]``; ``grid`` holds shape and LPS affine;
+    ``tissue`` the healthy tissue probabilities and brain mask behind the images (for checks).
     """
 
     volumes: dict[str, np.ndarray]
     grid: OutputGrid
     tumour: Tumour
+    tissue: Tissue
 
 
 def case_rngs(seed: int, index: int) -> dict[str, np.random.Generator]:
@@ -49,14 +51,17 @@ def make_case(seed: int, index: int, spacing: float, anatomy: Anatomy | None = N
     near = _points_within(q, tumour.centre, tumour.reach_mm())
     q_near = q[:, near]
     source = q.copy()
-    source[:, near] = tumour.mass.pull_back(q_near)
+    depth = sample(anatomy.depth, anatomy.world_to_index(q_near))
+    source[:, near] = tumour.mass.pull_back(q_near, depth)
     # 4. healthy tissue at the displaced points
-    tissue_flat = _sample_tissue(anatomy, source)
+    tissue_flat = sample_tissue(anatomy, source)
     # 5. tumour labels near its centre, inside the brain
     in_brain = tissue_flat["mask"] > 0.5
     tmap = grow_tumour(tumour, q_near, tissue_flat["wm"][near], tissue_flat["csf"][near], in_brain[near])
     labels = np.zeros(q.shape[1], dtype=np.uint8)
     labels[near] = tmap.labels
+    labels = keep_connected(labels.reshape(grid.shape)).reshape(-1)
+    tmap = replace(tmap, labels=labels[near])
     # 6. modalities
     tissue = Tissue(
         csf=tissue_flat["csf"].reshape(grid.shape), gm=tissue_flat["gm"].reshape(grid.shape),
@@ -66,7 +71,7 @@ def make_case(seed: int, index: int, spacing: float, anatomy: Anatomy | None = N
     look = draw_appearance(rngs["appearance"], tumour.enhancement)
     volumes = {m: render_modality(m, tissue, near, tmap, look, grid.spacing, rngs["noise"]) for m in MODALITIES}
     volumes["seg"] = labels.reshape(grid.shape)
-    return SynthCase(volumes=volumes, grid=grid, tumour=tumour)
+    return SynthCase(volumes=volumes, grid=grid, tumour=tumour, tissue=tissue)
 
 
 def _points_within(points: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
@@ -75,10 +80,3 @@ def _points_within(points: np.ndarray, centre: np.ndarray, radius: float) -> np.
     for a in range(3):
         d2 += (points[a] - np.float32(centre[a])) ** 2
     return np.flatnonzero(d2 < np.float32(radius) ** 2)
-
-
-def _sample_tissue(anatomy: Anatomy, points: np.ndarray) -> dict[str, np.ndarray]:
-    """Tissue maps (csf, gm, wm, detail, mask) sampled at world points ``[3, N]`` → ``[N]`` each."""
-    index = anatomy.world_to_index(points)
-    names = ("csf", "gm", "wm", "detail", "mask")
-    return {name: sample(getattr(anatomy, name), index) for name in names}

@@ -12,6 +12,7 @@ NCR intermediate.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from medseg_diff.data.synth.tumour import ED, ET, NCR, TumourMap
 TISSUES: tuple[str, ...] = ("csf", "gm", "wm", "ed", "ncr", "et")
 #: mean signal of each tissue per modality; T1ce ET is white matter × the tumour's enhancement
 SIGNAL: dict[str, tuple[float, ...]] = {
-    "t1": (330.0, 640.0, 900.0, 590.0, 380.0, 760.0),
+    "t1": (330.0, 640.0, 900.0, 600.0, 380.0, 680.0),
     "t1ce": (360.0, 680.0, 940.0, 630.0, 400.0, float("nan")),
     "t2": (2100.0, 1080.0, 760.0, 1600.0, 1950.0, 1150.0),
     "flair": (230.0, 880.0, 660.0, 1450.0, 850.0, 1150.0),
@@ -33,7 +34,7 @@ SIGNAL: dict[str, tuple[float, ...]] = {
 #: gain applied to the template detail (T1 template units ≈ 0–1); negative where contrast inverts
 DETAIL_GAIN: dict[str, float] = {"t1": 900.0, "t1ce": 900.0, "t2": -900.0, "flair": -500.0}
 #: relative texture (heterogeneity) of each tumour label
-TEXTURE: dict[int, float] = {NCR: 0.12, ED: 0.06, ET: 0.10}
+TEXTURE: dict[int, float] = {NCR: 0.12, ED: 0.10, ET: 0.10}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class Tissue:
     wm: np.ndarray
     detail: np.ndarray
     brain: np.ndarray
+
+    @functools.cached_property
+    def brain_index(self) -> np.ndarray:
+        """Flat indices of the brain voxels ``[B]``."""
+        return np.flatnonzero(self.brain)
 
 
 @dataclass(frozen=True)
@@ -98,15 +104,17 @@ def render_modality(
     image *= np.exp(cosine_field(look.bias[modality], image.shape))
     # 4. partial-volume blur
     image = ndimage.gaussian_filter(image, sigma=look.blur_mm / spacing, mode="constant", truncate=3.0)
-    # 5. scale and Rician noise: magnitude of a complex signal with Gaussian noise on both channels
-    image *= np.float32(look.scale[modality])
+    # 5. scale and Rician noise (magnitude of a complex signal with Gaussian noise on both
+    #    channels), drawn only inside the brain: everything outside is stripped in step 6
+    inside = tissue.brain_index
+    signal = image.reshape(-1)[inside] * np.float32(look.scale[modality])
     sigma = np.float32(look.noise[modality] * mu["wm"] * look.scale[modality])
-    real = image + sigma * rng.standard_normal(image.shape, dtype=np.float32)
-    imag = sigma * rng.standard_normal(image.shape, dtype=np.float32)
-    image = np.sqrt(real * real + imag * imag)
+    real = signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(signal.shape, dtype=np.float32)
+    signal = np.sqrt(real * real + imag * imag)
     # 6. skull-strip (BraTS background is exactly 0) and quantise
-    out = np.clip(np.rint(image), 1, np.iinfo(np.int16).max).astype(np.int16)
-    out[~tissue.brain] = 0
+    out = np.zeros(image.shape, dtype=np.int16)
+    out.reshape(-1)[inside] = np.clip(np.rint(signal), 1, np.iinfo(np.int16).max).astype(np.int16)
     return out
 
 

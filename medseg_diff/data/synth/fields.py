@@ -33,12 +33,20 @@ def cosine_field(coef: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Evaluate ``sum_klm coef[k,l,m] cos(pi k u) cos(pi l v) cos(pi m w)`` on a grid → float32 ``shape``.
 
     ``u, v, w`` are voxel-centre coordinates normalised to [0, 1] over each axis of the field of view.
+    Contracted axis by axis with plain einsum (no BLAS), so the result is bit-identical whatever
+    the thread settings of the process.
     """
     bases = []
     for n in shape:
         u = (np.arange(n) + 0.5) / n
-        bases.append(np.cos(np.pi * u[:, None] * np.arange(coef.shape[0])[None, :]).astype(np.float32))
-    return np.einsum("klm,xk,yl,zm->xyz", coef.astype(np.float32), *bases, optimize=True)
+        bases.append(np.cos(np.pi * u[:, None] * np.arange(coef.shape[0])[None, :]))
+    bx, by, bz = bases
+    klz = np.einsum("klm,zm->klz", coef, bz)
+    kyz = np.einsum("klz,yl->kyz", klz, by).astype(np.float32)
+    field = np.zeros(shape, dtype=np.float32)
+    for k in range(coef.shape[0]):
+        field += bx[:, k].astype(np.float32)[:, None, None] * kyz[k][None]
+    return field
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,13 @@ def local_noise(
 ) -> LocalNoise:
     """Gaussian-filtered white noise on a cube of ``±half_width`` mm around ``centre`` ``[3]``.
 
-    The grid step is a third of ``correlation_mm`` (the filter's sigma), so the field is smooth at
+    The grid step is half of ``correlation_mm`` (the filter's sigma), so the field is smooth at
     any output spacing; it is rescaled to unit standard deviation.
     """
-    step = max(correlation_mm / 3.0, 0.5)
+    step = max(correlation_mm / 2.0, 0.5)
     n = int(np.ceil(2 * half_width / step)) + 1
     white = rng.standard_normal((n, n, n), dtype=np.float32)
-    smooth = ndimage.gaussian_filter(white, sigma=correlation_mm / step, mode="wrap")
+    smooth = ndimage.gaussian_filter(white, sigma=correlation_mm / step, mode="wrap", truncate=3.0)
     smooth /= max(float(smooth.std()), 1e-6)
     origin = np.asarray(centre, dtype=np.float64) - half_width
     return LocalNoise(grid=smooth, origin=origin, step=step)

@@ -24,6 +24,8 @@ FOV_MM: tuple[float, float, float] = (240.0, 240.0, 155.0)
 #: World point (MNI mm) put at the centre of the field of view: the template brain's bounding-box
 #: centre, raised 2 mm so that the vertex keeps a margin and only the lowest brainstem is cut, as in BraTS.
 BRAIN_CENTRE_MM: tuple[float, float, float] = (0.0, -17.0, 7.0)
+#: the mass effect fades to zero over this distance (mm) towards the brain surface
+SKULL_RAMP_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,12 @@ def warp_grid(grid: OutputGrid, warp: CaseWarp) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MassEffect:
-    """Radial push of the tissue away from ``centre`` ``[3]`` (mm).
+    """Radial push of the tissue away from ``centre`` ``[3]`` (mm), held back by the skull.
 
-    Pull-back: ``M(q) = c + (q − c) (1 − strength · exp(−r² / 2σ²))`` with r = |q − c|; it is
-    monotone in r for strength < 1, and tissue moves by at most ≈ 0.6 · strength · σ mm.
+    Pull-back: ``M(q) = c + (q − c) (1 − strength · g · exp(−r² / 2σ²))`` with r = |q − c| and
+    g = min(1, depth(q) / SKULL_RAMP_MM) (depth: distance to the brain surface). Monotone in r for
+    strength < 1; tissue moves by at most ≈ 0.6 · strength · σ mm; the brain outline stays put, so
+    the push compresses the cortex against the skull (sulcal effacement) instead of swelling the brain.
     """
 
     centre: np.ndarray
@@ -117,13 +121,17 @@ class MassEffect:
         """Distance beyond which the push is negligible (4σ: below 0.0014 · strength · σ mm)."""
         return 4.0 * self.sigma_mm
 
-    def pull_back(self, q: np.ndarray) -> np.ndarray:
-        """Template points ``[3, P]`` that end up at the tumour-bearing points ``q`` ``[3, P]``."""
+    def pull_back(self, q: np.ndarray, depth_mm: np.ndarray) -> np.ndarray:
+        """Template points ``[3, P]`` that end up at the tumour-bearing points ``q`` ``[3, P]``.
+
+        ``depth_mm`` ``[P]`` is the distance of each ``q`` to the outside of the brain.
+        """
         c = self.centre.astype(np.float32)[:, None]
         d = q - c
         r2 = np.sum(d * d, axis=0)
-        factor = 1.0 - np.float32(self.strength) * np.exp(-r2 / np.float32(2 * self.sigma_mm**2))
-        return c + d * factor
+        skull = np.minimum(depth_mm / np.float32(SKULL_RAMP_MM), np.float32(1.0))
+        push = np.float32(self.strength) * skull * np.exp(-r2 / np.float32(2 * self.sigma_mm**2))
+        return c + d * (1.0 - push)
 
 
 def rotation_matrix(angles: np.ndarray) -> np.ndarray:

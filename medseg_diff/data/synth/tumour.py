@@ -8,9 +8,10 @@ below; the writer maps them to a BraTS convention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import ndimage
 
 from medseg_diff.data.synth.anatomy import Anatomy
 from medseg_diff.data.synth.fields import LocalNoise, local_noise
@@ -21,10 +22,14 @@ NCR, ED, ET = 1, 2, 3
 
 #: case kinds and their probabilities: "small" has a < 1 cm³ tumour core (so ET < 1 cm³),
 #: "faint" a barely enhancing rim; together ≥ 20 % of cases keep ET Dice from saturating.
-KINDS: dict[str, float] = {"typical": 0.68, "small": 0.16, "faint": 0.16}
+KINDS: dict[str, float] = {"typical": 0.64, "small": 0.18, "faint": 0.18}
 #: probabilities of a case with no enhancing tumour (all core necrotic / non-enhancing), and of a
 #: solid enhancing core with no necrosis
-P_NO_ET, P_NO_NCR = 0.06, 0.06
+P_NO_ET, P_NO_NCR = 0.05, 0.04
+#: white-matter probability at which the edema level set is neither pushed out nor held back
+WM_LEVEL = 0.7
+#: no edema is drawn farther than this from the tumour centre (mm)
+MAX_REACH_MM = 80.0
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,18 @@ class Tumour:
     mass: MassEffect
     noise: dict[str, LocalNoise]
 
+    def core_reach_mm(self) -> float:
+        """Radius (mm) around the centre outside which there is no tumour core."""
+        return self.core_radius_mm * float(self.axes.max()) * (1 + 3 * self.core_noise_amp)
+
+    def edema_reach_mm(self) -> float:
+        """Radius (mm) around the centre outside which there is no edema."""
+        spread = 1 + 3 * self.edema_noise_amp + WM_LEVEL * self.edema_wm_affinity
+        return min(self.edema_radius_mm * float(self.axes.max()) * spread, MAX_REACH_MM)
+
     def reach_mm(self) -> float:
         """Radius (mm) around the centre outside which no label and no mass effect is drawn."""
-        edema = self.edema_radius_mm * float(self.axes.max()) * (1 + 3 * self.edema_noise_amp + self.edema_wm_affinity)
-        return max(min(edema, 80.0), self.mass.reach_mm())
+        return max(self.edema_reach_mm(), self.core_reach_mm(), self.mass.reach_mm())
 
 
 @dataclass(frozen=True)
@@ -77,44 +90,53 @@ def draw_tumour(rng: np.random.Generator, anatomy: Anatomy) -> Tumour:
     """
     # 1. kind and composition
     kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
-    composition = rng.choice(["full", "no_et", "no_ncr"], p=[1 - P_NO_ET - P_NO_NCR, P_NO_ET, P_NO_NCR])
-    # 2. sizes (mm) and enhancement
-    if kind == "small":
-        core = rng.uniform(3.5, 6.0)
-        rim = rng.uniform(1.5, 3.0)
-        edema = rng.uniform(8.0, 26.0)
-        enhancement = rng.uniform(1.25, 1.9)
-    else:
-        core = rng.uniform(9.0, 22.0) if kind == "typical" else rng.uniform(8.0, 18.0)
-        rim = rng.uniform(2.0, 6.0)
-        edema = min(core * rng.uniform(1.5, 2.6), 45.0)
-        enhancement = rng.uniform(1.5, 2.2) if kind == "typical" else rng.uniform(1.02, 1.15)
-    coverage = -np.inf if rng.random() < 0.5 else rng.uniform(-0.8, 0.5)
+    composition = str(rng.choice(["full", "no_et", "no_ncr"], p=[1 - P_NO_ET - P_NO_NCR, P_NO_ET, P_NO_NCR]))
+    # 2. sizes (mm), rim coverage and enhancement
+    core, rim, edema, enhancement, coverage, composition = _draw_sizes(rng, kind, composition)
     # 3. centre (MNI mm), jittered within a template voxel
     centre = _white_matter_point(rng, anatomy, min_depth_mm=1.3 * core + 6.0)
     # 4. shape
     rotation = rotation_matrix(rng.uniform(-np.pi, np.pi, size=3))
     axes = np.clip(np.exp(rng.normal(0.0, 0.12, size=3)), 0.8, 1.25)
-    core_amp, edema_amp, affinity = rng.uniform(0.12, 0.28), rng.uniform(0.2, 0.4), rng.uniform(0.3, 0.7)
+    core_amp, edema_amp, affinity = rng.uniform(0.12, 0.28), rng.uniform(0.2, 0.4), rng.uniform(0.3, 0.6)
     # 5. mass effect: stronger for bigger tumours
     size = core + 0.3 * edema
     mass = MassEffect(centre=centre, strength=float(rng.uniform(0.3, 0.6) * min(1.0, size / 25.0)), sigma_mm=size)
-    # 6. noise fields (correlation lengths in mm)
-    core_reach = core * 1.25 * (1 + 3 * core_amp) + 4.0
-    edema_reach = min(edema * 1.25 * (1 + 3 * edema_amp + affinity), 80.0)
+    tumour = Tumour(
+        kind=kind, centre=centre, rotation=rotation, axes=axes, core_radius_mm=core, rim_mm=rim,
+        rim_coverage=coverage, core_noise_amp=float(core_amp), edema_radius_mm=edema,
+        edema_noise_amp=float(edema_amp), edema_wm_affinity=float(affinity), enhancement=enhancement,
+        has_ncr=composition != "no_ncr", has_et=composition != "no_et", mass=mass, noise={},
+    )
+    # 6. noise fields (correlation lengths in mm) on cubes just big enough for their use
+    core_reach, edema_reach = tumour.core_reach_mm() + 2.0, tumour.edema_reach_mm() + 2.0
     noise = {
         "core": local_noise(rng, centre, core_reach, float(np.clip(0.35 * core, 2.0, 7.0))),
         "rim_width": local_noise(rng, centre, core_reach, 4.0),
         "rim_coverage": local_noise(rng, centre, core_reach, 6.0),
+        "texture": local_noise(rng, centre, core_reach, 3.0),
         "edema": local_noise(rng, centre, edema_reach, rng.uniform(6.0, 10.0)),
-        "texture": local_noise(rng, centre, edema_reach, 2.5),
     }
-    return Tumour(
-        kind=kind, centre=centre, rotation=rotation, axes=axes, core_radius_mm=float(core), rim_mm=float(rim),
-        rim_coverage=float(coverage), core_noise_amp=float(core_amp), edema_radius_mm=float(edema),
-        edema_noise_amp=float(edema_amp), edema_wm_affinity=float(affinity), enhancement=float(enhancement),
-        has_ncr=composition != "no_ncr", has_et=composition != "no_et", mass=mass, noise=noise,
-    )
+    return replace(tumour, noise=noise)
+
+
+def _draw_sizes(rng: np.random.Generator, kind: str, composition: str) -> tuple[float, float, float, float, float, str]:
+    """(core radius, rim width, edema radius (mm), T1ce enhancement, rim coverage, composition).
+
+    Rim coverage is the noise level above which the rim enhances (−inf: a closed ring).
+    """
+    coverage = -np.inf if rng.random() < 0.5 else rng.uniform(-1.0, 0.2)
+    if kind == "small":  # metastasis-like: closed ring or solid, edema out of proportion
+        core, rim, edema = rng.uniform(3.5, 6.0), rng.uniform(1.5, 3.0), rng.uniform(8.0, 26.0)
+        enhancement, coverage = rng.uniform(1.25, 1.8), -np.inf
+        if rng.random() < 0.3:
+            composition = "no_ncr"
+    else:
+        core = rng.uniform(10.0, 24.0) if kind == "typical" else rng.uniform(8.0, 18.0)
+        rim = rng.uniform(4.0, 9.0)
+        edema = min(core * rng.uniform(1.4, 2.4), 38.0)
+        enhancement = rng.uniform(1.35, 1.9) if kind == "typical" else rng.uniform(1.02, 1.15)
+    return float(core), float(rim), float(edema), float(enhancement), float(coverage), composition
 
 
 def grow_tumour(tumour: Tumour, q: np.ndarray, wm: np.ndarray, csf: np.ndarray, brain: np.ndarray) -> TumourMap:
@@ -123,37 +145,60 @@ def grow_tumour(tumour: Tumour, q: np.ndarray, wm: np.ndarray, csf: np.ndarray, 
     ``wm``, ``csf`` ``[P]`` are tissue probabilities and ``brain`` ``[P]`` (bool) the brain mask at
     the displaced points. Steps: 1. ellipsoidal distance; 2. tumour core (TC) level set; 3. rim of
     varying width → ET, partly non-enhancing (→ NCR), the inside → NCR; 4. composition overrides;
-    5. edema along white matter, outside CSF and the core.
+    5. edema along white matter, outside CSF and the core. Connectivity is left to ``keep_connected``.
     """
+    labels = np.zeros(q.shape[1], dtype=np.uint8)
+    texture = np.zeros(q.shape[1], dtype=np.float32)
     # 1. ellipsoidal distance (mm)
     d = q - tumour.centre.astype(np.float32)[:, None]
-    local = (tumour.rotation.T.astype(np.float32) @ d) / tumour.axes.astype(np.float32)[:, None]
-    r = np.sqrt(np.sum(local * local, axis=0))
-    # 2. tumour core: level set of r / R + noise, inside the brain
-    f_core = r / np.float32(tumour.core_radius_mm) + np.float32(tumour.core_noise_amp) * tumour.noise["core"](q)
-    core = (f_core < 1.0) & brain
+    rot = tumour.rotation.astype(np.float32)
+    r2 = np.zeros(q.shape[1], dtype=np.float32)
+    for a in range(3):  # local axis a: (Rᵀ d)_a / axes_a, summed explicitly (no BLAS)
+        local = (rot[0, a] * d[0] + rot[1, a] * d[1] + rot[2, a] * d[2]) / np.float32(tumour.axes[a])
+        r2 += local * local
+    r = np.sqrt(r2)
+    # 2. tumour core: level set of r / R + noise, inside the brain (evaluated near the centre only)
+    near = np.flatnonzero(r < tumour.core_reach_mm())
+    qn, rn = q[:, near], r[near]
+    f_core = rn / np.float32(tumour.core_radius_mm) + np.float32(tumour.core_noise_amp) * tumour.noise["core"](qn)
+    core = (f_core < 1.0) & brain[near]
     # 3. rim: within rim width (mm) of the core boundary; partial coverage leaves non-enhancing rim
     depth = (1.0 - f_core) * np.float32(tumour.core_radius_mm)
-    width = np.float32(tumour.rim_mm) * np.clip(1.0 + 0.45 * tumour.noise["rim_width"](q), 0.3, 2.0)
-    rim = core & (depth < width) & (tumour.noise["rim_coverage"](q) > tumour.rim_coverage)
-    labels = np.zeros(q.shape[1], dtype=np.uint8)
-    labels[core] = NCR
-    labels[rim] = ET
+    width = np.float32(tumour.rim_mm) * np.clip(1.0 + 0.45 * tumour.noise["rim_width"](qn), 0.3, 2.0)
+    rim = core & (depth < width) & (tumour.noise["rim_coverage"](qn) > tumour.rim_coverage)
     # 4. composition: no enhancement at all, or a solid enhancing core
-    if not tumour.has_et:
-        labels[rim] = NCR
+    core_labels = np.where(core, NCR, 0).astype(np.uint8)
+    core_labels[rim & tumour.has_et] = ET
     if not tumour.has_ncr:
-        labels[core] = ET
+        core_labels[core] = ET
+    labels[near] = core_labels
+    texture[near] = tumour.noise["texture"](qn)
     # 5. edema: white matter pulls the level set outwards, grey matter and CSF hold it back
     f_edema = (
         r / np.float32(tumour.edema_radius_mm)
         + np.float32(tumour.edema_noise_amp) * tumour.noise["edema"](q)
-        - np.float32(tumour.edema_wm_affinity) * (wm - 0.5)
+        - np.float32(tumour.edema_wm_affinity) * (wm - WM_LEVEL)
     )
-    edema = (f_edema < 1.0) & brain & (csf < 0.5) & ~core
+    edema = (f_edema < 1.0) & brain & (csf < 0.5) & (labels == 0)
     labels[edema] = ED
+    texture[edema] = tumour.noise["edema"](q[:, edema])
     weight = np.where(edema, np.clip(0.45 + 2.0 * (1.0 - f_edema), 0.45, 1.0), 0.0).astype(np.float32)
-    return TumourMap(labels=labels, edema_weight=weight, texture=tumour.noise["texture"](q))
+    return TumourMap(labels=labels, edema_weight=weight, texture=texture)
+
+
+def keep_connected(labels: np.ndarray) -> np.ndarray:
+    """Labels ``[X, Y, Z]`` with every tumour component that holds no core (NCR/ET) voxel removed.
+
+    Edema drawn along white matter can leave islands away from the tumour; real edema is one
+    region around the core, so only 26-connected components that contain core voxels are kept.
+    """
+    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return labels
+    with_core = np.unique(components[(labels == NCR) | (labels == ET)])
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[with_core[with_core > 0]] = True
+    return np.where(keep[components], labels, 0).astype(np.uint8)
 
 
 def _white_matter_point(rng: np.random.Generator, anatomy: Anatomy, min_depth_mm: float) -> np.ndarray:

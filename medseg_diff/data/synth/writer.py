@@ -64,6 +64,7 @@ def write_nifti_gz(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     """
     image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm")
+    image.header["descrip"] = b"medseg-diff synthetic phantom"
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     payload = gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
