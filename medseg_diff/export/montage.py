@@ -42,6 +42,12 @@ CAPTION = (
 _ROW_INCHES = 3.0
 _SIDE_INCHES = 2.1
 _MARGIN = 4  # voxels kept around the brain's bounding box
+_FINE = 4  # contour grid refinement, so outlines follow voxel edges
+#: region -> (line width in points, matplotlib line style), drawn in this order. WT is wider than the
+#: others and TC/ET dashes interleave, so an edge shared by several regions shows every colour
+#: (a yellow rim around alternating blue/orange dashes) instead of the last one hiding the rest.
+_CONTOUR_STYLES = {"WT": (3.2, "solid"), "TC": (1.6, (0, (3, 3))), "ET": (1.6, (3, (3, 3)))}
+_CMAPS = {"attention": "inferno", "uncertainty": "viridis"}
 _BACKGROUND = "#111111"
 _TEXT = "#eeeeee"
 
@@ -126,47 +132,69 @@ def tumour_centre(whole_tumour: np.ndarray) -> tuple[int, int, int]:
         return tuple(n // 2 for n in whole_tumour.shape)
     coords = np.nonzero(whole_tumour)
     centre = []
-    for axis, ax_coords in enumerate(coords):
-        target = float(ax_coords.mean())
-        occupied = np.unique(ax_coords)
-        centre.append(int(occupied[np.argmin(np.abs(occupied - target))]))
+    for along_axis in coords:
+        occupied = np.unique(along_axis)
+        centre.append(int(occupied[np.argmin(np.abs(occupied - along_axis.mean()))]))
     return tuple(centre)
+
+
+@dataclass(frozen=True)
+class _RasLayers:
+    """Every layer of the montage as a RAS-ordered, brain-cropped volume."""
+
+    grey: np.ndarray  # [x, y, z]
+    regions: np.ndarray  # [x, y, z, 3] bool
+    truth: np.ndarray | None  # [x, y, z, 3] bool
+    attention: dict[str, np.ndarray]  # name -> [x, y, z] in [0, 1]
+    uncertainty: np.ndarray | None  # [x, y, z]
+
+    def panel(self, view: str, index: int, pixel_mm: tuple[float, float], position: str) -> Panel:
+        def cut(volume: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(display_slice(volume, view, index))
+
+        def cut_regions(volume: np.ndarray) -> np.ndarray:
+            return np.stack([cut(volume[..., r]) for r in range(volume.shape[-1])])
+
+        return Panel(
+            view=view,
+            image=cut(self.grey),
+            regions=cut_regions(self.regions),
+            truth=None if self.truth is None else cut_regions(self.truth),
+            attention={name: cut(volume) for name, volume in self.attention.items()},
+            uncertainty=None if self.uncertainty is None else cut(self.uncertainty),
+            pixel_mm=pixel_mm,
+            position=position,
+        )
 
 
 def montage_panels(overlay: CaseOverlay, affine: np.ndarray) -> list[Panel]:
     """The three panels (axial, coronal, sagittal) the montage draws, in display orientation.
 
     ``affine`` is the reference's voxel-to-world matrix (the grid of every array in ``overlay``).
+    Slices go through the centre of the predicted whole tumour (of the ground truth if the
+    prediction is empty; the brain's centre if both are).
     """
     frame = RasFrame.from_affine(np.asarray(affine, dtype=float), overlay.brain_mask)
-    grey = frame(np.asarray(overlay.images[overlay.grey_modality], dtype=np.float32))
-    regions = frame(np.moveaxis(overlay.convention.to_regions(overlay.labels), 0, -1))
-    truth = None
-    if overlay.ground_truth is not None:
-        truth = frame(np.moveaxis(overlay.convention.to_regions(overlay.ground_truth), 0, -1))
-    attention = {name: frame(overlay.normalised_attention(name)) for name in overlay.attention}
-    uncertainty = None if overlay.uncertainty is None else frame(np.asarray(overlay.uncertainty, np.float32))
-    centre = tumour_centre(regions[..., REGIONS.index("WT")])
+
+    def regions_of(labels: np.ndarray) -> np.ndarray:
+        return frame(np.moveaxis(overlay.convention.to_regions(labels), 0, -1))
+
+    layers = _RasLayers(
+        grey=frame(np.asarray(overlay.images[overlay.grey_modality], dtype=np.float32)),
+        regions=regions_of(overlay.labels),
+        truth=None if overlay.ground_truth is None else regions_of(overlay.ground_truth),
+        attention={name: frame(overlay.normalised_attention(name)) for name in overlay.attention},
+        uncertainty=None if overlay.uncertainty is None else frame(np.asarray(overlay.uncertainty, np.float32)),
+    )
+    whole = layers.regions[..., REGIONS.index("WT")]
+    if not whole.any() and layers.truth is not None:
+        whole = layers.truth[..., REGIONS.index("WT")]
+    centre = tumour_centre(whole)
     world = frame.world(centre)
-    panels = []
-    for axis, view in enumerate(("sagittal", "coronal", "axial")):
-
-        def cut(volume: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(display_slice(volume, view, centre[axis]))
-
-        panels.append(
-            Panel(
-                view=view,
-                image=cut(grey),
-                regions=np.stack([cut(regions[..., r]) for r in range(len(REGIONS))]),
-                truth=None if truth is None else np.stack([cut(truth[..., r]) for r in range(len(REGIONS))]),
-                attention={name: cut(volume) for name, volume in attention.items()},
-                uncertainty=None if uncertainty is None else cut(uncertainty),
-                pixel_mm=_pixel_mm(frame.zooms, view),
-                position=f"{'RAS'[axis]} {world[axis]:+.1f} mm",
-            )
-        )
-    return panels[::-1]  # axial, coronal, sagittal
+    return [
+        layers.panel(view, centre[axis], _pixel_mm(frame.zooms, view), f"{'RAS'[axis]} {world[axis]:+.1f} mm")
+        for axis, view in ((2, "axial"), (1, "coronal"), (0, "sagittal"))
+    ]
 
 
 def render_montage(overlay: CaseOverlay, affine: np.ndarray, dpi: int = 100) -> bytes:
@@ -223,6 +251,7 @@ def _window(overlay: CaseOverlay) -> tuple[float, float]:
 
 
 def _uncertainty_max(overlay: CaseOverlay) -> float:
+    """Top of the uncertainty colour scale: the 99.9th percentile inside the brain (else the maximum)."""
     if overlay.uncertainty is None:
         return 1.0
     values = np.asarray(overlay.uncertainty, dtype=np.float32)
@@ -241,8 +270,8 @@ def _draw_panel(ax, panel: Panel, kind: str, name: str | None, grey_range, unc_m
               interpolation="nearest")
     if kind in ("seg", "truth"):
         masks = panel.regions if kind == "seg" else panel.truth
-        for r, region in enumerate(REGIONS):
-            _contour(ax, panel, masks[r], _rgb(region), 1.6, "solid")
+        for region, (width_pt, style) in _CONTOUR_STYLES.items():
+            _contour(ax, panel, masks[REGIONS.index(region)], _rgb(region), width_pt, style)
     else:
         values = panel.attention[name] if kind == "attention" else panel.uncertainty / unc_max
         ax.imshow(_heat_rgba(values, _CMAPS[kind]), extent=extent, interpolation="nearest")
@@ -260,26 +289,24 @@ def _draw_panel(ax, panel: Panel, kind: str, name: str | None, grey_range, unc_m
         ax.set_title(f"{panel.view.capitalize()}   {panel.position}", color=_TEXT, fontsize=10)
 
 
-_CMAPS = {"attention": "inferno", "uncertainty": "viridis"}
-
-
 def _heat_rgba(values: np.ndarray, cmap_name: str) -> np.ndarray:
-    """Colour-mapped [0, 1] values; transparent at 0, up to 75 % opaque from 0.25 upward."""
+    """Colour-mapped [0, 1] values; opacity rises linearly from 0 (at 0) to 75 % (from 0.5 upward),
+    so low values leave the anatomy visible."""
     values = np.clip(values, 0.0, 1.0)
     rgba = matplotlib.colormaps[cmap_name](values)
-    rgba[..., 3] = 0.75 * np.clip(values / 0.25, 0.0, 1.0)
+    rgba[..., 3] = 0.75 * np.clip(values / 0.5, 0.0, 1.0)
     return rgba
 
 
 def _contour(ax, panel: Panel, mask: np.ndarray, colour, width: float, style: str) -> None:
+    """Outline of ``mask`` that follows the voxel edges (drawn on a 4x finer grid, padded so it closes)."""
     if not mask.any():
         return
-    rows = (np.arange(mask.shape[0]) + 0.5) * panel.pixel_mm[0]
-    cols = (np.arange(mask.shape[1]) + 0.5) * panel.pixel_mm[1]
-    padded = np.pad(mask.astype(np.float32), 1)  # closes contours at the panel edge
-    rows = np.concatenate([[rows[0] - panel.pixel_mm[0]], rows, [rows[-1] + panel.pixel_mm[0]]])
-    cols = np.concatenate([[cols[0] - panel.pixel_mm[1]], cols, [cols[-1] + panel.pixel_mm[1]]])
-    ax.contour(cols, rows, padded, levels=[0.5], colors=[colour], linewidths=width, linestyles=style)
+    fine = np.pad(np.kron(mask.astype(np.float32), np.ones((_FINE, _FINE), np.float32)), 1)
+    step_r, step_c = panel.pixel_mm[0] / _FINE, panel.pixel_mm[1] / _FINE
+    rows = (np.arange(fine.shape[0]) - 0.5) * step_r
+    cols = (np.arange(fine.shape[1]) - 0.5) * step_c
+    ax.contour(cols, rows, fine, levels=[0.5], colors=[colour], linewidths=width, linestyles=[style])
 
 
 def _edge_letters(ax, view: str) -> None:
@@ -308,7 +335,9 @@ def _draw_side(ax, kind: str, overlay: CaseOverlay, unc_max: float) -> None:
     ax.axis("off")
     if kind in ("seg", "truth"):
         handles = [
-            Line2D([], [], color=_rgb(r), linewidth=2.5, label=f"{r}  {REGION_NAMES[r]}") for r in ("WT", "TC", "ET")
+            Line2D([], [], color=_rgb(r), linewidth=w, linestyle="solid" if style == "solid" else (0, (3, 3)),
+                   label=f"{r}  {REGION_NAMES[r]}")
+            for r, (w, style) in _CONTOUR_STYLES.items()
         ]
         legend = ax.legend(handles=handles, loc="center left", frameon=False, fontsize=9, labelcolor=_TEXT,
                            title="Contours", title_fontsize=9, borderaxespad=0)
@@ -327,9 +356,11 @@ def _draw_side(ax, kind: str, overlay: CaseOverlay, unc_max: float) -> None:
 def _titles(fig: Figure, overlay: CaseOverlay) -> None:
     inches = fig.get_figheight()
     run = f"   \u00b7   run {overlay.run_id}" if overlay.run_id else ""
+    # parse_math=False: a '$' in a case id or model name is text, not mathtext
     fig.text(0.5, 1 - 0.12 / inches, overlay.case_id, ha="center", va="top", color=_TEXT, fontsize=14,
-             fontweight="bold")
+             fontweight="bold", parse_math=False)
     fig.text(0.5, 1 - 0.42 / inches, f"model {overlay.model_name}{run}   \u00b7   grey image: "
-             f"{overlay.grey_modality.upper()}", ha="center", va="top", color=_TEXT, fontsize=10)
+             f"{overlay.grey_modality.upper()}", ha="center", va="top", color=_TEXT, fontsize=10,
+             parse_math=False)
     fig.text(0.5, 0.1 / inches, CAPTION, ha="center", va="bottom", color=_TEXT, fontsize=8.5,
              linespacing=1.4)

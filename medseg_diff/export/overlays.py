@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg_diff.data.conventions import REGIONS, LabelConvention
+from medseg_diff.data.io import read_image
 from medseg_diff.errors import DataError
 from medseg_diff.export.montage import render_montage
 from medseg_diff.export.report import REPORT_NAME, ReportContext, case_of_report, render_report
@@ -34,7 +35,6 @@ from medseg_diff.export.types import (
     label_entries,
 )
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GZIP_LEVEL = 4
 
 
@@ -59,55 +59,19 @@ class ReferenceGrid:
 
 
 def load_reference_grid(path: Path, case: str | None = None) -> ReferenceGrid:
-    """Read the reference's geometry (header only). NIfTI through nibabel, MHA/NRRD through SimpleITK."""
+    """Geometry of the reference: a NIfTI file (its own header), or an MHA/NRRD file or DICOM folder
+    (read by :func:`medseg_diff.data.io.read_image`: RAS affine, ``sform``/``qform`` code "scanner")."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "reference image not found (or not a file)", case=case)
     try:
-        if path.name.endswith(_NIFTI_SUFFIXES):
-            grid = _nifti_grid(path)
-        else:
-            grid = _sitk_grid(path)
-    except DataError:
-        raise
-    except Exception as exc:  # nibabel/SimpleITK raise many types for truncated or foreign files
-        raise DataError(path, f"cannot read the reference header: {exc}", case=case) from exc
-    if not np.all(np.isfinite(grid.affine)) or abs(np.linalg.det(grid.affine[:3, :3])) < 1e-12:
-        raise DataError(path, f"reference affine is singular or non-finite:\n{grid.affine}", case=case)
-    return grid
-
-
-def _nifti_grid(path: Path) -> ReferenceGrid:
-    img = nib.load(str(path))
-    if len(img.shape) not in (3, 4):
-        raise DataError(path, f"reference must be a 3D (or 4D) image, got shape {img.shape}")
-    klass = nib.Nifti2Image if isinstance(img, nib.Nifti2Image) else nib.Nifti1Image
-    header = klass.header_class.from_header(img.header)
-    return ReferenceGrid(path, tuple(img.shape[:3]), header.get_best_affine(), header, klass)
-
-
-def _sitk_grid(path: Path) -> ReferenceGrid:
-    """Geometry of an MHA/NRRD file: ITK's LPS origin/direction/spacing as a RAS NIfTI header."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    if reader.GetDimension() != 3:
-        raise DataError(path, f"reference must be a 3D image, got {reader.GetDimension()}D")
-    spacing = np.array(reader.GetSpacing())
-    direction = np.array(reader.GetDirection()).reshape(3, 3)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    affine = np.eye(4)
-    affine[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
-    affine[:3, 3] = lps_to_ras @ np.array(reader.GetOrigin())
-    header = nib.Nifti1Header()
-    header.set_data_shape(reader.GetSize())
-    header.set_zooms(tuple(spacing))
-    header.set_xyzt_units("mm")
-    header.set_sform(affine, code="scanner")
-    header.set_qform(affine, code="scanner")
-    return ReferenceGrid(path, tuple(reader.GetSize()), header.get_best_affine(), header, nib.Nifti1Image)
+        image = read_image(path)
+    except DataError as err:
+        raise DataError(err.path, err.problem, case=case) from err
+    klass = nib.Nifti2Image if isinstance(image, nib.Nifti2Image) else nib.Nifti1Image
+    header = klass.header_class.from_header(image.header)
+    affine = header.get_best_affine()
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(path, f"reference affine is singular or non-finite:\n{affine}", case=case)
+    return ReferenceGrid(path, tuple(int(n) for n in image.shape[:3]), affine, header, klass)
 
 
 def nifti_bytes(grid: ReferenceGrid, data: np.ndarray, description: str, intent: str = "none") -> bytes:
@@ -122,7 +86,7 @@ def nifti_bytes(grid: ReferenceGrid, data: np.ndarray, description: str, intent:
     header.set_slope_inter(1.0, 0.0)
     header.set_intent(intent)
     header["cal_min"], header["cal_max"] = float(data.min()), float(data.max())
-    header["descrip"] = description.encode("ascii", "replace")[:79]
+    header["descrip"] = f"medseg-diff {description}".encode("ascii", "replace")[:79]
     image = grid.image_class(data, header.get_best_affine(), header)
     return gzip.compress(image.to_bytes(), compresslevel=_GZIP_LEVEL, mtime=0)
 
@@ -154,7 +118,7 @@ def itksnap_label_file(convention: LabelConvention) -> str:
         "#    -B-:   Blue color component (0..255)",
         "#    -A-:   Label transparency (0.00 .. 1.00)",
         "#    VIS:   Label visibility (0 or 1)",
-        "#    IDX:   Label mesh visibility (0 or 1)",
+        "#    MSH:   Label mesh visibility (0 or 1)",
         "#  LABEL:   Label description ",
         "################################################",
         f"{0:5d} {0:5d} {0:4d} {0:4d} {0:8.2f} {0:2d} {0:2d}    \"Clear Label\"",
@@ -241,23 +205,40 @@ def export_case(overlay: CaseOverlay, out_dir: Path, prefix: str | None = None) 
     return ExportResult(out_dir=out_dir, **paths)
 
 
+def export_volumes(overlay: CaseOverlay, out_dir: Path, prefix: str | None = None) -> dict:
+    """Only the NIfTI volumes and colour tables of :func:`export_case` (no montage, no report): what
+    ``predict`` writes. Same checks, same all-or-nothing writing; returns the written paths by kind."""
+    grid = load_reference_grid(overlay.reference, overlay.case_id)
+    check_overlay(overlay, grid.shape)
+    prefix = overlay.case_id if prefix is None else prefix
+    check_name(prefix, "file prefix (the case id unless `prefix` is given)", overlay.case_id)
+    out_dir = _prepare_out_dir(Path(out_dir), overlay)
+    with AtomicBatch(out_dir) as batch:
+        paths, _ = _stage_volumes(batch, overlay, grid, prefix)
+        batch.commit()
+    return paths
+
+
 def _prepare_out_dir(out_dir: Path, overlay: CaseOverlay) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(out_dir, "output folder is a file", case=overlay.case_id)
-    if out_dir.resolve() == Path(overlay.reference).resolve().parent:
+    reference = Path(overlay.reference).resolve()
+    if out_dir.resolve() in (reference, reference.parent):  # a DICOM folder, or the folder of the file
         raise DataError(
             out_dir,
             "output folder is the folder of the input images; outputs such as CASE_seg.nii.gz could "
             "overwrite input files there. Choose another output folder.",
             case=overlay.case_id,
         )
-    previous = case_of_report(out_dir / REPORT_NAME)
-    if previous is not None and previous != overlay.case_id:
-        raise DataError(
-            out_dir / REPORT_NAME,
-            f"belongs to case {previous!r}; use one output folder per case",
-            case=overlay.case_id,
-        )
+    report = out_dir / REPORT_NAME
+    if report.exists():
+        previous = case_of_report(report)
+        if previous is None:
+            raise DataError(report, "exists and was not written by medseg-diff; not overwriting it",
+                            case=overlay.case_id)
+        if previous != overlay.case_id:
+            raise DataError(report, f"belongs to case {previous!r}; use one output folder per case",
+                            case=overlay.case_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -268,7 +249,7 @@ def _stage_volumes(
     """Stage the NIfTI files and colour tables: (ExportResult keyword arguments, files for the report)."""
     model = f"model {overlay.model_name}"
     labels = np.asarray(overlay.labels).astype(np.uint8)
-    seg = batch.add(f"{prefix}_seg.nii.gz", nifti_bytes(grid, labels, f"medseg-diff labels {model}", "label"))
+    seg = batch.add(f"{prefix}_seg.nii.gz", nifti_bytes(grid, labels, f"labels {model}", "label"))
     ctbl = batch.add(f"{prefix}_labels.ctbl", slicer_colour_table(overlay.convention).encode("ascii"))
     snap = batch.add(f"{prefix}_labels_itksnap.txt", itksnap_label_file(overlay.convention).encode("ascii"))
     files = [

@@ -28,6 +28,7 @@ from medseg_diff.export.types import (
 
 REPORT_NAME = "report.html"
 _TIMES = " \u00d7 "
+_REGION_ORDER = ("WT", "TC", "ET")  # outermost first, as clinicians read them
 RESEARCH_NOTE = "Research use only \u2014 not for clinical decisions"
 _CASE_META = re.compile(r'<meta name="medseg-diff-case" content="([^"]*)">')
 _ATTENTION_TEXT = {
@@ -49,6 +50,7 @@ th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: ta
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #555; margin-right: 6px; }
 figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #999; }
 figcaption, .muted { color: #555; font-size: 0.92em; }
+dt { font-weight: bold; margin-top: 8px; }
 code { background: #f4f4f4; padding: 1px 4px; border-radius: 3px; }
 """
 
@@ -155,13 +157,13 @@ def _volume_section(overlay: CaseOverlay, context: ReportContext) -> str:
         truth = region_volumes_cm3(overlay.ground_truth, overlay.convention, context.voxel_volume_mm3)
     head = "<tr><th>Region</th><th>Predicted (cm\u00b3)</th>" + ("<th>Ground truth (cm\u00b3)</th>" if truth else "")
     rows = []
-    names = [(r, f"{r} \u2014 {REGION_NAMES[r]}") for r in ("WT", "TC", "ET")]
-    names += [(x.short, f"label {x.value}: {x.description}") for x in label_entries(overlay.convention)]
-    for key, name in names:
+    names = [(r, "", f"{r} \u2014 {REGION_NAMES[r]}") for r in _REGION_ORDER]
+    names += [(x.short, _swatch(x.rgb), f"label {x.value}: {x.description}") for x in label_entries(overlay.convention)]
+    for key, swatch, name in names:
         cells = f'<td class="num">{predicted[key]:.2f}</td>'
         if truth:
             cells += f'<td class="num">{truth[key]:.2f}</td>'
-        rows.append(f"<tr><td>{e(name)}</td>{cells}</tr>")
+        rows.append(f"<tr><td>{swatch}{e(name)}</td>{cells}</tr>")
     note = (
         f"Volumes = voxel count \u00d7 voxel volume ({context.voxel_volume_mm3:.4g} mm\u00b3, from the image "
         "affine). WT = all tumour labels, TC = necrotic/non-enhancing core + enhancing tumour, ET = enhancing tumour."
@@ -179,7 +181,7 @@ def _dice_section(overlay: CaseOverlay) -> str:
         return '<h2>Agreement with ground truth</h2><p class="muted">No ground-truth label for this case.</p>'
     rows = "".join(
         f'<tr><td>{r} \u2014 {REGION_NAMES[r]}</td><td class="num">{scores[r]:.3f}</td></tr>'
-        for r in REGIONS if r in scores
+        for r in _REGION_ORDER if r in scores
     )
     return (
         "<h2>Agreement with ground truth</h2><table><tr><th>Region</th><th>Dice</th></tr>"
@@ -190,7 +192,7 @@ def _dice_section(overlay: CaseOverlay) -> str:
 def _montage_section(overlay: CaseOverlay, context: ReportContext) -> str:
     data = base64.b64encode(context.montage_png).decode("ascii")
     alt = html.escape(f"Montage of case {overlay.case_id}: axial, coronal and sagittal slices", quote=True)
-    legend = " ".join(f"{_swatch(REGION_RGB[r])}{r} {REGION_NAMES[r]}" for r in ("WT", "TC", "ET"))
+    legend = " ".join(f"{_swatch(REGION_RGB[r])}{r} {REGION_NAMES[r]}" for r in _REGION_ORDER)
     return (
         f'<h2>Slices through the tumour</h2><figure><img src="data:image/png;base64,{data}" alt="{alt}">'
         f"<figcaption>Grey: {html.escape(overlay.grey_modality.upper())}. Contours: {legend}. "

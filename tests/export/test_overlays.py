@@ -1,0 +1,461 @@
+"""NIfTI overlays, colour tables, montage orientation and fault handling of medseg_diff.export."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+from medseg_diff.data.conventions import BRATS2021, BRATS2023, CONVENTIONS, MSD, REGIONS, LabelConvention
+from medseg_diff.errors import DataError
+from medseg_diff.export import CaseOverlay, export_case, itksnap_label_file, load_reference_grid, montage_panels
+from medseg_diff.export import overlays as overlays_module
+from medseg_diff.export import slicer_colour_table
+from medseg_diff.export.montage import tumour_centre
+
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
+SHAPE = (20, 24, 14)  # RAS voxels of the phantom
+ZOOMS = (1.0, 1.2, 2.0)  # anisotropic on purpose
+BLOB = (4, 19, 7)  # bright blob: low x = patient's LEFT, high y = ANTERIOR
+
+
+def ras_phantom(convention: LabelConvention = BRATS2021) -> dict[str, np.ndarray]:
+    """World content in RAS voxel order: a head, a left-anterior blob, a nested tumour, maps."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    brain = ((x - 10) / 9) ** 2 + ((y - 12) / 11) ** 2 + ((z - 7) / 6.5) ** 2 <= 1
+    flair = np.where(brain, 100.0 + x + 0.5 * y, 0.0).astype(np.float32)
+    flair[(x - BLOB[0]) ** 2 + (y - BLOB[1]) ** 2 + (z - BLOB[2]) ** 2 <= 4] = 400.0
+    r = np.sqrt((x - 13) ** 2 + (y - 9) ** 2 + ((z - 7) * 2) ** 2)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[r <= 5] = convention.edema
+    labels[r <= 3] = convention.core
+    labels[(r > 2) & (r <= 3)] = convention.enhancing
+    regions = convention.to_regions(labels).astype(np.float32)
+    attention = np.exp(-r / 3).astype(np.float32) * 7.0
+    attention[BLOB] = 500.0  # one extreme voxel: the robust max must ignore it
+    return {
+        "flair": flair,
+        "t1ce": (flair * 0.5).astype(np.float32),
+        "labels": labels,
+        "probabilities": (0.05 + 0.9 * regions).astype(np.float32),
+        "uncertainty": (np.exp(-((r - 5) ** 2)) * 0.69 * brain).astype(np.float32),
+        "attention": attention,
+    }
+
+
+def ras_affine() -> np.ndarray:
+    affine = np.diag([*ZOOMS, 1.0])
+    affine[:3, 3] = (-10.0, -14.0, -12.0)
+    return affine
+
+
+def reorient(volume: np.ndarray, codes: str) -> tuple[np.ndarray, np.ndarray]:
+    """The RAS phantom volume stored in voxel order ``codes`` (same world content), and its affine."""
+    transform = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes)))
+    affine = ras_affine() @ inv_ornt_aff(transform, SHAPE)
+    return apply_orientation(volume, transform), affine
+
+
+def make_overlay(tmp_path: Path, codes: str = "LPS", convention: LabelConvention = BRATS2021,
+                 case_id: str = "case001", **changes) -> CaseOverlay:
+    """A CaseOverlay whose reference FLAIR is written to tmp_path in orientation ``codes``."""
+    world = ras_phantom(convention)
+    data = {k: reorient(v, codes)[0] for k, v in world.items() if k != "probabilities"}
+    affine = reorient(world["flair"], codes)[1]
+    probs = np.stack([reorient(p, codes)[0] for p in world["probabilities"]])
+    folder = tmp_path / f"input_{codes}"
+    folder.mkdir(exist_ok=True)
+    reference = folder / f"{case_id}_flair.nii.gz"
+    nib.Nifti1Image(data["flair"], affine).to_filename(reference)
+    fields = dict(
+        case_id=case_id, reference=reference, images={"flair": data["flair"], "t1ce": data["t1ce"]},
+        labels=data["labels"], convention=convention, probabilities=probs, uncertainty=data["uncertainty"],
+        attention={"self": data["attention"], "cross": np.sqrt(data["attention"])}, model_name="diffusion",
+        run_id="run42", ground_truth=None, dice=None,
+    )
+    fields.update(changes)
+    return CaseOverlay(**fields)
+
+
+def assert_on_reference_grid(path: Path, reference: Path) -> nib.Nifti1Image:
+    out, ref = nib.load(path), nib.load(reference)
+    assert out.shape[:3] == ref.shape[:3]
+    assert np.array_equal(out.affine, ref.affine)
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(ref.affine)
+    for form in ("sform", "qform"):
+        assert int(out.header[f"{form}_code"]) == int(ref.header[f"{form}_code"])
+        assert np.allclose(getattr(out.header, f"get_{form}")(), getattr(ref.header, f"get_{form}")(), atol=1e-6)
+    return out
+
+
+# --- NIfTI outputs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "PSL"])
+def test_nifti_outputs_lie_on_the_reference_grid(tmp_path, codes):
+    overlay = make_overlay(tmp_path, codes)
+    result = export_case(overlay, tmp_path / "out")
+    nifti = [result.seg, result.uncertainty, result.probabilities, *result.attention.values()]
+    for path in nifti:
+        assert_on_reference_grid(path, overlay.reference)
+    seg = nib.load(result.seg)
+    assert seg.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asanyarray(seg.dataobj), overlay.labels)
+    unc = nib.load(result.uncertainty)
+    assert unc.get_data_dtype() == np.float32
+    assert np.array_equal(np.asanyarray(unc.dataobj), overlay.uncertainty)
+    probs = np.asanyarray(nib.load(result.probabilities).dataobj)
+    assert probs.shape == (*overlay.labels.shape, len(REGIONS))
+    assert np.array_equal(np.moveaxis(probs, -1, 0), overlay.probabilities)
+    for path in result.attention.values():
+        att = np.asanyarray(nib.load(path).dataobj)
+        assert att.dtype == np.float32 and att.min() >= 0.0 and att.max() <= 1.0
+
+
+def test_header_geometry_copied_with_its_codes(tmp_path):
+    """sform 'aligned' + qform 'unknown' + int16 scaling on the reference: codes kept, labels unscaled."""
+    overlay = make_overlay(tmp_path, "LPS")
+    ref = nib.load(overlay.reference)
+    header = ref.header.copy()
+    header.set_data_dtype(np.int16)
+    header.set_sform(ref.affine, code="aligned")
+    header.set_qform(ref.affine, code="unknown")
+    header.set_slope_inter(2.0, 5.0)
+    odd = overlay.reference.with_name("odd_flair.nii.gz")
+    nib.Nifti1Image(np.round(overlay.images["flair"]).astype(np.int16), ref.affine, header).to_filename(odd)
+    overlay.reference = odd
+    result = export_case(overlay, tmp_path / "out")
+    out = assert_on_reference_grid(result.seg, odd)
+    assert int(out.header["sform_code"]) == 2 and int(out.header["qform_code"]) == 0
+    assert np.array_equal(np.asanyarray(out.dataobj), overlay.labels)
+
+
+def test_attention_scaled_by_robust_max(tmp_path):
+    overlay = make_overlay(tmp_path, "RAS")
+    scaled = overlay.normalised_attention("self")
+    raw = overlay.attention["self"]
+    brain_p995 = np.percentile(raw[overlay.brain_mask], 99.5)
+    assert scaled[BLOB] == 1.0  # the extreme voxel is clipped, not used as the maximum
+    assert np.allclose(scaled, np.clip(raw / brain_p995, 0, 1), atol=1e-6)
+    assert (scaled >= 0.99).mean() < 0.05
+    overlay.attention["zero"] = np.zeros_like(raw)
+    assert not overlay.normalised_attention("zero").any()
+
+
+def _sitk_image(overlay: CaseOverlay):
+    """The reference FLAIR as a SimpleITK image with the same world geometry (LPS, z-y-x array)."""
+    import SimpleITK as sitk
+
+    ref = nib.load(overlay.reference)
+    spacing = np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))
+    image = sitk.GetImageFromArray(np.round(np.transpose(overlay.images["flair"], (2, 1, 0))).astype(np.int16))
+    image.SetSpacing(spacing.tolist())
+    flip = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
+    image.SetDirection((flip @ ref.affine[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin((flip @ ref.affine[:3, 3]).tolist())
+    return image
+
+
+def _write_dicom_series(image, folder: Path) -> None:
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = list(direction[0:7:3]) + list(direction[1:8:3])
+    for z in range(image.GetDepth()):
+        plane = image[:, :, z]
+        corner = image.TransformIndexToPhysicalPoint((0, 0, z))
+        plane.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in corner))
+        plane.SetMetaData("0020|0037", "\\".join(f"{v:.6f}" for v in orientation))
+        plane.SetMetaData("0020|0013", str(z))
+        plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.7")
+        plane.SetMetaData("0008|0060", "MR")
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(plane)
+
+
+@pytest.mark.parametrize("kind", ["mha", "dicom"])
+def test_itk_references_keep_their_geometry(tmp_path, kind):
+    """MHA file or DICOM folder as the reference: the NIfTI outputs sit where ITK puts the input."""
+    sitk = pytest.importorskip("SimpleITK")
+    overlay = make_overlay(tmp_path, "LPS")
+    image = _sitk_image(overlay)
+    if kind == "mha":
+        overlay.reference = overlay.reference.with_name("case001_flair.mha")
+        sitk.WriteImage(image, str(overlay.reference))
+    else:
+        overlay.reference = overlay.reference.parent / "case001_flair_dicom"
+        _write_dicom_series(image, overlay.reference)
+    result = export_case(overlay, tmp_path / "out")
+    seg = sitk.ReadImage(str(result.seg))
+    assert np.allclose(seg.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    assert np.allclose(seg.GetSpacing(), image.GetSpacing(), atol=1e-5)
+    assert np.allclose(seg.GetDirection(), image.GetDirection(), atol=1e-5)
+    assert np.array_equal(np.transpose(sitk.GetArrayFromImage(seg), (2, 1, 0)), overlay.labels)
+
+
+# --- colour tables --------------------------------------------------------------------------------
+
+_ITKSNAP_ROW = re.compile(r'^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([01])\s+([01])\s+"([^"]*)"\s*$')
+
+
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_slicer_colour_table_parses(name):
+    convention = CONVENTIONS[name]
+    rows = [line.split() for line in slicer_colour_table(convention).splitlines() if not line.startswith("#")]
+    assert all(len(row) == 6 for row in rows)
+    table = {int(row[0]): (row[1], [int(v) for v in row[2:]]) for row in rows}
+    assert sorted(table) == list(convention.labels)
+    assert all(0 <= v <= 255 for _, rgba in table.values() for v in rgba)
+    assert len({tuple(rgba) for _, rgba in table.values()}) == len(table)  # distinct colours
+    if convention.name.startswith("brats"):
+        assert table[convention.enhancing][0] == "ET" and table[1][0] == "NCR" and table[2][0] == "ED"
+    else:
+        assert table[1][0] == "edema" and table[3][0] == "enhancing_tumour"
+
+
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_itksnap_label_file_parses(name):
+    convention = CONVENTIONS[name]
+    lines = [line for line in itksnap_label_file(convention).splitlines() if not line.startswith("#")]
+    parsed = [_ITKSNAP_ROW.match(line) for line in lines]
+    assert all(parsed), lines
+    values = {int(m.group(1)): m.group(8) for m in parsed}
+    assert sorted(values) == list(convention.labels)
+    assert values[0] == "Clear Label"
+    assert "enhancing" in values[convention.enhancing].lower()
+
+
+# --- montage --------------------------------------------------------------------------------------
+
+
+def test_montage_png_written(tmp_path):
+    result = export_case(make_overlay(tmp_path, "LPS"), tmp_path / "out")
+    assert result.montage.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = mpimg.imread(result.montage)
+    assert pixels.shape[0] >= 600 and pixels.shape[1] >= 600
+    assert pixels[..., :3].std() > 0.05
+
+
+def test_display_is_the_same_for_every_file_orientation(tmp_path):
+    panels = {codes: montage_panels(o, nib.load(o.reference).affine)
+              for codes in ("RAS", "LPS", "PSL", "ILA")
+              for o in [make_overlay(tmp_path, codes)]}
+    for codes, views in panels.items():
+        for panel, ras in zip(views, panels["RAS"]):
+            assert panel.view == ras.view
+            assert np.array_equal(panel.image, ras.image), (codes, panel.view)
+            assert np.array_equal(panel.regions, ras.regions), (codes, panel.view)
+            assert np.array_equal(panel.attention["self"], ras.attention["self"]), (codes, panel.view)
+            assert panel.pixel_mm == pytest.approx(ras.pixel_mm)
+
+
+def test_display_is_radiological_with_true_aspect(tmp_path):
+    """The left-anterior blob: image right + top in the axial view, image right in the coronal one."""
+    overlay = make_overlay(tmp_path, "LPS")  # slices through the tumour centre = the blob
+    overlay.labels = np.where(reorient(_blob_mask(), "LPS")[0], BRATS2021.edema, 0).astype(np.uint8)
+    axial, coronal, sagittal = montage_panels(overlay, nib.load(overlay.reference).affine)
+    for panel, side in ((axial, "right"), (coronal, "right"), (sagittal, "left")):
+        rows, cols = np.nonzero(panel.image == 400.0)
+        assert rows.size, panel.view
+        half = panel.image.shape[1] / 2
+        assert (cols.mean() > half) if side == "right" else (cols.mean() < half), panel.view
+    rows, _ = np.nonzero(axial.image == 400.0)
+    assert rows.mean() < axial.image.shape[0] / 2  # anterior up
+    assert axial.pixel_mm == pytest.approx((ZOOMS[1], ZOOMS[0]))  # (row: A-P, column: R-L) mm
+    assert coronal.pixel_mm == pytest.approx((ZOOMS[2], ZOOMS[0]))
+    assert sagittal.pixel_mm == pytest.approx((ZOOMS[2], ZOOMS[1]))
+
+
+def _blob_mask() -> np.ndarray:
+    x, y, z = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    return (x - BLOB[0]) ** 2 + (y - BLOB[1]) ** 2 + (z - BLOB[2]) ** 2 <= 4
+
+
+def test_tumour_centre_lies_on_tumour_slices():
+    crescent = np.zeros((30, 30, 5), bool)
+    x, y = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
+    ring = (np.hypot(x - 15, y - 15) <= 12) & (np.hypot(x - 15, y - 15) >= 10) & (x < 15)
+    crescent[ring, 2] = True
+    i, j, k = tumour_centre(crescent)
+    assert crescent[i].any() and crescent[:, j].any() and crescent[:, :, k].any()
+    assert tumour_centre(np.zeros((8, 10, 6), bool)) == (4, 5, 3)
+
+
+def test_slices_follow_ground_truth_when_prediction_is_empty(tmp_path):
+    overlay = make_overlay(tmp_path, "LPS")
+    overlay.ground_truth = np.where(reorient(_blob_mask(), "LPS")[0], BRATS2021.edema, 0).astype(np.uint8)
+    overlay.labels = np.zeros_like(overlay.labels)
+    axial = montage_panels(overlay, nib.load(overlay.reference).affine)[0]
+    assert not axial.regions.any() and axial.truth[REGIONS.index("WT")].any()
+    assert (axial.image == 400.0).any()  # the slice goes through the blob
+
+
+def test_dollar_signs_are_text_not_mathtext(tmp_path):
+    overlay = make_overlay(tmp_path, "RAS", case_id="a$b$", model_name="unet $\\nosuchcommand{$")
+    result = export_case(overlay, tmp_path / "out", prefix="c1")
+    assert result.montage.stat().st_size > 10_000
+
+
+def test_4d_reference_uses_its_spatial_grid(tmp_path):
+    """MSD stores the modalities as one 4D image; its first three axes are the grid."""
+    overlay = make_overlay(tmp_path, "LPS", convention=MSD)
+    ref = nib.load(overlay.reference)
+    stacked = np.stack([overlay.images["flair"]] * 4, axis=-1)
+    four_d = overlay.reference.with_name("BRATS_001.nii.gz")
+    nib.Nifti1Image(stacked, ref.affine).to_filename(four_d)
+    overlay.reference = four_d
+    result = export_case(overlay, tmp_path / "out", prefix="BRATS_001")
+    seg = assert_on_reference_grid(result.seg, four_d)
+    assert seg.ndim == 3 and np.array_equal(np.asanyarray(seg.dataobj), overlay.labels)
+
+
+# --- bad input and faults -------------------------------------------------------------------------
+
+
+def test_shape_mismatch_names_case_and_file(tmp_path):
+    overlay = make_overlay(tmp_path, "LPS", case_id="BraTS-XYZ-1")
+    overlay.attention["self"] = overlay.attention["self"][:-1]
+    with pytest.raises(DataError) as info:
+        export_case(overlay, tmp_path / "out")
+    message = str(info.value)
+    assert "BraTS-XYZ-1" in message and str(overlay.reference) in message and "attention 'self'" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda o: o.attention["self"].__setitem__((1, 1, 1), np.nan), "NaN"),
+        (lambda o: o.uncertainty.__setitem__((2, 2, 2), np.inf), "Inf"),
+        (lambda o: o.labels.__setitem__((3, 3, 3), 3), "values [3]"),  # 3 is not a BraTS-2021 label
+        (lambda o: setattr(o, "ground_truth", np.full(o.labels.shape, 7, np.uint8)), "ground_truth"),
+        (lambda o: o.attention["cross"].__setitem__((0, 0, 0), -1.0), "negative"),
+        (lambda o: setattr(o, "probabilities", o.probabilities * 2), "outside [0, 1]"),
+        (lambda o: setattr(o, "probabilities", o.probabilities[:2]), "probabilities has shape"),
+        (lambda o: setattr(o, "dice", {"WT": 1.5}), "dice"),
+        (lambda o: setattr(o, "images", {"flair": np.zeros_like(o.images["flair"])}), "empty"),
+        (lambda o: setattr(o, "uncertainty_units", "percent"), "uncertainty_units"),
+        (lambda o: setattr(o, "reference", o.reference.with_name("missing.nii.gz")), "not found"),
+    ],
+)
+def test_bad_input_raises_data_error(tmp_path, change, expected):
+    overlay = make_overlay(tmp_path, "RAS")
+    change(overlay)
+    with pytest.raises(DataError, match=re.escape(expected)) as info:
+        export_case(overlay, tmp_path / "out")
+    assert "case001" in str(info.value)
+
+
+def test_truncated_reference_is_a_data_error(tmp_path):
+    overlay = make_overlay(tmp_path, "RAS")
+    overlay.reference.write_bytes(overlay.reference.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"case001: .*flair\.nii\.gz: (unreadable|truncated)"):
+        export_case(overlay, tmp_path / "out")
+
+
+def test_unsafe_prefix_and_input_folder_are_refused(tmp_path):
+    overlay = make_overlay(tmp_path, "RAS", case_id="../escape")
+    with pytest.raises(DataError, match="file name"):
+        export_case(overlay, tmp_path / "out")
+    overlay = make_overlay(tmp_path, "RAS")
+    with pytest.raises(DataError, match="folder of the input images"):
+        export_case(overlay, overlay.reference.parent)
+
+
+def test_failure_midway_keeps_previous_outputs_and_other_files(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = export_case(make_overlay(tmp_path, "LPS"), out)
+    unrelated = out / "notes.txt"
+    unrelated.write_text("keep me")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_montage(*args, **kwargs):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr(overlays_module, "render_montage", broken_montage)
+    changed = make_overlay(tmp_path, "LPS")
+    changed.labels = np.zeros_like(changed.labels)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_case(changed, out)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before  # seg written before the failure was not renamed over the old one
+    assert np.array_equal(np.asanyarray(nib.load(first.seg).dataobj), make_overlay(tmp_path, "LPS").labels)
+
+
+def test_rerun_replaces_own_outputs_only(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "other_case_seg.nii.gz").write_bytes(b"not ours")
+    export_case(make_overlay(tmp_path, "LPS"), out)
+    result = export_case(make_overlay(tmp_path, "LPS"), out)
+    assert (out / "other_case_seg.nii.gz").read_bytes() == b"not ours" and (out / "sub").is_dir()
+    expected = [p.name for p in result.paths()] + ["other_case_seg.nii.gz", "sub"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)  # no temporary files left
+
+
+@pytest.mark.parametrize("convention", [BRATS2023, MSD])
+def test_other_conventions_round_trip(tmp_path, convention):
+    overlay = make_overlay(tmp_path, "LPS", convention=convention)
+    result = export_case(overlay, tmp_path / "out", prefix="p1")
+    assert result.seg.name == "p1_seg.nii.gz"
+    assert np.array_equal(np.asanyarray(nib.load(result.seg).dataobj), overlay.labels)
+
+
+# --- real cases (full 240 x 240 x 155 grids) -----------------------------------------------------
+
+
+def _real_case(case: str) -> Path:
+    folder = REAL / case
+    if not folder.is_dir():
+        pytest.skip(f"real data not found: {folder} (needs ../shared/data/real beside the repository)")
+    return folder
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("case, axcodes", [("BraTS-GLI-00001-000", "LPS"), ("BraTS-MET-00110-000", "RAS")])
+def test_real_case_outputs_on_the_full_reference_grid(tmp_path, case, axcodes):
+    folder = _real_case(case)
+    reference = folder / f"{case}-t2f.nii.gz"
+    flair = np.asarray(nib.load(reference).dataobj, dtype=np.float32)
+    labels = np.zeros(flair.shape, np.uint8)  # fake prediction: thresholded FLAIR
+    labels[flair > np.percentile(flair[flair > 0], 98)] = BRATS2023.edema
+    labels[flair > np.percentile(flair[flair > 0], 99.5)] = BRATS2023.enhancing
+    overlay = CaseOverlay(
+        case_id=case, reference=reference, images={"flair": flair}, labels=labels, convention=BRATS2023,
+        probabilities=None, uncertainty=None, attention={"self": flair}, model_name="threshold", run_id=None,
+        ground_truth=None, dice=None,
+    )
+    result = export_case(overlay, tmp_path / "out")
+    assert "".join(nib.aff2axcodes(nib.load(reference).affine)) == axcodes
+    assert load_reference_grid(reference).shape == (240, 240, 155)
+    for path in (result.seg, result.attention["self"]):
+        assert_on_reference_grid(path, reference)
+    assert np.array_equal(np.asanyarray(nib.load(result.seg).dataobj), labels)
+    assert mpimg.imread(result.montage).shape[0] > 600
+
+
+@pytest.mark.real_data
+def test_real_label_file_round_trips_on_a_float64_reference(tmp_path):
+    """BraTS-GLI-99999-000: float64 images, a 0/1/2/3 label file (a model's output, used here as labels)."""
+    case = "BraTS-GLI-99999-000"
+    folder = _real_case(case)
+    reference = folder / f"{case}-t2f.nii.gz"
+    labels = np.asanyarray(nib.load(folder / f"{case}-seg.nii.gz").dataobj)
+    flair = np.asarray(nib.load(reference).dataobj, dtype=np.float32)
+    overlay = CaseOverlay(
+        case_id=case, reference=reference, images={"flair": flair}, labels=labels, convention=BRATS2023,
+        probabilities=None, uncertainty=None, attention={}, model_name="given", run_id=None,
+        ground_truth=labels, dice=None,
+    )
+    result = export_case(overlay, tmp_path / "out")
+    out = assert_on_reference_grid(result.seg, reference)
+    assert out.get_data_dtype() == np.uint8 and np.array_equal(np.asanyarray(out.dataobj), labels)
+    assert ">1.000</td>" in result.report.read_text(encoding="utf-8")  # Dice of the labels with themselves
