@@ -115,6 +115,133 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train -------------------------------------------------------------------------------------------
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="YAML config (may 'extends' another)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if output_dir/last.pt exists")
+
+
+@command("train", "train the diffusion model or the baseline (resumes from output_dir/last.pt; torchrun-ready)")(
+    add_train_args)
+def run_train(args: argparse.Namespace) -> int:
+    from medseg_diff.config import load_config
+    from medseg_diff.engine.train_api import train
+
+    cfg = load_config(args.config, args.overrides)  # validated before any work starts
+    state = train(cfg, resume=not args.no_resume)
+    best = f"{state.best_metric:.4f} (epoch {state.best_epoch})" if state.best_epoch > 0 else "n/a"
+    print(f"finished {state.epoch} epochs; best val Dice {best}; checkpoints in {cfg.experiment.output_dir}; "
+          f"MLflow run {state.run_id}")
+    return 0
+
+
+# --- evaluate ----------------------------------------------------------------------------------------
+
+
+def _model_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {text!r}")
+    return name, Path(path)
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--model", dest="models", action="append", type=_model_arg, required=True,
+                   metavar="NAME=CHECKPOINT", help="a model to evaluate (repeat; the first two are compared)")
+    p.add_argument("--out", type=Path, required=True, help="folder for CSV, tables, plots, predictions, overlays")
+    p.add_argument("--subset", choices=("test", "val", "all"), default="test")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--root", type=Path, default=None, help="override the manifest's data root")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the training config's)")
+    p.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the training config's)")
+    p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases")
+    p.add_argument("--continue-on-error", action="store_true")
+    p.add_argument("--no-tracking", action="store_true")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the data set's name)")
+
+
+@command("evaluate", "evaluate models on held-out cases: BraTS metrics, paired statistics, MLflow, overlays")(
+    add_evaluate_args)
+def run_evaluate(args: argparse.Namespace) -> int:
+    from medseg_diff.engine.evaluate_api import evaluate
+
+    names = [n for n, _ in args.models]
+    if len(set(names)) != len(names):
+        print("medseg-diff evaluate: error: model names must differ", file=sys.stderr)
+        return 2
+    report = evaluate(args.manifest, dict(args.models), args.out, subset=args.subset, fold=args.fold,
+                      root=args.root, device=args.device, sample_steps=args.steps, ensemble=args.ensemble,
+                      export_cases=args.export_cases, continue_on_error=args.continue_on_error,
+                      tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
+    print(report.summary_markdown)
+    for path in report.overlays:
+        print(f"overlay report: {path}")
+    if report.run_id:
+        print(f"MLflow evaluation run {report.run_id}")
+    for case, err in report.failed.items():
+        print(f"FAILED {case}: {err}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+# --- predict -----------------------------------------------------------------------------------------
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--input", type=Path, required=True, help="a manifest JSON, a data folder or a case folder")
+    p.add_argument("--out", type=Path, required=True, help="one sub-folder per case is written here")
+    p.add_argument("--subset", choices=("all", "train", "test", "unlabelled"), default="all",
+                   help="manifest subset to predict")
+    p.add_argument("--root", type=Path, default=None)
+    p.add_argument("--convention", choices=("brats2021", "brats2023", "msd"), default=None)
+    p.add_argument("--prior-dir", type=Path, default=None,
+                   help="external mask priors (e.g. the baseline's prediction folders) for prior_source=external")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--ensemble", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--continue-on-error", action="store_true", help="skip and report bad cases")
+
+
+@command("predict", "segment cases: BraTS labels, probabilities, uncertainty and attention on the input grid")(
+    add_predict_args)
+def run_predict(args: argparse.Namespace) -> int:
+    from medseg_diff.engine.batch import predict_cases
+
+    report = predict_cases(args.checkpoint, args.input, args.out, subset=args.subset, root=args.root,
+                           convention=args.convention, prior_dir=args.prior_dir, device=args.device,
+                           sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed,
+                           continue_on_error=args.continue_on_error)
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictions", type=Path, required=True, help="a prediction folder or a folder of them")
+    p.add_argument("--out", type=Path, required=True, help="one sub-folder per case (report.html, montage, NIfTI)")
+    p.add_argument("--continue-on-error", action="store_true")
+
+
+@command("export", "clinician overlays of predictions: NIfTI, Slicer/ITK-SNAP colour tables, montage, report.html")(
+    add_export_args)
+def run_export(args: argparse.Namespace) -> int:
+    from medseg_diff.engine.batch import export_predictions, prediction_folders
+
+    report = export_predictions(prediction_folders(args.predictions), args.out, args.continue_on_error)
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
 # --- entry point -------------------------------------------------------------------------------------
 
 

@@ -17,3 +17,16 @@ def real_data() -> Path:
     if not (REAL_DATA / "BraTS-GLI-99999-000").is_dir():
         pytest.skip(f"real BraTS cases not found at {REAL_DATA} (../shared is absent in a user's clone)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    """Six synthetic BraTS-2021 phantoms at 5 mm (48x48x31) and their manifest (2 held out for test)."""
+    from medseg_diff.data.manifest import build_manifest, write_manifest
+    from medseg_diff.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("phantoms") / "data"
+    synthesize(root, cases=6, spacing=5.0, seed=3)
+    write_manifest(build_manifest(root, name="tiny-phantoms", folds=2, test_fraction=0.34, seed=0),
+                   root / "manifest.json")
+    return root / "manifest.json"

@@ -1,0 +1,201 @@
+"""Prediction of whole cases on their original grid: ``load_model`` + ``predict_case``.
+
+1. load the case through the invertible eval pipeline (RAS, spacing, foreground crop, normalise)
+2. sliding-window inference (``infer_volume``) on the transformed grid
+3. invert every map (probabilities, uncertainty, attention) back onto the input file's grid
+4. threshold the regions and write BraTS labels in the input's convention
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medseg_diff.config import Config, config_from_dict
+from medseg_diff.data.conventions import LabelConvention
+from medseg_diff.data.dataset import CASE_ID
+from medseg_diff.data.transforms import IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
+from medseg_diff.engine.checkpoint import load_checkpoint
+from medseg_diff.engine.distributed import resolve_device
+from medseg_diff.engine.infer import VolumePrediction, infer_volume
+from medseg_diff.engine.tasks import Task, build_task
+from medseg_diff.errors import DataError
+
+
+@dataclass
+class LoadedModel:
+    task: Task
+    net: torch.nn.Module
+    cfg: Config
+    checkpoint: Path
+    run_id: str | None
+    epoch: int
+
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+    @property
+    def needs_prior(self) -> bool:
+        return self.kind == "diffusion" and self.cfg.model.denoiser.prior_source == "external"
+
+
+@dataclass
+class CasePrediction:
+    """Everything on the **original** grid of the case's input files."""
+
+    case_id: str
+    reference: Path  # an input modality file: its grid is the output grid
+    labels: np.ndarray  # [X, Y, Z] uint8, BraTS labels in the input's convention
+    probs: np.ndarray  # [3, X, Y, Z] TC, WT, ET
+    entropy: np.ndarray  # [X, Y, Z] predictive entropy (nats, summed over regions)
+    variance: np.ndarray | None  # [X, Y, Z] ensemble variance (diffusion)
+    attention: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [X, Y, Z], times-uniform units
+    ground_truth: np.ndarray | None = None  # [X, Y, Z] labels, when the case has them
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the original grid, mm
+    seconds: float = 0.0
+    peak_memory_mb: float | None = None
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
+               ensemble: int | None = None, seed: int | None = None) -> LoadedModel:
+    """Rebuild a trained model from its checkpoint (the config inside it), with the inference weights (EMA).
+
+    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config.
+    """
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        raw = ckpt["config"]
+        weights = ckpt["inference_model"]
+    except (KeyError, TypeError):
+        raise DataError(path, "not a medseg-diff checkpoint (no config / weights inside)") from None
+    overrides = {k: v for k, v in (("sample_steps", sample_steps), ("ensemble", ensemble)) if v is not None}
+    if overrides:
+        raw = {**raw, "diffusion": {**raw["diffusion"], **overrides}}
+    if seed is not None:
+        raw = {**raw, "experiment": {**raw["experiment"], "seed": seed}}
+    cfg = config_from_dict(raw, source=path)
+    task = build_task(cfg)
+    task.net.load_state_dict(weights)
+    net = task.net.to(torch.device(device) if isinstance(device, str) else device).eval()
+    return LoadedModel(task, net, cfg, path, ckpt.get("run_id"), int(ckpt.get("epoch", 0)))
+
+
+def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
+                 device: torch.device | None = None) -> CasePrediction:
+    """Predict one case (a record from ``case_record`` / ``files_record``) on its original grid."""
+    cfg = model.cfg
+    device = device or next(model.net.parameters()).device
+    case_id = record.get(CASE_ID, "case")
+    has_prior = PRIOR in record
+    if model.needs_prior and not has_prior:
+        raise DataError(None, "this model uses an external prior (prior_source=external): pass --prior-dir",
+                        case=case_id)
+    # 1. load and transform (label kept only for metrics, on the original grid)
+    transform = eval_transforms(convention, cfg.data.spacing, with_label=False, with_prior=has_prior)
+    check_grid(record, case_id)
+    record_in = {k: v for k, v in record.items() if k != LABEL}
+    try:
+        data = transform(record_in)
+    except Exception as err:  # MONAI wraps reader errors in RuntimeError
+        root = _root_cause(err)
+        if isinstance(root, DataError):
+            raise DataError(root.path, root.problem, case=case_id) from err
+        raise DataError(_first_path(record), f"could not load the case ({type(root).__name__}: {root})",
+                        case=case_id) from err
+    image = data[IMAGE].unsqueeze(0).to(device)
+    prior = data[PRIOR].unsqueeze(0).to(device) if has_prior else None
+    # 2. whole-volume inference on the transformed grid
+    segmenter = model.task.segmenter(model.net, validation=False, seed=cfg.experiment.seed)
+    pred = infer_volume(segmenter, image.as_tensor(), cfg.infer.roi_size or cfg.data.roi_size,
+                        overlap=cfg.infer.overlap, sw_batch_size=cfg.infer.sw_batch_size, mode=cfg.infer.mode,
+                        prior=None if prior is None else prior.as_tensor(), amp=cfg.train.amp)
+    # 3. invert all maps at once onto the input's grid
+    maps, names = _stack_maps(pred)
+    data[PRED] = MetaTensor(maps.cpu(), meta=dict(data[IMAGE].meta), applied_operations=data[IMAGE].applied_operations)
+    original = invert_prediction(data, transform, nearest=False)[PRED].numpy()
+    split = {name: original[i] for i, name in enumerate(names)}
+    probs = np.stack([split.pop(f"prob_{r}") for r in range(3)]).clip(0.0, 1.0)
+    # 4. labels in the input's convention
+    labels = convention.from_regions(probs > cfg.infer.threshold)
+    reference = Path(_first_path(record))
+    truth = _read_truth(record)
+    return CasePrediction(
+        case_id=case_id, reference=reference, labels=labels, probs=probs.astype(np.float32),
+        entropy=split.pop("entropy").astype(np.float32),
+        variance=split.pop("variance").astype(np.float32) if "variance" in split else None,
+        attention={k[len("attn_"):]: np.clip(v, 0, None).astype(np.float32) for k, v in split.items()},
+        ground_truth=truth, spacing=_spacing(reference), seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb,
+    )
+
+
+def _stack_maps(pred: VolumePrediction) -> tuple[torch.Tensor, list[str]]:
+    """All maps as one ``[C, X, Y, Z]`` tensor so that a single inverse resamples them together."""
+    parts, names = [pred.probs, pred.entropy], ["prob_0", "prob_1", "prob_2", "entropy"]
+    if pred.variance is not None:
+        parts.append(pred.variance)
+        names.append("variance")
+    for name, m in pred.attention.items():
+        parts.append(m)
+        names.append(f"attn_{name}")
+    return torch.cat([p.float() for p in parts], dim=0), names
+
+
+def _first_path(record: dict) -> str:
+    image = record[IMAGE]
+    return image[0] if isinstance(image, (list, tuple)) else image
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def check_grid(record: dict, case_id: str) -> None:
+    """Modalities (and label / prior) of a case must share shape and affine; checked from headers only."""
+    from medseg_diff.data.check import AFFINE_ATOL
+    from medseg_diff.data.io import read_image
+
+    images = record[IMAGE] if isinstance(record[IMAGE], (list, tuple)) else [record[IMAGE]]
+    others = [record[k] for k in (LABEL, PRIOR) if k in record]
+    ref = read_image(images[0])
+    for path in list(images[1:]) + others:
+        img = read_image(path)
+        if tuple(img.shape[:3]) != tuple(ref.shape[:3]):
+            raise DataError(path, f"shape {tuple(img.shape[:3])} differs from {tuple(ref.shape[:3])} of {images[0]}",
+                            case=case_id)
+        diff = float(np.max(np.abs(img.affine - ref.affine)))
+        if diff > AFFINE_ATOL:
+            raise DataError(path, f"affine differs from that of {images[0]} by up to {diff:.4g}", case=case_id)
+
+
+def _read_truth(record: dict) -> np.ndarray | None:
+    if LABEL not in record:
+        return None
+    from medseg_diff.data.io import read_array
+
+    label, _ = read_array(record[LABEL])
+    return np.rint(label).astype(np.uint8)
+
+
+def _spacing(path: Path) -> tuple[float, float, float]:
+    from medseg_diff.data.io import read_image
+
+    zooms = read_image(path).header.get_zooms()[:3]
+    return tuple(float(z) for z in zooms)
+
+
+def with_overrides(model: LoadedModel, **infer) -> LoadedModel:
+    """A copy whose ``cfg.infer`` has the given fields replaced (e.g. overlap, sw_batch_size)."""
+    cfg = replace(model.cfg, infer=replace(model.cfg.infer, **infer))
+    return replace(model, cfg=cfg)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    return resolve_device(name)
