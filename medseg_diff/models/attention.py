@@ -122,21 +122,25 @@ class MaskPriorCrossAttention(nn.Module):
         hidden = heads * dim_head
         self.norm = group_norm(dim, norm_groups)
         self.token_norm = nn.LayerNorm(token_dim)
-        self.to_q = nn.Conv1d(dim, hidden, 1, bias=False)
+        self.to_q = nn.Linear(dim, hidden, bias=False)
         self.to_kv = nn.Linear(token_dim, 2 * hidden, bias=False)
-        self.to_out = nn.Conv1d(hidden, dim, 1)
+        self.to_out = nn.Linear(hidden, dim)
 
     def qkv(self, x: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``q [B, h, N, d]`` from voxels; ``k, v [B, h, M, d]`` from tokens."""
-        q = rearrange(self.to_q(_flatten_space(self.norm(x))), "b (h d) n -> b h n d", h=self.heads)
+        """``q [B, h, N, d]`` from voxels; ``k, v [B, h, M, d]`` from tokens.
+
+        Projected position-major so that ``d`` has stride 1, which the fused SDPA kernels require.
+        """
+        q = self.to_q(rearrange(self.norm(x), "b c ... -> b (...) c"))
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
         kv = self.to_kv(self.token_norm(tokens))
         k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
         return q, k, v
 
     def _merge(self, x: Tensor, out: Tensor) -> Tensor:
         """``x + to_out(out)`` with ``out [B, h, N, d]`` -> ``x.shape``."""
-        out = self.to_out(rearrange(out, "b h n d -> b (h d) n"))
-        return x + out.reshape(x.shape)
+        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return x + rearrange(out, "b n c -> b c n").reshape(x.shape)
 
     def attention_weights(self, x: Tensor, tokens: Tensor) -> Tensor:
         """Explicit weights ``[B, h, N, M]`` (each query's weights over tokens sum to 1). For small inputs."""

@@ -37,7 +37,9 @@ class _Stage(nn.Module):
         super().__init__()
         before, after = blocks
         widths = [in_ch] + [out_ch] * (before + after)
-        res = [ResBlock3d(widths[j], widths[j + 1], time_dim, opts["norm_groups"], opts["dropout"]) for j in range(before + after)]
+        res = [
+            ResBlock3d(a, b, time_dim, opts["norm_groups"], opts["dropout"]) for a, b in zip(widths[:-1], widths[1:])
+        ]
         self.before, self.after = nn.ModuleList(res[:before]), nn.ModuleList(res[before:])
         self.level = level
         attn = dict(heads=opts["heads"], dim_head=opts["dim_head"], norm_groups=opts["norm_groups"])
@@ -138,7 +140,9 @@ class DiffusionSegUNet(nn.Module):
         self.mid = _Stage(channels[-1], channels[-1], (1, 1), time_dim, n - 1, opts)
         self.up = nn.ModuleList(_Stage(2 * c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
         self.upsample = nn.ModuleList(Upsample3d(b, a) for a, b in zip(channels[:-1], channels[1:]))
-        self.head = nn.Sequential(group_norm(channels[0], norm_groups), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1))
+        self.head = nn.Sequential(
+            group_norm(channels[0], norm_groups), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1)
+        )
 
     @property
     def stride(self) -> int:

@@ -11,7 +11,7 @@ HEADS, DIM_HEAD, DIM = 2, 4, 8
 
 
 def explicit_linear_attention(attn: LinearAttention3d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's output and its N x N matrices ``A [B, h, N, N]``, built explicitly: ``A = softmax_d(q) softmax_N(k)^T``."""
+    """The layer's output and its N x N matrices ``A = softmax_d(q) softmax_N(k)^T`` ``[B, h, N, N]``."""
     b, c = x.shape[:2]
     qkv = attn.to_qkv(attn.norm(x).reshape(b, c, -1))  # [B, 3*h*d, N]
     q, k, v = (t.reshape(b, HEADS, DIM_HEAD, -1).transpose(-1, -2) for t in qkv.chunk(3, dim=1))  # [B, h, N, d]

@@ -117,7 +117,8 @@ def test_encode_once_and_repeat_equals_members_alone(prior_source):
         for j in range(2 * members):
             b = j // members
             one = model.encode(image[b : b + 1], None if prior is None else prior[b : b + 1])
-            torch.testing.assert_close(batched[j : j + 1], model(x_t[j : j + 1], t[j : j + 1], one), atol=1e-5, rtol=1e-4)
+            alone = model(x_t[j : j + 1], t[j : j + 1], one)
+            torch.testing.assert_close(batched[j : j + 1], alone, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("size", [(7, 9, 5), (2, 2, 3), (16, 16, 16)], ids=["shrink", "grow", "same-as-image"])
