@@ -22,7 +22,7 @@ from medseg_diff.tracking import resolve_uri
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 
 
-def run_demo(out: str | Path = "demo_out", cases: int = 16, spacing: float = 3.0, seed: int = 0,
+def run_demo(out: str | Path = "demo_out", cases: int = 20, spacing: float = 3.0, seed: int = 0,
              config: str | Path = DEMO_CONFIG, overrides: list[str] | None = None, export_cases: int = 2,
              tracking_uri: str | None = None) -> dict:
     """Run the demo into ``out``; returns paths and figures for the caller to print."""
@@ -34,7 +34,7 @@ def run_demo(out: str | Path = "demo_out", cases: int = 16, spacing: float = 3.0
     if not (data / "manifest.json").exists():
         synthesize(data, cases=cases, spacing=spacing, seed=seed, layout="brats2021", workers=2, progress=True)
         manifest = build_manifest(data, name="synthetic-brats", convention="brats2021", folds=5,
-                                  test_fraction=0.25, seed=seed)
+                                  test_fraction=0.3, seed=seed)
         write_manifest(manifest, data / "manifest.json")
     timings["synthesis_s"] = time.perf_counter() - start
     # 2. train both models with the same budget

@@ -11,7 +11,7 @@ from medseg_diff.errors import MedsegError
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--cases", type=int, default=16)
+    p.add_argument("--cases", type=int, default=20)
     p.add_argument("--spacing", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -8,7 +8,9 @@ channels so that it is windowed together with the image.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,7 +32,7 @@ class VolumePrediction:
     variance: Tensor | None = None  # [1, X, Y, Z] ensemble member variance (diffusion only)
     attention: dict[str, Tensor] = field(default_factory=dict)  # name -> [1, X, Y, Z], times-uniform units
     seconds: float = 0.0
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak process RSS during inference
 
 
 class Segmenter(Protocol):
@@ -57,20 +59,26 @@ class UNetSegmenter:
 
 
 class DiffusionSegmenter:
-    """DDIM ensemble per window; the encoder runs once per window (inside the sampler)."""
+    """DDIM ensemble per window; the encoder runs once per window (inside the sampler).
+
+    Attention maps: the aggregates ``self`` (linear self-attention, mean over levels) and ``cross``
+    (mask-prior cross-attention); ``attention_levels=True`` also keeps the per-level maps (``self_l1``, ...).
+    """
 
     def __init__(self, net: nn.Module, sampler: DDIMSampler, name: str = "diffusion", external_prior: bool = False,
-                 attention: bool = True):
+                 attention: bool = True, attention_levels: bool = False):
         self.net, self.sampler, self.name = net, sampler, name
         self.has_prior_input = external_prior
         self.attention = attention
+        self.attention_levels = attention_levels
 
     @torch.no_grad()
     def __call__(self, windows: Tensor) -> dict[str, Tensor]:
         image, prior = (windows[:, :4], windows[:, 4:7]) if self.has_prior_input else (windows, None)
         out = self.sampler.sample(self.net, image, external_prior=prior, attention=self.attention)
         maps = {PROBS: out.probs, ENTROPY: out.entropy, VARIANCE: out.variance}
-        maps.update({ATTENTION_PREFIX + k: v for k, v in out.attention.items()})
+        maps.update({ATTENTION_PREFIX + k: v for k, v in out.attention.items()
+                     if self.attention_levels or "_l" not in k})
         return maps
 
 
@@ -96,9 +104,10 @@ def infer_volume(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
+    monitor = RssMonitor() if device.type == "cpu" else contextlib.nullcontext()
     start = time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp else contextlib.nullcontext()
-    with autocast:
+    with autocast, monitor:
         maps = sliding_window_inference(
             inputs, roi_size=roi_size, sw_batch_size=sw_batch_size, predictor=segmenter, overlap=overlap, mode=mode,
         )
@@ -112,12 +121,37 @@ def infer_volume(
         variance=maps.get(VARIANCE),
         attention={k[len(ATTENTION_PREFIX):]: v for k, v in maps.items() if k.startswith(ATTENTION_PREFIX)},
         seconds=seconds,
-        peak_memory_mb=peak_memory_mb(device),
+        peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else monitor.peak_mb,
     )
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated since the last reset (CUDA), else the process's peak resident set (CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class RssMonitor:
+    """Peak resident memory of this process while the block runs (CPU inference), sampled every 5 ms from
+    /proc/self/statm; where that file does not exist, the process's lifetime peak (``ru_maxrss``)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_mb = interval, float("nan")
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __enter__(self) -> "RssMonitor":
+        self.peak_mb = self.rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.rss_mb())
