@@ -177,6 +177,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(raw: dict[str, Any], source: str | Path | None = None) -> Config:
+    if isinstance(raw, dict) and isinstance(raw.get("tracking"), bool):  # `tracking: false` shorthand
+        raw = {**raw, "tracking": {"enabled": raw["tracking"]}}
     cfg = _build(Config, raw, "", source)
     _check_semantics(cfg, source)
     return cfg

@@ -57,3 +57,8 @@ def test_circular_extends(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="circular"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_tracking_false_shorthand():
+    assert config_from_dict({"tracking": False}).tracking.enabled is False
+    assert config_from_dict({"tracking": {"enabled": True}}).tracking.enabled is True

@@ -30,7 +30,7 @@ from medseg_diff.data.transforms import IMAGE, LABEL
 from medseg_diff.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg_diff.engine.distributed import DistInfo, barrier, mean_across
 from medseg_diff.engine.infer import infer_volume
-from medseg_diff.engine.tasks import Task
+from medseg_diff.engine.tasks import Task, simulated_prior
 from medseg_diff.errors import TrainingError
 
 LAST, BEST = "last.pt", "best.pt"
@@ -228,11 +228,16 @@ class Trainer:
         segmenter = self.task.segmenter(net, validation=True, seed=self.cfg.experiment.seed)
         roi = self.cfg.infer.roi_size or self.cfg.data.roi_size
         dice: dict[str, list[float]] = {r: [] for r in REGIONS}
+        prior_generator = torch.Generator(device=self.device)
         for item in self.val_data:
-            image = item[IMAGE].unsqueeze(0).to(self.device)
-            pred = infer_volume(segmenter, image.as_tensor() if hasattr(image, "as_tensor") else image, roi,
-                                overlap=self.cfg.infer.overlap, sw_batch_size=self.cfg.infer.sw_batch_size,
-                                mode=self.cfg.infer.mode, amp=self.cfg.train.amp)
+            image = torch.as_tensor(item[IMAGE]).unsqueeze(0).to(self.device)
+            prior = None
+            if segmenter.has_prior_input:  # prior_source=external: validate with the simulated outline
+                regions = torch.as_tensor(item[LABEL]).unsqueeze(0).to(self.device)
+                prior = simulated_prior(regions, prior_generator.manual_seed(self.cfg.experiment.seed))
+            pred = infer_volume(segmenter, image, roi, overlap=self.cfg.infer.overlap, prior=prior,
+                                sw_batch_size=self.cfg.infer.sw_batch_size, mode=self.cfg.infer.mode,
+                                amp=self.cfg.train.amp)
             mask = (pred.probs > self.cfg.infer.threshold).cpu().numpy()
             gt = np.asarray(item[LABEL]) > 0.5
             for r, name in enumerate(REGIONS):
