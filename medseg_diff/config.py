@@ -59,7 +59,7 @@ class DenoiserConfig:
 
     channels: tuple[int, ...] = (32, 64, 128, 256)
     res_blocks: int = 1
-    linear_attention_levels: tuple[int, ...] = (0, 1, 2)
+    linear_attention_levels: tuple[int, ...] = (1, 2)
     cross_attention_levels: tuple[int, ...] = (3,)
     heads: int = 4
     dim_head: int = 32

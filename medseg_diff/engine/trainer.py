@@ -54,14 +54,19 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def ema_avg_fn(decay: float) -> Callable:
-    """EMA with warm-up: the decay ramps as min(decay, (1+n)/(10+n)) over the first updates."""
+def ema_multi_avg_fn(decay: float) -> Callable:
+    """EMA with warm-up for ``AveragedModel(multi_avg_fn=...)``: the decay ramps as min(decay, (1+n)/(10+n)).
 
-    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
-        return d * averaged + (1.0 - d) * current
+    Called once per update with all parameters, so the step count is read once (one host sync on CUDA,
+    not one per parameter) and the update is a single fused ``_foreach_lerp_``.
+    """
 
-    return avg
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -101,7 +106,8 @@ class Trainer:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.train.warmup_epochs * self.steps_per_epoch, total))
         use_ema = task.uses_ema and cfg.train.ema_decay > 0
-        self.ema = AveragedModel(self.net, avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True) if use_ema else None
+        self.ema = (AveragedModel(self.net, multi_avg_fn=ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+                    if use_ema else None)
         self.noise_generator = torch.Generator(device=device)
         self.amp = cfg.train.amp and device.type == "cuda"
 
