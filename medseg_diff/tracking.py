@@ -151,7 +151,12 @@ def start_tracker(enabled: bool, uri: str | None, experiment: str, run_name: str
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """The current git commit (``+dirty`` when the tree has changes), or 'unknown' outside git."""
+    """The git commit of the code that runs (``+dirty`` when its tree has changes), or 'unknown' outside git.
+
+    Asked in the package's own folder unless ``cwd`` is given: the working directory (often a data or
+    run folder) says nothing about the code.
+    """
+    cwd = Path(__file__).resolve().parent if cwd is None else cwd
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()

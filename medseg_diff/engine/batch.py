@@ -10,7 +10,7 @@ from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record, files_record
 from medseg_diff.data.discovery import discover
 from medseg_diff.data.manifest import load_manifest
-from medseg_diff.engine.predict_api import load_model, pick_device, predict_case
+from medseg_diff.engine.predict_api import LoadedModel, load_model, pick_device, predict_case
 from medseg_diff.engine.predictions import read_prediction, write_prediction
 from medseg_diff.errors import DataError, MedsegError
 
@@ -37,8 +37,9 @@ def input_records(source: str | Path, subset: str = "all", root: str | Path | No
     conv, cases = discover(source, convention)
     records = []
     for case in cases:
-        if case.missing:
-            records.append({"case_id": case.case_id, "missing": case.missing, "folder": str(source)})
+        if case.missing:  # reported by name when its turn comes (predict_cases), not silently dropped
+            folder = next(iter(case.images.values())).parent if case.images else source
+            records.append({"case_id": case.case_id, "missing": case.missing, "folder": str(folder)})
         else:
             records.append(files_record(case))
     return conv, records
@@ -51,6 +52,7 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
     """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``engine.predictions``)."""
     dev = pick_device(device)
     model = load_model(checkpoint, dev, sample_steps, ensemble, seed)
+    _check_prior_use(model, prior_dir)  # a model-wide mistake: fail once, before any case
     conv, records = input_records(source, subset, root, convention)
     report = BatchReport()
     for record in records:
@@ -69,6 +71,17 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
             report.failed[case] = str(err)
             print(f"FAIL {case}: {err}", flush=True)
     return report
+
+
+def _check_prior_use(model: LoadedModel, prior_dir: str | Path | None) -> None:
+    """``--prior-dir`` is required by, and only by, a model trained with ``prior_source=external``."""
+    source = model.cfg.model.denoiser.prior_source if model.kind == "diffusion" else "none (a U-Net)"
+    if model.needs_prior and prior_dir is None:
+        raise DataError(model.checkpoint, "this model was trained with prior_source=external and needs a mask "
+                                          "prior per case: pass --prior-dir (e.g. the baseline's prediction folders)")
+    if prior_dir is not None and not model.needs_prior:
+        raise DataError(prior_dir, f"--prior-dir given, but the model {model.checkpoint} takes no external prior "
+                                   f"(prior_source: {source}); predict without --prior-dir")
 
 
 def _prior_file(prior_dir: Path, case: str) -> Path:

@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg_diff.config import Config, config_from_dict
-from medseg_diff.data.conventions import LabelConvention
+from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention
 from medseg_diff.data.dataset import CASE_ID
 from medseg_diff.data.transforms import IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
 from medseg_diff.engine.checkpoint import load_checkpoint
@@ -96,6 +96,9 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
     if model.needs_prior and not has_prior:
         raise DataError(None, "this model uses an external prior (prior_source=external): pass --prior-dir",
                         case=case_id)
+    if has_prior and not model.needs_prior:  # the prior would reach the network as 3 extra input channels
+        raise DataError(record[PRIOR], f"this {model.kind} model takes no external prior; predict without one",
+                        case=case_id)
     # 1. load and transform (label kept only for metrics, on the original grid)
     transform = eval_transforms(convention, cfg.data.spacing, with_label=False, with_prior=has_prior)
     check_grid(record, case_id)
@@ -106,8 +109,8 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
         root = _root_cause(err)
         if isinstance(root, DataError):
             raise DataError(root.path, root.problem, case=case_id) from err
-        raise DataError(_first_path(record), f"could not load the case ({type(root).__name__}: {root})",
-                        case=case_id) from err
+        raise _unreadable_input(record, root, case_id) from err
+    check_values(data, record, case_id)
     image = data[IMAGE].unsqueeze(0).to(device)
     prior = data[PRIOR].unsqueeze(0).to(device) if has_prior else None
     # 2. whole-volume inference on the transformed grid
@@ -173,6 +176,60 @@ def check_grid(record: dict, case_id: str) -> None:
         diff = float(np.max(np.abs(img.affine - ref.affine)))
         if diff > AFFINE_ATOL:
             raise DataError(path, f"affine differs from that of {images[0]} by up to {diff:.4g}", case=case_id)
+
+
+def _input_files(record: dict) -> list[str]:
+    images = record[IMAGE] if isinstance(record[IMAGE], (list, tuple)) else [record[IMAGE]]
+    return [str(p) for p in images] + ([str(record[PRIOR])] if PRIOR in record else [])
+
+
+def _unreadable_input(record: dict, root: BaseException, case_id: str) -> DataError:
+    """The error for a case MONAI could not load, naming the file at fault (found by decoding each input
+    in turn; only on this error path): the loader's own exception does not say which file it was."""
+    from medseg_diff.data.io import read_array
+
+    for path in _input_files(record):
+        try:
+            read_array(path)
+        except DataError as err:
+            return DataError(err.path, err.problem, case=case_id)
+    return DataError(_first_path(record), f"could not load the case ({type(root).__name__}: {root})", case=case_id)
+
+
+def check_values(data: dict, record: dict, case_id: str) -> None:
+    """Reject NaN/Inf in any modality or prior, and an empty (all-zero) modality, before inference.
+
+    Checked on the transformed tensors, so no file is read twice: channel-wise normalisation spreads a
+    single NaN/Inf over its whole channel and leaves an empty modality all zero. Only when a channel fails
+    is its file decoded again, to name it and say exactly what is wrong.
+    """
+    image = torch.as_tensor(data[IMAGE]).flatten(1)  # [4, N]
+    bad = ~torch.isfinite(image).all(dim=1) | ~image.any(dim=1)
+    for c in torch.nonzero(bad).flatten().tolist():
+        images = record[IMAGE]
+        if isinstance(images, (list, tuple)):
+            path, channel, what = images[c], None, f"{MODALITIES[c]} image"
+        else:  # MSD: one 4D file
+            path, channel = images, MSD_CHANNEL_ORDER.index(MODALITIES[c])
+            what = f"{MODALITIES[c]} channel (volume {channel} of the 4D image)"
+        raise DataError(path, f"{what} {_value_problem(path, channel)}", case=case_id)
+    if PRIOR in data and not bool(torch.isfinite(torch.as_tensor(data[PRIOR])).all()):
+        raise DataError(record[PRIOR], f"external prior {_value_problem(record[PRIOR], None)}", case=case_id)
+
+
+def _value_problem(path: str | Path, channel: int | None) -> str:
+    """What is wrong with the values of ``path`` (volume ``channel`` of a 4D file): NaN/Inf counts or empty."""
+    from medseg_diff.data.io import read_array
+
+    array, _ = read_array(path)
+    if channel is not None:
+        array = array[..., channel]
+    n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    if n_nan or n_inf:
+        return f"contains NaN/Inf ({n_nan} NaN and {n_inf} Inf voxels of {array.size})"
+    if not np.any(array):
+        return "is empty (all zero)"
+    return "is empty inside the head (no non-zero voxel left after preprocessing)"
 
 
 def _read_truth(record: dict) -> np.ndarray | None:

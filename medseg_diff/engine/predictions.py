@@ -50,12 +50,13 @@ def overlay_of(pred: CasePrediction, record: dict, conv: LabelConvention, model_
 def write_prediction(pred: CasePrediction, folder: Path, model_name: str, model, conv: LabelConvention,
                      record: dict) -> Path:
     """Write a prediction folder (NIfTI volumes + ``prediction.json``); returns the folder."""
-    export_volumes(overlay_of(pred, record, conv, model_name, model.run_id), folder)
+    written = export_volumes(overlay_of(pred, record, conv, model_name, model.run_id), folder)
     meta = {
         "case_id": pred.case_id, "model": model_name, "model_kind": model.kind, "run_id": model.run_id,
         "checkpoint": str(model.checkpoint), "convention": conv.name, "reference": str(pred.reference),
         "inputs": record, "seconds": pred.seconds,
         "peak_memory_mb": pred.peak_memory_mb, "spacing_mm": list(pred.spacing),
+        "attention": sorted(written["attention"]),  # this model's maps: others in the folder may be stale
     }
     tmp = folder / f".{META}.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -80,8 +81,11 @@ def read_prediction(folder: Path) -> tuple[CaseOverlay, dict]:
     probs_path = folder / f"{case}_probabilities.nii.gz"
     probs = np.moveaxis(read_array(probs_path)[0], -1, 0) if probs_path.exists() else None
     unc_path = folder / f"{case}_uncertainty.nii.gz"
-    attention = {p.name[len(case) + len("_attention_"):-len(".nii.gz")]: read_array(p)[0]
-                 for p in sorted(folder.glob(f"{case}_attention_*.nii.gz"))}
+    names = meta.get("attention")  # absent in folders written before it was recorded: take every map there
+    if names is None:
+        names = [p.name[len(case) + len("_attention_"):-len(".nii.gz")]
+                 for p in sorted(folder.glob(f"{case}_attention_*.nii.gz"))]
+    attention = {name: read_array(folder / f"{case}_attention_{name}.nii.gz")[0] for name in names}
     truth = np.rint(read_array(record[LABEL])[0]).astype(np.uint8) if record.get(LABEL) else None
     dice = dice_scores(labels, truth, conv) if truth is not None else None
     overlay = CaseOverlay(
