@@ -162,6 +162,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the training config's)")
     p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases")
     p.add_argument("--continue-on-error", action="store_true")
+    p.add_argument("--prior-dir", type=Path, default=None,
+                   help="external mask priors for models trained with prior_source=external")
     p.add_argument("--no-tracking", action="store_true")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the data set's name)")
@@ -179,7 +181,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.manifest, dict(args.models), args.out, subset=args.subset, fold=args.fold,
                       root=args.root, device=args.device, sample_steps=args.steps, ensemble=args.ensemble,
                       export_cases=args.export_cases, continue_on_error=args.continue_on_error,
-                      tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
+                      prior_dir=args.prior_dir, tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
     print(report.summary_markdown)
     for path in report.overlays:
         print(f"overlay report: {path}")

@@ -57,8 +57,10 @@ class LabelsToRegionsd(MapTransform):
 
     Array maths lives in ``LabelConvention.to_regions``; this wrapper loops over keys and keeps the
     MetaTensor's metadata. Inputs that already have 3 channels are taken as region probabilities.
-    For ``outline_keys`` (an external prior), a 1-channel map with values in [0, 1] is a rough tumour
-    outline and becomes the WT channel (TC and ET zero); one with larger values is a BraTS label map.
+    For ``outline_keys`` (an external prior), a 1-channel map is a BraTS label map when its file is a
+    segmentation (``*_seg.nii.gz`` / ``*-seg.nii.gz``, e.g. a prediction folder of the baseline) or when it
+    holds values above 1; otherwise (values in [0, 1]) it is a rough tumour outline and becomes the WT
+    channel, TC and ET zero.
     """
 
     def __init__(self, keys, convention: LabelConvention, outline_keys=(), allow_missing_keys: bool = False):
@@ -75,13 +77,20 @@ class LabelsToRegionsd(MapTransform):
             if x.shape[0] != 1:
                 raise ValueError(f"'{key}' must have 1 channel (labels) or 3 (TC, WT, ET), got {x.shape[0]}")
             arr = np.asarray(x[0], dtype=np.float32)
-            if key in self.outline_keys and float(arr.max(initial=0.0)) <= 1.0:
+            if key in self.outline_keys and not _is_segmentation_file(x) and float(arr.max(initial=0.0)) <= 1.0:
                 zeros = np.zeros_like(arr)
                 regions = np.stack([zeros, np.clip(arr, 0.0, 1.0), zeros])
             else:
                 regions = self.convention.to_regions(np.rint(arr).astype(np.int64)).astype(np.float32)
             d[key] = _with_meta(torch.as_tensor(regions), x) if hasattr(x, "meta") else torch.as_tensor(regions)
         return d
+
+
+def _is_segmentation_file(x) -> bool:
+    """True when the MetaTensor was loaded from a BraTS-style segmentation file (``*_seg`` / ``*-seg``)."""
+    name = str(getattr(x, "meta", {}).get("filename_or_obj", "")).lower()
+    stem = name.split("/")[-1].removesuffix(".gz").removesuffix(".nii")
+    return stem.endswith(("_seg", "-seg"))
 
 
 def _with_meta(tensor: torch.Tensor, like) -> torch.Tensor:

@@ -11,7 +11,7 @@ from medseg_diff.data.dataset import case_record, files_record
 from medseg_diff.data.discovery import discover
 from medseg_diff.data.manifest import load_manifest
 from medseg_diff.engine.predict_api import LoadedModel, load_model, pick_device, predict_case
-from medseg_diff.engine.predictions import read_prediction, write_prediction
+from medseg_diff.engine.predictions import prior_file, read_prediction, write_prediction
 from medseg_diff.errors import DataError, MedsegError
 
 
@@ -61,7 +61,7 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
             if "missing" in record:
                 raise DataError(record["folder"], f"missing modality {', '.join(record['missing'])}", case=case)
             if prior_dir is not None:
-                record = record | {"prior": str(_prior_file(Path(prior_dir), case))}
+                record = record | {"prior": str(prior_file(Path(prior_dir), case))}
             pred = predict_case(model, record, conv, dev)
             report.written.append(write_prediction(pred, Path(out_dir) / case, model.kind, model, conv, record))
             print(f"ok   {case}  ({pred.seconds:.1f} s)", flush=True)
@@ -82,16 +82,6 @@ def _check_prior_use(model: LoadedModel, prior_dir: str | Path | None) -> None:
     if prior_dir is not None and not model.needs_prior:
         raise DataError(prior_dir, f"--prior-dir given, but the model {model.checkpoint} takes no external prior "
                                    f"(prior_source: {source}); predict without --prior-dir")
-
-
-def _prior_file(prior_dir: Path, case: str) -> Path:
-    """The external prior of ``case``: ``DIR/CASE/CASE_seg.nii.gz`` (a prediction folder) or ``DIR/CASE*.nii.gz``."""
-    for candidate in (prior_dir / case / f"{case}_seg.nii.gz", prior_dir / f"{case}_seg.nii.gz",
-                      prior_dir / f"{case}.nii.gz"):
-        if candidate.exists():
-            return candidate
-    raise DataError(prior_dir, f"no prior for this case (looked for {case}/{case}_seg.nii.gz, {case}_seg.nii.gz, "
-                               f"{case}.nii.gz)", case=case)
 
 
 def export_predictions(pred_dirs: list[Path], out_dir: str | Path, continue_on_error: bool = False) -> BatchReport:

@@ -26,7 +26,7 @@ from medseg_diff.engine.metrics import (
     reliability_bins, uncertainty_auroc,
 )
 from medseg_diff.engine.predict_api import CasePrediction, LoadedModel, load_model, pick_device, predict_case
-from medseg_diff.engine.predictions import overlay_of, write_prediction
+from medseg_diff.engine.predictions import overlay_of, prior_file, write_prediction
 from medseg_diff.engine.report_tables import (
     box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv,
 )
@@ -67,6 +67,7 @@ def evaluate(
     ensemble: int | None = None,
     export_cases: int = 2,
     continue_on_error: bool = False,
+    prior_dir: str | Path | None = None,
     tracking: bool = True,
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -80,6 +81,10 @@ def evaluate(
     cases = select_cases(manifest, subset, fold)
     dev = pick_device(device)
     models = {name: load_model(path, dev, sample_steps, ensemble) for name, path in checkpoints.items()}
+    for name, model in models.items():
+        if model.needs_prior and prior_dir is None:
+            raise DataError(model.checkpoint, f"model '{name}' uses an external prior (prior_source=external): "
+                                              "pass --prior-dir (e.g. the baseline's prediction folders)")
     # 2. predict and measure
     results, uncertainty, failed, overlays = [], {}, {}, []
     bins: dict[str, list[ReliabilityBins]] = {name: [] for name in models}
@@ -87,6 +92,8 @@ def evaluate(
         for i, case in enumerate(cases):
             record = case_record(manifest, case)
             try:
+                if model.needs_prior:
+                    record = record | {"prior": str(prior_file(Path(prior_dir), case.id))}
                 pred = predict_case(model, record, conv, dev)
             except MedsegError as err:
                 if not continue_on_error:

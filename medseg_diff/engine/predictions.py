@@ -94,3 +94,13 @@ def read_prediction(folder: Path) -> tuple[CaseOverlay, dict]:
         attention=attention, model_name=meta["model"], run_id=meta.get("run_id"), ground_truth=truth, dice=dice,
     )
     return overlay, meta
+
+
+def prior_file(prior_dir: Path, case: str) -> Path:
+    """The external prior of ``case``: ``DIR/CASE/CASE_seg.nii.gz`` (a prediction folder) or ``DIR/CASE*.nii.gz``."""
+    for candidate in (prior_dir / case / f"{case}_seg.nii.gz", prior_dir / f"{case}_seg.nii.gz",
+                      prior_dir / f"{case}.nii.gz"):
+        if candidate.exists():
+            return candidate
+    raise DataError(prior_dir, f"no prior for this case (looked for {case}/{case}_seg.nii.gz, {case}_seg.nii.gz, "
+                               f"{case}.nii.gz)", case=case)

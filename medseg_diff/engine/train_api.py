@@ -43,9 +43,9 @@ class MlflowHook:
         }
         self.tracker = start_tracker(t.enabled, t.uri, t.experiment or self.dataset, run_name=name,
                                      run_id=trainer.state.run_id, tags=tags)
-        if trainer.state.run_id is None:
+        if self.tracker.run_id != trainer.state.run_id:  # a new run (also when the saved one is gone)
             self.tracker.log_params(self.cfg.flat() | {"parameters": sum(p.numel() for p in trainer.net.parameters())})
-        else:
+        if trainer.state.epoch:
             self.tracker.set_tags({"resumed_at_epoch": str(trainer.state.epoch)})
         trainer.state.run_id = self.tracker.run_id
 

@@ -35,7 +35,7 @@ from medseg_diff.export.types import (
     label_entries,
 )
 
-_GZIP_LEVEL = 4
+_GZIP_LEVEL = 1  # a smooth float32 map at 240x240x155: level 1 0.65 s, level 4 1.23 s, size within 1%
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,16 @@ def test_inverse_on_real_cases_is_exact(real_data, case_id):
     assert tuple(inv.shape[1:]) == ref.shape
     np.testing.assert_allclose(inv.affine.numpy(), ref.affine, atol=1e-5)
     np.testing.assert_array_equal(inv.numpy() > 0.5, truth)
+
+
+def test_external_prior_seg_file_is_a_label_map_even_if_only_label_1(tmp_path):
+    """A baseline prediction with only necrotic core (max label 1) is labels, not an outline."""
+    write_case(tmp_path, "BraTS2021_00000", BRATS2021)
+    conv, cases = discover(tmp_path)
+    core = (np.asarray(nib.load(str(cases[0].label)).dataobj) == conv.core).astype(np.uint8)
+    prior_path = tmp_path / "pred" / "BraTS2021_00000_seg.nii.gz"
+    prior_path.parent.mkdir()
+    nib.save(nib.Nifti1Image(core, LPS_AFFINE), str(prior_path))
+    data = eval_transforms(conv, None, with_prior=True, crop_foreground=False)(_record(cases[0]) | {PRIOR: str(prior_path)})
+    tc, wt, et = data[PRIOR].numpy()
+    assert tc.sum() == core.sum() > 0 and np.array_equal(tc, wt) and et.sum() == 0
