@@ -52,6 +52,13 @@ def prior_loss(prior_logits: Tensor, regions: Tensor) -> tuple[Tensor, float]:
     return loss, float(loss.detach())
 
 
+def bce_of_probabilities(probs: Tensor, target: Tensor) -> Tensor:
+    """BCE of probabilities (not logits), in float32 with autocast off: ``F.binary_cross_entropy`` raises
+    "unsafe to autocast" inside a CUDA autocast region, where the trainer computes the loss."""
+    with torch.autocast(probs.device.type, enabled=False):
+        return F.binary_cross_entropy(probs.float().clamp(1e-6, 1 - 1e-6), target.float())
+
+
 class DiffusionLoss:
     """One training step's loss for ``DiffusionSegUNet`` with a MONAI scheduler."""
 
@@ -80,8 +87,9 @@ class DiffusionLoss:
         else:
             probs = (x0_from_output(self.scheduler, output, x_t, t) + 1.0) / 2.0
             dice = _DICE_PROBS(probs, regions)
-            bce = F.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), regions)
-            seg, seg_parts = w.dice * dice + w.bce * bce, {"dice_loss": float(dice), "bce": float(bce)}
+            bce = bce_of_probabilities(probs, regions)
+            seg = w.dice * dice + w.bce * bce
+            seg_parts = {"dice_loss": float(dice.detach()), "bce": float(bce.detach())}
             mse = F.mse_loss(output, training_target(self.scheduler, x0, noise, t))
         parts.update(seg_parts)
         parts["mse"] = float(mse.detach())

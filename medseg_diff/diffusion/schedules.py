@@ -26,7 +26,10 @@ def build_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", predic
 
 
 def set_trailing_timesteps(scheduler: DDIMScheduler, steps: int, device: torch.device | str | None = None) -> Tensor:
-    """K uniformly spaced timesteps ending the chain: T-1, T-1-T/K, ..., T/K-1.
+    """K timesteps spaced by the stride s = T // K that ``DDIMScheduler.step`` moves by: K·s-1, ..., 2s-1, s-1.
+
+    The first is T-1 whenever K divides T (else the T mod K leftover steps are dropped at the noisy end); the
+    last step lands on t < 0, where MONAI's ᾱ_prev is 1, i.e. on the clean mask.
 
     MONAI's ``DDIMScheduler.step`` moves from t to t - T//K, while its ``set_timesteps`` spaces steps by
     linspace (999, 888, ...); with the uniform "trailing" spacing (Lin et al., WACV 2024, Table 2) the two
