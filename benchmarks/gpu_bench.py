@@ -303,18 +303,11 @@ def guarded(report: Report, item: str, name: str, dev: torch.device, **row_kw) -
 # --- 1. training step -------------------------------------------------------------------------------------
 
 
-def _ema_avg_fn(decay: float) -> tuple[Callable, str]:
-    """The trainer's EMA averaging function (imported, so that the step is the trainer's own)."""
-    try:
-        from medseg_diff.engine.trainer import ema_avg_fn
+def _ema_multi_avg_fn(decay: float) -> Callable:
+    """The trainer's EMA update (imported, so that the step is the trainer's own)."""
+    from medseg_diff.engine.trainer import ema_multi_avg_fn
 
-        return ema_avg_fn(decay), "trainer.ema_avg_fn"
-    except Exception as err:  # the trainer pulls in the data pipeline; keep the benchmark running without it
-        def avg(averaged, current, num_averaged):
-            d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
-            return d * averaged + (1.0 - d) * current
-
-        return avg, f"copy of trainer.ema_avg_fn (import failed: {type(err).__name__})"
+    return ema_multi_avg_fn(decay)
 
 
 def random_batch(batch: int, side: int, dev: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,8 +331,8 @@ def measure_train(cfg: Config, dev: torch.device, sizes: Sizes, ema: bool, label
     if ema and task.uses_ema and cfg.train.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel
 
-        avg, ema_note = _ema_avg_fn(cfg.train.ema_decay)
-        ema_model = AveragedModel(net, avg_fn=avg, use_buffers=True)
+        ema_note = "trainer.ema_multi_avg_fn"
+        ema_model = AveragedModel(net, multi_avg_fn=_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
     amp = cfg.train.amp and dev.type == "cuda"
     generator = torch.Generator(device=dev).manual_seed(0)
     image, regions = random_batch(sizes.batch, sizes.crop, dev)
