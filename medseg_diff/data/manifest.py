@@ -184,7 +184,7 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
         "cases": [asdict(c) for c in manifest.cases],
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -193,7 +193,7 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     """Read and validate a manifest JSON. ``root`` overrides the stored data root."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(path, "manifest not found") from None
     except (OSError, json.JSONDecodeError) as err:

@@ -168,8 +168,8 @@ def _write_artifacts(out: Path, rows: list[dict], models: list[str], bins, n_boo
                   f"## {a} vs {b}: HD95 (mm)", "", comparison_table(comp_hd, a, b, "hd95_mm"), ""]
     parts += ["## Uncertainty and cost", "", _cost_table(rows, models, bins), ""]
     markdown = "\n".join(parts)
-    (out / "summary.md").write_text(markdown)
-    (out / "comparison.json").write_text(json.dumps(comparisons, indent=2, default=float))
+    (out / "summary.md").write_text(markdown, encoding="utf-8")
+    (out / "comparison.json").write_text(json.dumps(comparisons, indent=2, default=float), encoding="utf-8")
     box_plots(rows, out / "box_dice.png", metric="dice")
     box_plots(rows, out / "box_hd95.png", metric="hd95_mm")
     pooled = {m: pooled_bins(b) for m, b in bins.items() if b}

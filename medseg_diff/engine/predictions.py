@@ -59,7 +59,7 @@ def write_prediction(pred: CasePrediction, folder: Path, model_name: str, model,
         "attention": sorted(written["attention"]),  # this model's maps: others in the folder may be stale
     }
     tmp = folder / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, folder / META)
     return folder
 
@@ -68,7 +68,7 @@ def read_prediction(folder: Path) -> tuple[CaseOverlay, dict]:
     """Rebuild a ``CaseOverlay`` from a prediction folder written by ``write_prediction``."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / META).read_text())
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(folder / META, "not a prediction folder (no prediction.json); run predict first") from None
     except json.JSONDecodeError as err:

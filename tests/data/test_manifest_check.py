@@ -40,7 +40,7 @@ def test_manifest_paths_checksums_and_splits(dataset, tmp_path):
 def test_manifest_roundtrip_with_relative_root(dataset, tmp_path):
     m = build_manifest(dataset, name="tiny")
     path = write_manifest(m, tmp_path / "manifests" / "tiny.json")
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     assert doc["root"] == "../data" and doc["schema_version"] == 1
     loaded = load_manifest(path)
     assert loaded.root == dataset.resolve()
@@ -51,7 +51,7 @@ def test_manifest_roundtrip_with_relative_root(dataset, tmp_path):
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "a/../../b.nii.gz"])
 def test_paths_escaping_the_root_are_rejected(dataset, tmp_path, bad):
     path = write_manifest(build_manifest(dataset), tmp_path / "m.json")
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     doc["cases"][0]["images"]["t1"] = bad
     path.write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="escapes the data root|absolute"):

@@ -100,8 +100,8 @@ def test_per_case_csv_has_every_model_case_and_region(pipeline):
 
 
 def test_summary_has_the_paired_comparison_with_ci_and_wilcoxon_p(pipeline):
-    summary = (pipeline.eval_dir / "summary.md").read_text()
-    comparison = json.loads((pipeline.eval_dir / "comparison.json").read_text())["diffusion_vs_unet"]
+    summary = (pipeline.eval_dir / "summary.md").read_text(encoding="utf-8")
+    comparison = json.loads((pipeline.eval_dir / "comparison.json").read_text(encoding="utf-8"))["diffusion_vs_unet"]
     assert "## diffusion vs unet: Dice" in summary and "## diffusion vs unet: HD95 (mm)" in summary
     dice_section = summary.split("## diffusion vs unet: Dice")[1].split("## ")[0]
     header = next(line for line in dice_section.splitlines() if line.startswith("| region"))
@@ -133,7 +133,7 @@ def test_evaluation_exports_overlays_for_the_first_case_of_each_model(pipeline):
         assert sorted(p.name for p in (pipeline.eval_dir / "overlays" / model).iterdir()) == [first]
         folder = pipeline.eval_dir / "overlays" / model / first
         assert (folder / f"{first}_montage.png").read_bytes().startswith(PNG_MAGIC)
-        html = (folder / "report.html").read_text()
+        html = (folder / "report.html").read_text(encoding="utf-8")
         assert first in html and model in html and "data:image/png;base64," in html
         assert "Dice" in html  # the phantoms have ground truth
         assert not re.search(r"""(src|href)=["']?(https?:|file:|/)""", html)  # self-contained
@@ -148,7 +148,7 @@ def test_export_writes_report_and_montage_per_predicted_case(pipeline):
     for case in pipeline.test_cases:
         folder = pipeline.work / "overlays" / case
         assert (folder / f"{case}_montage.png").read_bytes().startswith(PNG_MAGIC)
-        html = (folder / "report.html").read_text()
+        html = (folder / "report.html").read_text(encoding="utf-8")
         assert case in html and run_id in html and "research use" in html.lower()
 
 
@@ -174,7 +174,7 @@ def test_predictions_are_brats2021_labels_on_the_input_grid(pipeline):
         probs = nib.load(folder / f"{case}_probabilities.nii.gz")
         assert probs.shape == ref.shape + (3,)
         np.testing.assert_array_equal(probs.affine, ref.affine)
-        meta = json.loads((folder / "prediction.json").read_text())
+        meta = json.loads((folder / "prediction.json").read_text(encoding="utf-8"))
         assert meta["convention"] == "brats2021" and meta["case_id"] == case
 
 
@@ -209,7 +209,7 @@ def test_mlflow_training_runs_have_config_provenance_and_epoch_metrics(pipeline)
         kind = run.data.tags["model"]
         assert run.info.status == "FINISHED"
         assert load_checkpoint(pipeline.checkpoints[kind])["run_id"] == run.info.run_id
-        cfg = yaml.safe_load((pipeline.work / f"{kind}.yaml").read_text())
+        cfg = yaml.safe_load((pipeline.work / f"{kind}.yaml").read_text(encoding="utf-8"))
         params = run.data.params
         assert params["model.kind"] == kind and params["train.epochs"] == "2"
         assert params["data.roi_size"] == "[16, 16, 16]" and params["data.manifest"] == cfg["data"]["manifest"]

@@ -100,7 +100,7 @@ def test_real_case_labels_follow_the_2023_convention(real_data, real_predictions
     for name in ("self", "cross"):
         attention = nib.load(folder / f"{case}_attention_{name}.nii.gz").get_fdata()
         assert attention.min() >= 0 and attention.max() == pytest.approx(1.0)
-    meta = json.loads((folder / "prediction.json").read_text())
+    meta = json.loads((folder / "prediction.json").read_text(encoding="utf-8"))
     assert meta["convention"] == "brats2023" and meta["model_kind"] == "diffusion"
     assert ("label" in meta["inputs"]) == (real_data / case / f"{case}-seg.nii.gz").exists()
 
@@ -264,7 +264,7 @@ def test_external_prior_from_the_baselines_prediction_folders(models, tmp_path):
     assert main(["predict", "--checkpoint", str(models["external"]), "--input", str(data), "--out", str(out),
                  "--prior-dir", str(baseline), *FAST]) == 0
     for case in ("X1", "X2"):
-        meta = json.loads((out / case / "prediction.json").read_text())
+        meta = json.loads((out / case / "prediction.json").read_text(encoding="utf-8"))
         assert meta["inputs"]["prior"] == str(baseline / case / f"{case}_seg.nii.gz")
         seg = nib.load(out / case / f"{case}_seg.nii.gz")
         np.testing.assert_array_equal(seg.affine, nib.load(data / case / f"{case}_t1.nii.gz").affine)

@@ -142,7 +142,7 @@ def test_per_case_csv_round_trip(tmp_path: Path) -> None:
     rows = two_model_rows()
     rows[0]["seconds"] = 1.25
     path = write_per_case_csv(rows, tmp_path / "out" / "per_case.csv")
-    header = path.read_text().splitlines()[0]
+    header = path.read_text(encoding="utf-8").splitlines()[0]
     assert header == "case,model,region,dice,hd95_mm,seconds"
     back = read_per_case_csv(path)
     assert len(back) == len(rows)

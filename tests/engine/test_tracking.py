@@ -125,7 +125,7 @@ def mlflow_server(store):
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer on {url}:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"mlflow server did not answer on {url}:\n{log.read_text(encoding='utf-8')[-3000:]}")
             time.sleep(0.25)
         yield url
     finally:

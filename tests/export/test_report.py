@@ -121,7 +121,7 @@ def test_report_of_another_case_is_not_overwritten(tmp_path):
     (foreign / "report.html").write_text("<html>someone else's</html>")
     with pytest.raises(DataError, match="not written by medseg-diff"):
         export_case(make_overlay(tmp_path), foreign)
-    assert (foreign / "report.html").read_text() == "<html>someone else's</html>"
+    assert (foreign / "report.html").read_text(encoding="utf-8") == "<html>someone else's</html>"
 
 
 def test_brats2023_label_names_in_report(tmp_path):
