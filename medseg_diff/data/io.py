@@ -11,6 +11,7 @@ to x-y-z and the direction/spacing/origin become an affine, flipped LPS → RAS.
 from __future__ import annotations
 
 import gzip
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,7 +161,25 @@ def n4_bias_correct(path: str | Path, shrink: int = 2, iterations: Sequence[int]
 
 
 class MedsegReader(NibabelReader):
-    """MONAI image reader for every format ``read_image`` knows (NIfTI, MHA/NRRD, DICOM folders)."""
+    """MONAI image reader for every format ``read_image`` knows (NIfTI, MHA/NRRD, DICOM folders).
+
+    Thread-safe: ``NibabelReader`` remembers the file names of ``read()`` on the instance for
+    ``get_data()``; ``CacheDataset`` fills its cache from several threads through one ``LoadImaged``,
+    so one thread's 4 image files could be paired with another thread's label file. The names are kept
+    per thread here.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._local = threading.local()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def filenames(self):
+        return getattr(self._local, "filenames", ())
+
+    @filenames.setter
+    def filenames(self, value) -> None:
+        self._local.filenames = value
 
     def verify_suffix(self, filename) -> bool:
         names = filename if isinstance(filename, (list, tuple)) else [filename]

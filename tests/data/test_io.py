@@ -65,3 +65,27 @@ def test_missing_and_truncated_files_are_named(tmp_path):
     bad.write_text("hello")
     with pytest.raises(DataError, match="unsupported file type"):
         read_image(bad)
+
+
+def test_monai_reader_is_thread_safe(tmp_path):
+    """CacheDataset loads cases from several threads through one reader: images and labels must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monai.transforms import LoadImaged
+
+    from factories import BRATS2021, write_case
+    from medseg_diff.data.conventions import MODALITIES
+    from medseg_diff.data.discovery import discover
+    from medseg_diff.data.io import MedsegReader
+
+    for i in range(4):
+        write_case(tmp_path, f"BraTS2021_{i:05d}", BRATS2021, seed=i)
+    _, cases = discover(tmp_path)
+    load = LoadImaged(keys=["image", "label"], reader=MedsegReader(), image_only=True)
+    records = [{"image": [str(c.images[m]) for m in MODALITIES], "label": str(c.label)} for c in cases] * 25
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(load, records))
+    for d, rec in zip(loaded, records):
+        assert tuple(d["image"].shape) == (4, 16, 16, 16) and tuple(d["label"].shape) == (16, 16, 16)
+        assert d["image"].meta["filename_or_obj"] == rec["image"][0]
+        assert d["label"].meta["filename_or_obj"] == rec["label"]
