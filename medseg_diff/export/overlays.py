@@ -181,11 +181,7 @@ def export_case(overlay: CaseOverlay, out_dir: Path, prefix: str | None = None) 
     ``out_dir/report.html`` belongs to another case.
     """
     # 1. validate everything before the first byte is written
-    grid = load_reference_grid(overlay.reference, overlay.case_id)
-    check_overlay(overlay, grid.shape)
-    prefix = overlay.case_id if prefix is None else prefix
-    check_name(prefix, "file prefix (the case id unless `prefix` is given)", overlay.case_id)
-    out_dir = _prepare_out_dir(Path(out_dir), overlay)
+    grid, prefix, out_dir = _validated(overlay, out_dir, prefix)
     # 2. stage every file under a temporary name, then rename them all
     with AtomicBatch(out_dir) as batch:
         paths, files = _stage_volumes(batch, overlay, grid, prefix)
@@ -208,15 +204,20 @@ def export_case(overlay: CaseOverlay, out_dir: Path, prefix: str | None = None) 
 def export_volumes(overlay: CaseOverlay, out_dir: Path, prefix: str | None = None) -> dict:
     """Only the NIfTI volumes and colour tables of :func:`export_case` (no montage, no report): what
     ``predict`` writes. Same checks, same all-or-nothing writing; returns the written paths by kind."""
-    grid = load_reference_grid(overlay.reference, overlay.case_id)
-    check_overlay(overlay, grid.shape)
-    prefix = overlay.case_id if prefix is None else prefix
-    check_name(prefix, "file prefix (the case id unless `prefix` is given)", overlay.case_id)
-    out_dir = _prepare_out_dir(Path(out_dir), overlay)
+    grid, prefix, out_dir = _validated(overlay, out_dir, prefix)
     with AtomicBatch(out_dir) as batch:
         paths, _ = _stage_volumes(batch, overlay, grid, prefix)
         batch.commit()
     return paths
+
+
+def _validated(overlay: CaseOverlay, out_dir: Path, prefix: str | None) -> tuple[ReferenceGrid, str, Path]:
+    """``(reference grid, file prefix, output folder)`` after every check on the input (nothing written yet)."""
+    grid = load_reference_grid(overlay.reference, overlay.case_id)
+    check_overlay(overlay, grid.shape)
+    prefix = overlay.case_id if prefix is None else prefix
+    check_name(prefix, "file prefix (the case id unless `prefix` is given)", overlay.case_id)
+    return grid, prefix, _prepare_out_dir(Path(out_dir), overlay)
 
 
 def _prepare_out_dir(out_dir: Path, overlay: CaseOverlay) -> Path:
