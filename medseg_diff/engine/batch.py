@@ -10,7 +10,8 @@ from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record, files_record
 from medseg_diff.data.discovery import discover
 from medseg_diff.data.manifest import load_manifest
-from medseg_diff.engine.predict_api import LoadedModel, load_model, pick_device, predict_case
+from medseg_diff.engine.distributed import resolve_device
+from medseg_diff.engine.predict_api import LoadedModel, load_model, predict_case
 from medseg_diff.engine.predictions import prior_file, read_prediction, write_prediction
 from medseg_diff.errors import DataError, MedsegError
 
@@ -50,7 +51,7 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
                   device: str = "auto", sample_steps: int | None = None, ensemble: int | None = None,
                   seed: int | None = None, continue_on_error: bool = False) -> BatchReport:
     """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``engine.predictions``)."""
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model = load_model(checkpoint, dev, sample_steps, ensemble, seed)
     _check_prior_use(model, prior_dir)  # a model-wide mistake: fail once, before any case
     conv, records = input_records(source, subset, root, convention)

@@ -21,17 +21,19 @@ import numpy as np
 from medseg_diff.data.conventions import REGIONS, LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record
 from medseg_diff.data.manifest import Manifest, load_manifest
+from medseg_diff.engine.distributed import resolve_device
 from medseg_diff.engine.metrics import (
     CaseResult, ReliabilityBins, UndefinedMetricWarning, case_metrics, evaluation_mask, metric_rows,
     reliability_bins, uncertainty_auroc,
 )
-from medseg_diff.engine.predict_api import CasePrediction, LoadedModel, load_model, pick_device, predict_case
+from medseg_diff.engine.predict_api import CasePrediction, LoadedModel, load_model, predict_case
 from medseg_diff.engine.predictions import overlay_of, prior_file, write_prediction
 from medseg_diff.engine.report_tables import (
     box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv,
 )
 from medseg_diff.engine.stats import compare_models
 from medseg_diff.errors import DataError, MedsegError
+from medseg_diff.export import export_case
 from medseg_diff.tracking import git_commit, start_tracker
 
 
@@ -79,7 +81,7 @@ def evaluate(
     manifest = load_manifest(manifest_path, root=root)
     conv = get_convention(manifest.convention)
     cases = select_cases(manifest, subset, fold)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     models = {name: load_model(path, dev, sample_steps, ensemble) for name, path in checkpoints.items()}
     for name, model in models.items():
         if model.needs_prior and prior_dir is None:
@@ -104,9 +106,10 @@ def evaluate(
             results.append(_case_result(name, pred, conv))
             uncertainty[(name, case.id)], case_bins = _uncertainty_quality(pred, conv)
             bins[name].append(case_bins)
-            write_prediction(pred, out / "predictions" / name / case.id, name, model, conv, record)
+            overlay = overlay_of(pred, record, conv, name, model.run_id)  # reads the 4 modalities once
+            write_prediction(pred, out / "predictions" / name / case.id, name, model, conv, record, overlay)
             if i < export_cases:
-                overlays.append(_export(pred, out / "overlays" / name / case.id, name, model, record, conv))
+                overlays.append(export_case(overlay, out / "overlays" / name / case.id).report)
     # 3. tables and plots
     rows = metric_rows(results)
     for row in rows:
@@ -191,14 +194,6 @@ def _cost_table(rows: list[dict], models: list[str], bins) -> str:
         mem = np.max([r.get("peak_memory_mb", np.nan) for r in per_case.values()])
         lines.append(f"| {m} | {auroc:.3f} | {ece:.4f} | {secs:.2f} | {mem:.0f} |")
     return "\n".join(lines)
-
-
-def _export(pred: CasePrediction, folder: Path, name: str, model: LoadedModel, record: dict,
-            conv: LabelConvention) -> Path:
-    from medseg_diff.export import export_case
-
-    result = export_case(overlay_of(pred, record, conv, name, model.run_id), folder)
-    return result.report
 
 
 def _track(report: EvalReport, models: dict[str, LoadedModel], manifest: Manifest, subset: str,

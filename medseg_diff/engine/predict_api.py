@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,6 @@ from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelCon
 from medseg_diff.data.dataset import CASE_ID
 from medseg_diff.data.transforms import IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
 from medseg_diff.engine.checkpoint import load_checkpoint
-from medseg_diff.engine.distributed import resolve_device
 from medseg_diff.engine.infer import VolumePrediction, infer_volume
 from medseg_diff.engine.tasks import Task, build_task
 from medseg_diff.errors import DataError
@@ -246,13 +245,3 @@ def _spacing(path: Path) -> tuple[float, float, float]:
 
     zooms = read_image(path).header.get_zooms()[:3]
     return tuple(float(z) for z in zooms)
-
-
-def with_overrides(model: LoadedModel, **infer) -> LoadedModel:
-    """A copy whose ``cfg.infer`` has the given fields replaced (e.g. overlap, sw_batch_size)."""
-    cfg = replace(model.cfg, infer=replace(model.cfg.infer, **infer))
-    return replace(model, cfg=cfg)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    return resolve_device(name)

@@ -48,9 +48,10 @@ def overlay_of(pred: CasePrediction, record: dict, conv: LabelConvention, model_
 
 
 def write_prediction(pred: CasePrediction, folder: Path, model_name: str, model, conv: LabelConvention,
-                     record: dict) -> Path:
-    """Write a prediction folder (NIfTI volumes + ``prediction.json``); returns the folder."""
-    written = export_volumes(overlay_of(pred, record, conv, model_name, model.run_id), folder)
+                     record: dict, overlay: CaseOverlay | None = None) -> Path:
+    """Write a prediction folder (NIfTI volumes + ``prediction.json``); returns the folder.
+    ``overlay``: the case's ``overlay_of`` when the caller already built it (saves re-reading the images)."""
+    written = export_volumes(overlay or overlay_of(pred, record, conv, model_name, model.run_id), folder)
     meta = {
         "case_id": pred.case_id, "model": model_name, "model_kind": model.kind, "run_id": model.run_id,
         "checkpoint": str(model.checkpoint), "convention": conv.name, "reference": str(pred.reference),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
@@ -132,11 +131,6 @@ def _check_roi(cfg: Config, stride: int) -> None:
     for key, roi in sizes:
         if any(s % stride for s in roi):
             raise ConfigError(key, f"{list(roi)} must be a multiple of the network stride {stride}")
-
-
-def checkpoint_paths(cfg: Config) -> tuple[Path, Path]:
-    out = Path(cfg.experiment.output_dir)
-    return out / BEST, out / LAST
 
 
 if __name__ == "__main__":  # pragma: no cover - torchrun entry for tests: python -m medseg_diff.engine.train_api CFG

@@ -1,7 +1,6 @@
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from monai.transforms import Compose
 
 from factories import BRATS2021, BRATS2023, LPS_AFFINE, MSD, RAS_AFFINE, write_case
