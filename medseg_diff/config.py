@@ -55,14 +55,17 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class DenoiserConfig:
-    """The conditional diffusion U-Net."""
+    """The conditional diffusion U-Net (see models/denoiser.py)."""
 
-    channels: tuple[int, ...] = (32, 64, 128, 256)
+    patch_size: int = 4  # s: the denoiser and encoder run at 1/s of the input grid (1 = full resolution)
+    channels: tuple[int, ...] = (16, 32, 64)  # denoiser widths per level, level 0 at 1/s
+    encoder_factor: int = 2  # image encoder widths per level = this x channels
+    stem_channels: int = 16  # the encoder's strided stem between the input grid and 1/s
     res_blocks: int = 1
-    linear_attention_levels: tuple[int, ...] = (1, 2)
-    cross_attention_levels: tuple[int, ...] = (3,)
+    linear_attention_levels: tuple[int, ...] = (0, 1)
+    cross_attention_levels: tuple[int, ...] = (2,)
     heads: int = 4
-    dim_head: int = 32
+    dim_head: int = 16
     prior_source: Literal["head", "external", "none"] = "head"
     norm_groups: int = 8
 
@@ -87,6 +90,7 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: Literal["linear_beta", "scaled_linear_beta", "cosine", "sigmoid_beta"] = "linear_beta"
     prediction: Literal["sample", "epsilon", "v_prediction"] = "sample"
+    snr_shift: float = 1.0  # divide the schedule's SNR by this (patched denoisers: about patch_size^3)
     sample_steps: int = 10
     ensemble: int = 4
     step_uncertainty_weighting: bool = False
@@ -104,6 +108,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # diffusion model only; 0 disables EMA
     amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU
+    compile: bool = False  # torch.compile the training forward (fewer kernel launches; the first steps compile)
     val_every: int = 5
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
@@ -304,6 +309,7 @@ def _check_semantics(cfg: Config, source) -> None:
         ("diffusion.timesteps", cfg.diffusion.timesteps), ("diffusion.sample_steps", cfg.diffusion.sample_steps),
         ("diffusion.ensemble", cfg.diffusion.ensemble), ("diffusion.val_sample_steps", cfg.diffusion.val_sample_steps),
         ("diffusion.val_ensemble", cfg.diffusion.val_ensemble), ("infer.sw_batch_size", cfg.infer.sw_batch_size),
+        ("diffusion.snr_shift", cfg.diffusion.snr_shift),
     ]:
         positive(key, value)
     for i, size in enumerate(cfg.data.roi_size):
@@ -317,6 +323,12 @@ def _check_semantics(cfg: Config, source) -> None:
         raise ConfigError("train.ema_decay", f"must be in [0, 1), got {cfg.train.ema_decay}", source)
     if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
         raise ConfigError("diffusion.sample_steps", "must not exceed diffusion.timesteps", source)
+    den = cfg.model.denoiser
+    if den.patch_size < 1 or den.patch_size & (den.patch_size - 1):
+        raise ConfigError("model.denoiser.patch_size", f"must be a power of two (1, 2, 4, ...), got {den.patch_size}",
+                          source)
+    positive("model.denoiser.encoder_factor", den.encoder_factor)
+    positive("model.denoiser.stem_channels", den.stem_channels)
     levels = len(cfg.model.denoiser.channels)
     for name in ("linear_attention_levels", "cross_attention_levels"):
         for lvl in getattr(cfg.model.denoiser, name):

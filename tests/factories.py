@@ -77,7 +77,7 @@ def tiny_config(manifest, output_dir, kind="diffusion", tracking_uri=None, **sec
         "data": {"manifest": str(manifest), "spacing": None, "roi_size": [16, 16, 16], "samples_per_volume": 1,
                  "batch_size": 2, "cache": "memory"},
         "model": {"kind": kind,
-                  "denoiser": {"channels": [8, 16, 32], "linear_attention_levels": [0, 1],
+                  "denoiser": {"channels": [8, 16, 32], "linear_attention_levels": [0, 1], "patch_size": 2,
                                "cross_attention_levels": [2], "heads": 2, "dim_head": 8, "norm_groups": 4},
                   "unet": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
         "diffusion": {"sample_steps": 2, "ensemble": 2, "val_sample_steps": 1, "val_ensemble": 1},

@@ -5,20 +5,42 @@ The network's 3 output channels mean, per ``prediction``:
 - ``sample``: logits of x0 in [0, 1] (x0 = 2σ(logits) - 1),
 - ``epsilon``: the noise ε,
 - ``v_prediction``: v = √ᾱ ε - √(1-ᾱ) x0.
+
+``snr_shift`` > 1 divides the schedule's signal-to-noise ratio ᾱ/(1-ᾱ) by that factor at every t ("simple
+diffusion", Hoogeboom et al. 2023, §3.1): a denoiser that sees x_t in patches of s³ voxels averages the noise over
+each patch, so the same ᾱ is s³ times easier for it than for a per-voxel one; shifting by about s³ keeps the
+training signal spread over t instead of concentrated at the noisiest steps. It is a MONAI schedule
+(``NoiseSchedules`` entry ``snr_shifted``), so ``add_noise`` and ``step`` use it unchanged.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.networks.schedulers import DDIMScheduler
+from monai.networks.schedulers import DDIMScheduler, NoiseSchedules
 from torch import Tensor
 
 
-def build_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", prediction: str = "sample") -> DDIMScheduler:
+@NoiseSchedules.add_def("snr_shifted", "A base schedule with its SNR divided by `shift` at every timestep")
+def _snr_shifted(num_train_timesteps: int, base: str = "linear_beta", shift: float = 1.0):
+    """``(betas, alphas, alphas_cumprod)`` of schedule ``base`` with ᾱ' = ᾱ / (ᾱ + shift (1 - ᾱ)), i.e.
+    SNR'(t) = SNR(t) / shift (a shift of log-SNR by -log(shift))."""
+    out = NoiseSchedules[base](num_train_timesteps=num_train_timesteps)
+    betas = out[0] if isinstance(out, tuple) else out
+    alpha_bar = torch.cumprod(1.0 - betas.double(), dim=0)
+    alpha_bar = alpha_bar / (alpha_bar + shift * (1.0 - alpha_bar))
+    alphas = alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    betas = (1.0 - alphas).clamp(0.0, 0.999)
+    alphas = 1.0 - betas
+    return betas.float(), alphas.float(), torch.cumprod(alphas, dim=0).float()
+
+
+def build_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", prediction: str = "sample",
+                    snr_shift: float = 1.0) -> DDIMScheduler:
     """A MONAI DDIM scheduler (its ``add_noise`` serves training, its ``step`` sampling)."""
+    schedule_args = {} if snr_shift == 1.0 else {"schedule": "snr_shifted", "base": schedule, "shift": snr_shift}
     return DDIMScheduler(
         num_train_timesteps=timesteps,
-        schedule=schedule,
+        **({"schedule": schedule} | schedule_args),
         prediction_type=prediction,
         clip_sample=True,
         set_alpha_to_one=True,

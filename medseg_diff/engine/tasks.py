@@ -74,11 +74,14 @@ class DiffusionTask:
             in_channels=4, out_channels=3, channels=d.channels, res_blocks=d.res_blocks,
             linear_attention_levels=d.linear_attention_levels, cross_attention_levels=d.cross_attention_levels,
             heads=d.heads, dim_head=d.dim_head, prior_source=d.prior_source, norm_groups=d.norm_groups,
+            patch_size=d.patch_size, encoder_channels=[d.encoder_factor * c for c in d.channels],
+            stem_channels=d.stem_channels,
         )
         self.stride = self.net.stride
         self.prior_source = d.prior_source
         self.diffusion = cfg.diffusion
-        self.scheduler = build_scheduler(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.prediction)
+        self.scheduler = build_scheduler(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.prediction,
+                                         cfg.diffusion.snr_shift)
         self.loss_fn = DiffusionLoss(self.scheduler, _weights(cfg))
 
     def train_module(self) -> nn.Module:
@@ -91,7 +94,7 @@ class DiffusionTask:
     def segmenter(self, net, validation=False, seed=0) -> Segmenter:
         d = self.diffusion
         steps, ensemble = (d.val_sample_steps, d.val_ensemble) if validation else (d.sample_steps, d.ensemble)
-        scheduler = build_scheduler(d.timesteps, d.schedule, d.prediction)
+        scheduler = build_scheduler(d.timesteps, d.schedule, d.prediction, d.snr_shift)
         sampler = DDIMSampler(scheduler, steps=steps, ensemble=ensemble,
                               step_uncertainty_weighting=d.step_uncertainty_weighting, seed=seed)
         return DiffusionSegmenter(net, sampler, name=self.kind, external_prior=self.prior_source == "external",

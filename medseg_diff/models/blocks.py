@@ -17,6 +17,24 @@ def group_norm(channels: int, groups: int = 8) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(channels, groups), channels)
 
 
+def space_to_depth(x: Tensor, patch: int) -> Tensor:
+    """Lossless patching: ``[B, C, X, Y, Z] -> [B, C*p^3, X/p, Y/p, Z/p]`` (identity for ``p = 1``).
+
+    Each ``p^3`` block of voxels becomes one position with ``C*p^3`` channels (pixel unshuffle; "simple
+    diffusion", Hoogeboom et al. 2023). :func:`depth_to_space` is its exact inverse.
+    """
+    if patch == 1:
+        return x
+    return rearrange(x, "b c (x p) (y q) (z r) -> b (c p q r) x y z", p=patch, q=patch, r=patch)
+
+
+def depth_to_space(x: Tensor, patch: int) -> Tensor:
+    """Inverse of :func:`space_to_depth`: ``[B, C*p^3, x, y, z] -> [B, C, x*p, y*p, z*p]``."""
+    if patch == 1:
+        return x
+    return rearrange(x, "b (c p q r) x y z -> b c (x p) (y q) (z r)", p=patch, q=patch, r=patch)
+
+
 def as_timesteps(t: Tensor | int | float, batch: int, device: torch.device) -> Tensor:
     """Timesteps as a float tensor ``[B]``: accepts a Python number, a 0-d tensor or a ``[B]`` tensor."""
     t = torch.as_tensor(t, device=device, dtype=torch.float32)
@@ -83,7 +101,7 @@ class ResBlock3d(nn.Module):
         self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
         self.norm2 = group_norm(out_ch, norm_groups)
         self.film = None if time_dim is None else nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * out_ch))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv3d(in_ch, out_ch, 1)
         self.act = nn.SiLU()
@@ -120,3 +138,40 @@ class Upsample3d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class StridedStem(nn.Module):
+    """The image encoder's way from the input grid down to ``1/patch`` (``patch >= 2``), with no full-resolution
+    layer: a strided 3x3x3 conv to ``1/2`` and a residual block there (the **detail features**, ``width``
+    channels, which the output head reads), then one strided 3x3x3 conv per further halving (a residual block
+    between them), or a pointwise conv when ``patch = 2``.
+
+    ``forward(x [B, in_ch, X, Y, Z]) -> (features [B, out_ch, X/patch, ...], detail [B, width, X/2, ...])``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, patch: int = 4, width: int = 16, norm_groups: int = 8):
+        super().__init__()
+        halvings = check_patch(patch)
+        if halvings == 0:
+            raise ValueError("StridedStem needs patch >= 2; at patch 1 the stem is a plain 3x3x3 conv")
+        self.to_half = nn.Sequential(
+            nn.Conv3d(in_ch, width, 3, stride=2, padding=1), ResBlock3d(width, width, norm_groups=norm_groups)
+        )
+        layers: list[nn.Module] = [nn.Conv3d(width, out_ch, 1)] if halvings == 1 else []
+        for i in range(1, halvings):
+            last = i == halvings - 1
+            layers.append(nn.Conv3d(width, out_ch if last else width, 3, stride=2, padding=1))
+            if not last:
+                layers.append(ResBlock3d(width, width, norm_groups=norm_groups))
+        self.rest = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        detail = self.to_half(x)
+        return self.rest(detail), detail
+
+
+def check_patch(patch: int) -> int:
+    """``log2(patch)``; raises ``ValueError`` unless ``patch`` is a power of two >= 1."""
+    if not isinstance(patch, int) or patch < 1 or patch & (patch - 1):
+        raise ValueError(f"patch_size must be a power of two (1, 2, 4, ...), got {patch!r}")
+    return patch.bit_length() - 1

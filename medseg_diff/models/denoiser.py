@@ -1,13 +1,24 @@
 """The conditional diffusion U-Net: denoises the 3-channel region mask ``x_t`` given image features and a prior.
 
-Layout (``L = len(channels)`` levels, level ``i`` at ``1/2^i`` of the input size, ``stride = 2^(L-1)``)::
+The iterative part runs in a compact space: the full-resolution mask ``x_t [B, 3, X, Y, Z]`` is patched losslessly
+(space-to-depth by ``patch = s``) to ``[B, 3 s^3, X/s, Y/s, Z/s]``, the U-Net runs at ``1/s``, and its output is
+put back with depth-to-space ("simple diffusion", Hoogeboom et al. 2023). The diffused state stays the
+full-resolution mask, so schedules, losses and DDIM are unchanged; ``s = 1`` is the full-resolution model.
 
-    x_t -> stem -> [level i: + fuse_i(image features_i) -> ResBlock x res_blocks -> attention_i -> skip_i
-                    -> downsample] ... -> mid (ResBlock, attention, ResBlock)
-        -> [level i: concat skip_i -> ResBlock x res_blocks -> attention_i -> upsample] ... -> head -> [B, 3, X, Y, Z]
+Layout (``L = len(channels)`` levels, level ``i`` at ``1/(s 2^i)`` of the input size, ``stride = s 2^(L-1)``)::
 
-``attention_i`` is linear self-attention when ``i in linear_attention_levels`` and mask-prior cross-attention
-when ``i in cross_attention_levels`` (both, in that order, when in both). Every ResBlock gets the time embedding
+    x_t -> space-to-depth -> stem -> [level i: + image features_i -> ResBlock x res_blocks -> attention_i
+        -> skip_i -> downsample] ... -> mid (ResBlock, attention, ResBlock)
+        -> [level i: concat skip_i -> ResBlock x res_blocks -> attention_i -> upsample] ... -> DetailHead
+        -> [B, 3, X, Y, Z]
+
+The :class:`DetailHead` goes from ``1/s`` to the input grid with pointwise layers only, through the image's
+``1/2``-resolution detail features (computed once per window), so that edges finer than a patch are not lost.
+
+``encode`` runs once per window: the image encoder, its features already projected to the denoiser's widths,
+the prior and its tokens; every DDIM step and ensemble member reuses them. ``attention_i`` is linear
+self-attention when ``i in linear_attention_levels`` and mask-prior cross-attention when
+``i in cross_attention_levels`` (both, in that order, when in both). Every ResBlock gets the time embedding
 (FiLM). The network knows nothing of noise schedules or of what its 3 output channels mean (x0 / eps / v).
 """
 
@@ -20,7 +31,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medseg_diff.models.attention import LinearAttention3d, MaskPriorCrossAttention
-from medseg_diff.models.blocks import Downsample3d, ResBlock3d, TimeEmbedding, Upsample3d, as_timesteps, group_norm
+from medseg_diff.models.blocks import (
+    Downsample3d,
+    ResBlock3d,
+    TimeEmbedding,
+    Upsample3d,
+    as_timesteps,
+    check_patch,
+    depth_to_space,
+    group_norm,
+    space_to_depth,
+)
 from medseg_diff.models.encoder import PRIOR_CHANNELS, ImageEncoder, resample_to_grid
 from medseg_diff.models.types import Conditioning, DenoiserOutput
 
@@ -76,6 +97,37 @@ class _Stage(nn.Module):
         return h
 
 
+class DetailHead(nn.Module):
+    """Output head of the compact model (``s >= 2``): from the last features at ``1/s`` to mask logits on the
+    input grid, with pointwise layers only above ``1/s`` (11 % of the FLOPs of a denoiser pass with base.yaml):
+
+    1. lift: a pointwise MLP of ``[h, image features]`` at ``1/s`` to ``(s/2)^3 * width`` channels,
+       depth-to-space to ``1/2``
+    2. add the image's ``1/2``-resolution detail features (the encoder's stem, computed once per window), so that
+       edges finer than a patch reach the output
+    3. a pointwise MLP to the ``2^3 x 3`` logits of each ``2^3`` block, depth-to-space to the input grid
+
+    ``h, image [B, C, x, y, z]``, ``detail [B, width, s x/2, s y/2, s z/2]`` ``-> [B, 3, s x, s y, s z]``.
+    """
+
+    def __init__(self, channels: int, out_channels: int, patch: int, width: int, norm_groups: int = 8):
+        super().__init__()
+        self.patch = patch
+        self.lift = nn.Sequential(
+            group_norm(2 * channels, norm_groups), nn.SiLU(), nn.Conv3d(2 * channels, (patch // 2) ** 3 * width, 1)
+        )
+        self.out = nn.Sequential(
+            group_norm(width, norm_groups), nn.SiLU(), nn.Conv3d(width, 2 * width, 1), nn.SiLU(),
+            nn.Conv3d(2 * width, 8 * out_channels, 1),
+        )  # fmt: skip
+        nn.init.zeros_(self.out[-1].weight)  # start at logits 0 (p = 0.5) everywhere
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, h: Tensor, image: Tensor, detail: Tensor) -> Tensor:
+        z = depth_to_space(self.lift(torch.cat([h, image], dim=1)), self.patch // 2) + detail
+        return depth_to_space(self.out(z), 2)
+
+
 def _validate_levels(name: str, levels: Sequence[int], n_levels: int) -> tuple[int, ...]:
     levels = tuple(int(i) for i in levels)
     bad = [i for i in levels if not 0 <= i < n_levels]
@@ -90,26 +142,33 @@ class DiffusionSegUNet(nn.Module):
     ``encode(image, external_prior) -> Conditioning`` once per window; ``forward(x_t, t, cond) -> [B, 3, X, Y, Z]``;
     ``forward_with_attention`` also returns attention maps ``[B, 1, X, Y, Z]`` named ``self_l{i}``, ``cross_l{i}``
     and the aggregates ``self`` / ``cross`` (mean over levels). Spatial sizes must be multiples of ``stride``.
+
+    ``patch_size`` (s) is the denoiser's (and image encoder's) downsampling from the input grid; ``channels``
+    are the denoiser's widths per level, ``encoder_channels`` the encoder's (default: the same), and
+    ``stem_channels`` the width of the encoder's strided stem between the input grid and ``1/s``.
     """
 
     def __init__(
         self,
         in_channels: int = 4,
         out_channels: int = 3,
-        channels: Sequence[int] = (32, 64, 128, 256),
+        channels: Sequence[int] = (16, 32, 64),
         res_blocks: int = 1,
-        linear_attention_levels: Sequence[int] = (1, 2),
-        cross_attention_levels: Sequence[int] = (3,),
+        linear_attention_levels: Sequence[int] = (0, 1),
+        cross_attention_levels: Sequence[int] = (2,),
         heads: int = 4,
-        dim_head: int = 32,
+        dim_head: int = 16,
         prior_source: str = "head",
         time_dim: int | None = None,
         norm_groups: int = 8,
         encoder_channels: Sequence[int] | None = None,
         max_token_grid: int = 16,
         dropout: float = 0.0,
+        patch_size: int = 4,
+        stem_channels: int = 16,
     ):
         super().__init__()
+        check_patch(patch_size)
         if prior_source not in PRIOR_SOURCES:
             raise ValueError(f"prior_source must be one of {PRIOR_SOURCES}, got {prior_source!r}")
         channels = tuple(channels)
@@ -119,6 +178,7 @@ class DiffusionSegUNet(nn.Module):
         n = len(channels)
         self.prior_source = prior_source
         self.channels = channels
+        self.patch_size = patch_size
         self.linear_attention_levels = _validate_levels("linear_attention_levels", linear_attention_levels, n)
         self.cross_attention_levels = _validate_levels("cross_attention_levels", cross_attention_levels, n)
         token_dim = enc_channels[-1] if self.cross_attention_levels else None
@@ -130,24 +190,32 @@ class DiffusionSegUNet(nn.Module):
 
         self.encoder = ImageEncoder(
             in_channels, enc_channels, norm_groups, prior_head=prior_source == "head",
-            token_dim=token_dim, max_token_grid=max_token_grid,
+            token_dim=token_dim, max_token_grid=max_token_grid, patch=patch_size, stem_channels=stem_channels,
         )  # fmt: skip
         self.time = TimeEmbedding(channels[0], time_dim)
-        self.stem = nn.Conv3d(out_channels, channels[0], 3, padding=1)
+        # s = 1: a 3x3x3 stem and head (the full-resolution model); s > 1: a pointwise stem on the s^3 x 3
+        # channels of each patch, and the detail head
+        kernel = 3 if patch_size == 1 else 1
+        self.stem = nn.Conv3d(out_channels * patch_size**3, channels[0], kernel, padding=kernel // 2)
         self.fuse = nn.ModuleList(nn.Conv3d(e, c, 1) for e, c in zip(enc_channels, channels))
         self.down = nn.ModuleList(_Stage(c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
         self.downsample = nn.ModuleList(Downsample3d(a, b) for a, b in zip(channels[:-1], channels[1:]))
         self.mid = _Stage(channels[-1], channels[-1], (1, 1), time_dim, n - 1, opts)
         self.up = nn.ModuleList(_Stage(2 * c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
         self.upsample = nn.ModuleList(Upsample3d(b, a) for a, b in zip(channels[:-1], channels[1:]))
-        self.head = nn.Sequential(
-            group_norm(channels[0], norm_groups), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1)
-        )
+        if patch_size == 1:
+            self.detail = None
+            self.head = nn.Sequential(
+                group_norm(channels[0], norm_groups), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1)
+            )
+        else:
+            self.detail = nn.Conv3d(stem_channels, stem_channels, 1)  # once per window, in encode()
+            self.head = DetailHead(channels[0], out_channels, patch_size, stem_channels, norm_groups)
 
     @property
     def stride(self) -> int:
         """Every spatial size of the input must be a multiple of this."""
-        return 2 ** (len(self.channels) - 1)
+        return self.patch_size * 2 ** (len(self.channels) - 1)
 
     def check_size(self, spatial: Sequence[int]) -> None:
         """Raise a ``ValueError`` naming the size unless every axis is a positive multiple of ``stride``."""
@@ -159,12 +227,15 @@ class DiffusionSegUNet(nn.Module):
         """Run the image encoder once: ``image [B, 4, X, Y, Z]`` (and, for prior source "external", probabilities
         ``[B or 1, 3, X', Y', Z']`` of any size) ``-> Conditioning`` reusable by every step and ensemble member."""
         self.check_size(image.shape[2:])
-        features = self.encoder(image)
+        features, detail = self.encoder(image)
         grid = self.encoder.token_grid(features[-1].shape[2:])
         coarse = resample_to_grid(features[-1], grid)
         prior, logits = self._prior(coarse, external_prior)
         tokens = self.encoder.tokens(prior, coarse) if self.cross_attention_levels else None
-        return Conditioning(features=features, prior=prior, prior_logits=logits, tokens=tokens, token_grid=grid)
+        fused = [fuse(f) for fuse, f in zip(self.fuse, features)]  # to the denoiser's widths, once per window
+        detail = None if self.detail is None else self.detail(detail)
+        return Conditioning(features=fused, prior=prior, prior_logits=logits, tokens=tokens, token_grid=grid,
+                            detail=detail)
 
     def _prior(self, coarse: Tensor, external_prior: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(prior probabilities [B, 3, *grid], prior logits or None)`` for the configured source."""
@@ -206,9 +277,9 @@ class DiffusionSegUNet(nn.Module):
     def _denoise(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning, maps: MapCollector | None) -> Tensor:
         self._check_inputs(x_t, cond)
         temb = self.time(as_timesteps(t, x_t.shape[0], x_t.device))
-        h, skips = self.stem(x_t), []
+        h, skips = self.stem(space_to_depth(x_t, self.patch_size)), []
         for i, stage in enumerate(self.down):
-            h = stage(h + self.fuse[i](cond.features[i]), temb, cond, maps)
+            h = stage(h + cond.features[i], temb, cond, maps)
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
@@ -217,12 +288,15 @@ class DiffusionSegUNet(nn.Module):
             h = self.up[i](torch.cat([h, skips[i]], dim=1), temb, cond, maps)
             if i > 0:
                 h = self.upsample[i - 1](h)
-        return self.head(h)
+        if self.detail is None:
+            return self.head(h)
+        return self.head(h, cond.features[0], cond.detail)
 
     def _check_inputs(self, x_t: Tensor, cond: Conditioning) -> None:
         self.check_size(x_t.shape[2:])
         feat = cond.features[0]
-        if feat.shape[0] != x_t.shape[0] or feat.shape[2:] != x_t.shape[2:]:
+        grid = tuple(n // self.patch_size for n in x_t.shape[2:])
+        if feat.shape[0] != x_t.shape[0] or tuple(feat.shape[2:]) != grid:
             raise ValueError(
                 f"x_t {tuple(x_t.shape)} does not match the conditioning {tuple(feat.shape)} in batch or size; "
                 "for n ensemble members per image use cond.repeat(n)"

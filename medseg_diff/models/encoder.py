@@ -1,6 +1,9 @@
 """Image encoder: multi-scale features of the 4 MRI modalities, the mask-prior head and the prior tokens.
 
-Scale ``i`` has ``channels[i]`` channels at ``1/2^i`` of the input size. The coarsest scale, pooled to at most
+Scale ``i`` has ``channels[i]`` channels at ``1/(patch * 2^i)`` of the input size: a strided stem
+(:class:`~medseg_diff.models.blocks.StridedStem`) takes the image from its own grid to ``1/patch`` with no
+full-resolution layer, so the encoder costs about what the plain U-Net does. ``patch = 1`` is the
+full-resolution encoder (a 3x3x3 conv stem at the input grid). The coarsest scale, pooled to at most
 ``max_token_grid`` per axis, is the **token grid** ``(x, y, z)``; there the prior head predicts 3-channel region
 logits (deep-supervision target: the [TC, WT, ET] masks average-pooled to the token grid, e.g.
 ``F.interpolate(mask, size=token_grid, mode="area")``), and the prior tokens are built:
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from medseg_diff.models.blocks import Downsample3d, ResBlock3d, group_norm
+from medseg_diff.models.blocks import Downsample3d, ResBlock3d, StridedStem, group_norm
 
 PRIOR_CHANNELS = 3  # [TC, WT, ET]
 
@@ -62,7 +65,8 @@ def _prior_head(channels: int, norm_groups: int) -> nn.Sequential:
 class ImageEncoder(nn.Module):
     """Multi-scale 3D conv encoder of the image, with an optional prior head and prior-token projection.
 
-    ``forward(image [B, in_channels, X, Y, Z]) -> [features_i [B, channels[i], X/2^i, Y/2^i, Z/2^i]]``, finest first.
+    ``forward(image [B, in_channels, X, Y, Z]) -> ([features_i [B, channels[i], X/(p 2^i), ...]], detail)``,
+    finest first (``p = patch``); ``detail`` is the stem's ``1/2``-resolution output (None at ``patch = 1``).
     """
 
     def __init__(
@@ -74,11 +78,17 @@ class ImageEncoder(nn.Module):
         prior_head: bool = True,
         token_dim: int | None = None,
         max_token_grid: int = 16,
+        patch: int = 1,
+        stem_channels: int = 16,
     ):
         super().__init__()
         channels = tuple(channels)
         self.max_token_grid = max_token_grid
-        self.stem = nn.Conv3d(in_channels, channels[0], 3, padding=1)
+        self.patch = patch
+        self.stem = (
+            nn.Conv3d(in_channels, channels[0], 3, padding=1) if patch == 1
+            else StridedStem(in_channels, channels[0], patch, stem_channels, norm_groups)
+        )  # fmt: skip
         self.scales = nn.ModuleList()
         for i, ch in enumerate(channels):
             layers = [] if i == 0 else [Downsample3d(channels[i - 1], ch)]
@@ -88,13 +98,18 @@ class ImageEncoder(nn.Module):
         self.prior_head = _prior_head(coarse, norm_groups) if prior_head else None
         self.to_tokens = None if token_dim is None else nn.Linear(PRIOR_CHANNELS + coarse, token_dim)
 
-    def forward(self, image: Tensor) -> list[Tensor]:
-        h = self.stem(image)
+    def forward(self, image: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """``(features, detail)``: the multi-scale features, and the stem's ``1/2``-resolution detail features
+        ``[B, stem_channels, X/2, Y/2, Z/2]`` (None at ``patch = 1``)."""
+        if self.patch == 1:
+            h, detail = self.stem(image), None
+        else:
+            h, detail = self.stem(image)
         features = []
         for scale in self.scales:
             h = scale(h)
             features.append(h)
-        return features
+        return features, detail
 
     def token_grid(self, coarse_size: Sequence[int]) -> tuple[int, ...]:
         """The token grid for a coarsest-scale size: that size, capped at ``max_token_grid`` per axis."""

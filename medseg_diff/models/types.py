@@ -16,11 +16,14 @@ from torch import Tensor
 class Conditioning:
     """What the image encoder hands the denoiser. Computed once per window.
 
-    features:     one tensor per denoiser scale, finest first; ``[B, C_i, X/2^i, Y/2^i, Z/2^i]``
+    features:     the image features of each denoiser level, already projected to its width, finest first;
+                  ``[B, C_i, X/(s 2^i), Y/(s 2^i), Z/(s 2^i)]`` (``s`` the model's patch size)
     prior:        the mask prior at the token grid, probabilities ``[B, 3, x, y, z]`` (zeros for source "none")
     prior_logits: the prior head's logits ``[B, 3, x, y, z]`` for its deep-supervision loss (None unless source "head")
     tokens:       prior tokens for cross-attention ``[B, M, D]`` (M = x*y*z), or None when no cross-attention
     token_grid:   ``(x, y, z)`` of the token grid, to map attention over tokens back to space
+    detail:       the image's ``1/2``-resolution detail features for the output head, already projected to its
+                  width, ``[B, W, X/2, Y/2, Z/2]`` (None for the full-resolution model)
     """
 
     features: list[Tensor]
@@ -28,6 +31,7 @@ class Conditioning:
     prior_logits: Tensor | None = None
     tokens: Tensor | None = None
     token_grid: tuple[int, int, int] | None = None
+    detail: Tensor | None = None
 
     def repeat(self, n: int) -> "Conditioning":
         """Each batch element repeated ``n`` times (ensemble members), ``[B, ...] -> [B*n, ...]``."""
@@ -41,6 +45,7 @@ class Conditioning:
             prior=rep(self.prior),
             prior_logits=rep(self.prior_logits),
             tokens=rep(self.tokens),
+            detail=rep(self.detail),
         )
 
 

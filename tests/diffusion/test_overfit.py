@@ -1,5 +1,6 @@
 """Loss, network and sampler fit together: a small diffusion U-Net trained on one tiny case with ``DiffusionLoss``
-(x0 prediction) is DDIM-sampled from pure noise back to that case's mask with Dice > 0.9 on every region.
+(x0 prediction) is DDIM-sampled from pure noise back to that case's mask with Dice > 0.9 on every region (the
+full-resolution model; > 0.75 for the compact one, see SETTINGS).
 
 What this pins end to end: the loss trains the output as x0 logits of the {0, 1} regions in [TC, WT, ET] order
 and the sampler reads it the same way (x0 = 2σ - 1 into ``DDIMScheduler.step``, member probabilities
@@ -25,7 +26,13 @@ from medseg_diff.diffusion.schedules import build_scheduler
 from medseg_diff.models import DiffusionSegUNet
 
 SIZE = 16
-STEPS, LR, NOISE_LEVELS = 120, 3e-3, 2
+LR, NOISE_LEVELS = 3e-3, 2
+# (patch size, training steps, Dice every region must exceed): the full-resolution model, and the compact one
+# (denoiser on an 8^3 grid of 2^3 patches). The compact model draws this case's 1-2 voxel thin enhancing rim
+# through its pointwise 1/2-resolution head and needs more steps for a rougher fit: Dice 0.87 / 0.90 / 0.79
+# (TC / WT / ET) after 200 steps where the full-resolution model reaches 0.99 / 0.99 / 0.95 after 120. What
+# the compact design costs on realistic phantoms is measured in benchmarks/README.md (ablations).
+SETTINGS = {"full-resolution": (1, 120, 0.9), "compact": (2, 200, 0.75)}
 # mean intensity per label (0 background, 1 NCR, 2 ED, 4 ET) in t1, t1ce, t2, flair: dark necrotic core on
 # T1ce, enhancing rim bright on T1ce, edema bright on FLAIR/T2, as in a glioblastoma
 CONTRAST = {0: (100, 90, 80, 70), 1: (60, 80, 160, 90), 2: (90, 95, 140, 160), 4: (110, 200, 120, 120)}
@@ -60,11 +67,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_trained_on_one_case_the_sampler_gives_back_its_mask(one_thread):
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_trained_on_one_case_the_sampler_gives_back_its_mask(one_thread, setting):
+    patch, steps, min_dice = SETTINGS[setting]
     torch.manual_seed(0)
     image, regions = tiny_case()
     net = DiffusionSegUNet(channels=(8, 16, 32), linear_attention_levels=(1, 2), cross_attention_levels=(2,),
-                           heads=2, dim_head=8, norm_groups=4)
+                           heads=2, dim_head=8, norm_groups=4, patch_size=patch, encoder_channels=(16, 32, 64),
+                           stem_channels=8)
     loss_fn = DiffusionLoss(build_scheduler(1000, "linear_beta", "sample"), LossWeights())
     module, generator = EncodeDenoise(net), torch.Generator().manual_seed(0)
     optimiser = torch.optim.AdamW(net.parameters(), lr=LR)
@@ -73,7 +83,7 @@ def test_trained_on_one_case_the_sampler_gives_back_its_mask(one_thread):
     #    than 1: for batch 1 PyTorch runs these small 3D convolutions on its slow native path, not oneDNN)
     images, targets = (v.expand(NOISE_LEVELS, -1, -1, -1, -1) for v in (image, regions))
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         out = loss_fn(module, images, targets, generator=generator)
         optimiser.zero_grad()
         out.total.backward()
@@ -88,4 +98,4 @@ def test_trained_on_one_case_the_sampler_gives_back_its_mask(one_thread):
     pred, truth = sample.probs[0] > 0.5, regions[0].bool()
     scores = {name: dice(pred[c], truth[c]) for c, name in enumerate(REGIONS) if truth[c].any()}
     assert set(scores) == set(REGIONS), "the case must have every region"
-    assert all(score > 0.9 for score in scores.values()), f"Dice {scores}, loss {first:.3f} -> {last:.3f}"
+    assert all(score > min_dice for score in scores.values()), f"Dice {scores}, loss {first:.3f} -> {last:.3f}"

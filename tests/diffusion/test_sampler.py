@@ -16,10 +16,10 @@ SCHEDULES = ("linear_beta", "scaled_linear_beta", "cosine", "sigmoid_beta")
 PREDICTIONS = ("sample", "epsilon", "v_prediction")
 
 
-def tiny_model() -> DiffusionSegUNet:
+def tiny_model(patch_size: int = 1) -> DiffusionSegUNet:
     torch.manual_seed(0)
     return DiffusionSegUNet(channels=(8, 16, 32), linear_attention_levels=(0, 1), cross_attention_levels=(2,),
-                            heads=2, dim_head=8, norm_groups=4).eval()
+                            heads=2, dim_head=8, norm_groups=4, patch_size=patch_size).eval()
 
 
 def image(batch: int = 2, size: tuple[int, int, int] = (8, 8, 8)) -> Tensor:
@@ -171,11 +171,12 @@ def test_step_weight_favours_later_steps_and_agreeing_members():
 
 
 # -- whole volumes -------------------------------------------------------------------------------------------------
-SIZE = (21, 19, 17)  # neither a multiple of the stride (4) nor of the window (16)
+SIZE = (21, 19, 17)  # neither a multiple of the strides (4 or 16) nor of the window (16)
 
 
-def test_diffusion_whole_volume_at_an_odd_size():
-    segmenter = DiffusionSegmenter(tiny_model(), sampler(steps=2, ensemble=2))
+@pytest.mark.parametrize("patch_size", [1, 4], ids=["full-resolution", "compact"])
+def test_diffusion_whole_volume_at_an_odd_size(patch_size):
+    segmenter = DiffusionSegmenter(tiny_model(patch_size), sampler(steps=2, ensemble=2))
     pred = infer_volume(segmenter, torch.randn(1, 4, *SIZE), roi_size=(16, 16, 16), overlap=0.25, sw_batch_size=2)
     assert pred.probs.shape == (3, *SIZE)
     assert pred.entropy.shape == pred.variance.shape == (1, *SIZE)

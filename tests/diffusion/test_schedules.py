@@ -152,8 +152,10 @@ def test_every_monai_schedule_builds(schedule):
 # -- loss ----------------------------------------------------------------------------------------------------------
 def tiny_net(prior_source: str) -> DiffusionSegUNet:
     torch.manual_seed(0)
-    return DiffusionSegUNet(channels=(8, 16), linear_attention_levels=(0,), cross_attention_levels=(1,), heads=2,
-                            dim_head=8, norm_groups=4, prior_source=prior_source)
+    net = DiffusionSegUNet(channels=(8, 16), linear_attention_levels=(0,), cross_attention_levels=(1,), heads=2,
+                           dim_head=8, norm_groups=4, prior_source=prior_source, patch_size=2)
+    torch.nn.init.normal_(net.head.out[-1].weight, std=0.02)  # zero at init; as after the first update
+    return net
 
 
 @pytest.mark.parametrize("prior_source", ("head", "none"))
@@ -208,3 +210,37 @@ def test_loss_of_the_perfect_prediction_is_small(prediction):
     good = loss_fn.from_output(perfect, None, x_t, x0, noise, t, regions)
     bad = loss_fn.from_output(torch.zeros_like(perfect), None, x_t, x0, noise, t, regions)
     assert good.parts["loss"] < 1e-3 < bad.parts["loss"]
+
+
+# -- SNR shift -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("shift", [8.0, 64.0])
+def test_snr_shift_divides_the_signal_to_noise_ratio_at_every_step(schedule, shift):
+    base, shifted = build_scheduler(1000, schedule), build_scheduler(1000, schedule, snr_shift=shift)
+    snr = lambda s: s.alphas_cumprod.double() / (1 - s.alphas_cumprod.double())  # noqa: E731
+    keep = base.alphas_cumprod > 1e-6  # where float32 still resolves ᾱ
+    torch.testing.assert_close(snr(shifted)[keep], snr(base)[keep] / shift, rtol=2e-3, atol=0)
+    assert (shifted.alphas_cumprod <= base.alphas_cumprod).all()  # noisier at every t
+    torch.testing.assert_close(shifted.alphas_cumprod, torch.cumprod(shifted.alphas, 0))
+    torch.testing.assert_close(shifted.alphas, 1 - shifted.betas)
+
+
+def test_snr_shift_of_one_is_the_plain_schedule_and_the_shift_reaches_add_noise():
+    plain, one = build_scheduler(), build_scheduler(snr_shift=1.0)
+    assert torch.equal(plain.alphas_cumprod, one.alphas_cumprod)
+    shifted = build_scheduler(snr_shift=8.0)
+    x0, noise, t = torch.ones(1, 3, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2), torch.tensor([300])
+    assert shifted.add_noise(x0, noise, t).mean() == pytest.approx(float(shifted.alphas_cumprod[300].sqrt()))
+    assert shifted.add_noise(x0, noise, t).mean() < plain.add_noise(x0, noise, t).mean()
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_ddim_with_a_shifted_schedule_and_the_true_prediction_lands_on_x0(prediction):
+    scheduler = build_scheduler(1000, "linear_beta", prediction, snr_shift=8.0)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    x0 = binary_mask(1)
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for t in set_trailing_timesteps(scheduler, 5):
+        output = true_output(scheduler, x0, x, t.expand(SHAPE[0]))
+        x, _ = scheduler.step(scheduler_input(scheduler, output), int(t), x, eta=0.0)
+    torch.testing.assert_close(x, x0, rtol=0, atol=1e-6)

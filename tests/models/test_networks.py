@@ -17,7 +17,7 @@ from medseg_diff.models import (
     build_baseline_unet,
 )
 
-TINY = dict(channels=(8, 16, 32), heads=2, dim_head=8, norm_groups=4)  # stride 4
+TINY = dict(channels=(8, 16, 32), heads=2, dim_head=8, norm_groups=4, patch_size=1)  # stride 4 (full resolution)
 
 
 def tiny_model(prior_source: str = "head", **overrides) -> DiffusionSegUNet:
@@ -88,7 +88,7 @@ def test_every_parameter_gets_a_gradient(prior_source):
 
 # -- shapes ------------------------------------------------------------------------------------------------------
 def test_odd_multiples_of_the_stride():
-    model = DiffusionSegUNet(channels=(8, 16, 32, 64), heads=2, dim_head=8, norm_groups=4).eval()
+    model = DiffusionSegUNet(channels=(8, 16, 32, 64), heads=2, dim_head=8, norm_groups=4, patch_size=1).eval()
     assert model.stride == 8
     with torch.no_grad():
         cond = model.encode(torch.randn(1, 4, 48, 40, 56))
