@@ -160,6 +160,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the training config's)")
     p.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the training config's)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
     p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases")
     p.add_argument("--continue-on-error", action="store_true")
     p.add_argument("--prior-dir", type=Path, default=None,
@@ -180,7 +182,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     report = evaluate(args.manifest, dict(args.models), args.out, subset=args.subset, fold=args.fold,
                       root=args.root, device=args.device, sample_steps=args.steps, ensemble=args.ensemble,
-                      export_cases=args.export_cases, continue_on_error=args.continue_on_error,
+                      overlap=args.overlap, export_cases=args.export_cases, continue_on_error=args.continue_on_error,
                       prior_dir=args.prior_dir, tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
     print(report.summary_markdown)
     for path in report.overlays:
@@ -208,6 +210,8 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--ensemble", type=int, default=None)
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--continue-on-error", action="store_true", help="skip and report bad cases")
 
@@ -219,7 +223,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     report = predict_cases(args.checkpoint, args.input, args.out, subset=args.subset, root=args.root,
                            convention=args.convention, prior_dir=args.prior_dir, device=args.device,
-                           sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed,
+                           sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed, overlap=args.overlap,
                            continue_on_error=args.continue_on_error)
     print(report.summary())
     return 1 if report.failed else 0

@@ -49,10 +49,11 @@ def input_records(source: str | Path, subset: str = "all", root: str | Path | No
 def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Path, subset: str = "all",
                   root: str | Path | None = None, convention: str | None = None, prior_dir: str | Path | None = None,
                   device: str = "auto", sample_steps: int | None = None, ensemble: int | None = None,
-                  seed: int | None = None, continue_on_error: bool = False) -> BatchReport:
+                  seed: int | None = None, continue_on_error: bool = False, overlap: float | None = None
+                  ) -> BatchReport:
     """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``engine.predictions``)."""
     dev = resolve_device(device)
-    model = load_model(checkpoint, dev, sample_steps, ensemble, seed)
+    model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap)
     _check_prior_use(model, prior_dir)  # a model-wide mistake: fail once, before any case
     conv, records = input_records(source, subset, root, convention)
     report = BatchReport()

@@ -27,6 +27,20 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+#: Version of the checkpoint layout. 2: the compact diffusion model (``model.denoiser.patch_size``); the
+#: configs inside format-1 checkpoints describe the full-resolution model and lack the compact keys.
+FORMAT = 2
+
+
+def upgrade_config(raw: dict[str, Any], fmt: int) -> dict[str, Any]:
+    """The config dict of a format-``fmt`` checkpoint in today's keys: a format-1 (full-resolution) diffusion
+    model gets ``patch_size: 1`` and ``encoder_factor: 1``, which rebuild exactly the network it was."""
+    if fmt >= 2 or "model" not in raw or "denoiser" not in raw["model"]:
+        return raw
+    denoiser = {"patch_size": 1, "encoder_factor": 1, **raw["model"]["denoiser"]}
+    return {**raw, "model": {**raw["model"], "denoiser": denoiser}}
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with the safe (weights-only) unpickler."""
     path = Path(path)

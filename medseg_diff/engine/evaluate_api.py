@@ -67,6 +67,7 @@ def evaluate(
     device: str = "auto",
     sample_steps: int | None = None,
     ensemble: int | None = None,
+    overlap: float | None = None,
     export_cases: int = 2,
     continue_on_error: bool = False,
     prior_dir: str | Path | None = None,
@@ -82,7 +83,7 @@ def evaluate(
     conv = get_convention(manifest.convention)
     cases = select_cases(manifest, subset, fold)
     dev = resolve_device(device)
-    models = {name: load_model(path, dev, sample_steps, ensemble) for name, path in checkpoints.items()}
+    models = {name: load_model(path, dev, sample_steps, ensemble, overlap=overlap) for name, path in checkpoints.items()}
     for name, model in models.items():
         if model.needs_prior and prior_dir is None:
             raise DataError(model.checkpoint, f"model '{name}' uses an external prior (prior_source=external): "

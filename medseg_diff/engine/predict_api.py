@@ -19,7 +19,7 @@ from medseg_diff.config import Config, config_from_dict
 from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention
 from medseg_diff.data.dataset import CASE_ID
 from medseg_diff.data.transforms import IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
-from medseg_diff.engine.checkpoint import load_checkpoint
+from medseg_diff.engine.checkpoint import load_checkpoint, upgrade_config
 from medseg_diff.engine.infer import VolumePrediction, infer_volume
 from medseg_diff.engine.tasks import Task, build_task
 from medseg_diff.errors import DataError
@@ -61,10 +61,11 @@ class CasePrediction:
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
-               ensemble: int | None = None, seed: int | None = None) -> LoadedModel:
+               ensemble: int | None = None, seed: int | None = None, overlap: float | None = None) -> LoadedModel:
     """Rebuild a trained model from its checkpoint (the config inside it), with the inference weights (EMA).
 
-    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config.
+    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
+    sliding-window overlap (``infer.overlap``).
     """
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, map_location="cpu")
@@ -78,7 +79,9 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu", sampl
         raw = {**raw, "diffusion": {**raw["diffusion"], **overrides}}
     if seed is not None:
         raw = {**raw, "experiment": {**raw["experiment"], "seed": seed}}
-    cfg = config_from_dict(raw, source=path)
+    if overlap is not None:
+        raw = {**raw, "infer": {**raw["infer"], "overlap": overlap}}
+    cfg = config_from_dict(upgrade_config(raw, ckpt.get("format", 1)), source=path)
     task = build_task(cfg)
     task.net.load_state_dict(weights)
     net = task.net.to(torch.device(device) if isinstance(device, str) else device).eval()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from medseg_diff.config import Config
 from medseg_diff.data.conventions import REGIONS
 from medseg_diff.data.transforms import IMAGE, LABEL
-from medseg_diff.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg_diff.engine.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, upgrade_config
 from medseg_diff.engine.distributed import DistInfo, barrier, mean_across
 from medseg_diff.engine.infer import infer_volume
 from medseg_diff.engine.tasks import Task, simulated_prior
@@ -87,6 +87,18 @@ def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
 
 
+def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
+    """``key: saved -> current`` for every leaf that differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key}: {a} -> {b}")
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, task: Task, train_data, val_data, device: torch.device,
                  dist_info: DistInfo = DistInfo(), hooks: list[TrainerHook] | None = None,
@@ -98,6 +110,8 @@ class Trainer:
         self.state = TrainState()
         self.net = task.net.to(device)
         self.module = self._wrap(task.train_module().to(device))
+        if cfg.train.compile:  # shares its parameters with self.net; checkpoints keep the plain state_dict
+            self.module = torch.compile(self.module)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.loader_generator = torch.Generator()
         self.loader = self._loader()
@@ -272,7 +286,7 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         s = self.state
         return {
-            "format": 1,
+            "format": FORMAT,
             "model_kind": self.task.kind,
             "config": self.cfg.to_dict(),
             "model": self.net.state_dict(),
@@ -289,6 +303,13 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         if ckpt.get("model_kind") != self.task.kind:
             raise TrainingError(f"{path}: checkpoint is of a '{ckpt.get('model_kind')}' model, not '{self.task.kind}'")
+        section = "denoiser" if self.task.kind == "diffusion" else "unet"  # the network's own settings
+        saved = upgrade_config(ckpt.get("config", {}), ckpt.get("format", 1)).get("model", {}).get(section, {})
+        differ = _differences(saved, self.cfg.to_dict()["model"][section], f"model.{section}")
+        if differ:
+            raise TrainingError(
+                f"{path}: cannot resume: the checkpoint's network differs from this config ({'; '.join(differ[:4])}). "
+                f"Use another experiment.output_dir, or --no-resume to start over")
         self.net.load_state_dict(ckpt["model"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
