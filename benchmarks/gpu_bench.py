@@ -6,17 +6,20 @@ What is measured (bf16 autocast on CUDA, fp32 on the CPU):
    batch 2, done exactly as ``engine/trainer.py`` does it: ``build_task(load_config(...))``, the task's
    ``train_module()`` and ``loss()`` (for the diffusion model ``DiffusionLoss`` through ``EncodeDenoise``),
    plus the EMA update the trainer does for the diffusion model. Diffusion (``configs/diffusion.yaml``)
-   vs the plain U-Net (``configs/baseline_unet.yaml``), and MONAI ``UNet`` at the 12.9 M-parameter setting
-   of ANCHORS.md. Median of 10 timed steps after 3 warm-up steps (CUDA events); peak = ``max_memory_allocated``
-   over the timed steps (weights, gradients, optimiser state and activations).
+   vs the plain U-Net (``configs/baseline_unet.yaml``), MONAI ``UNet`` at the 12.9 M-parameter setting of
+   ANCHORS.md, the full-resolution ablation (``configs/ablations/full_resolution.yaml``), and (CUDA, or with
+   ``--compile``) both models under ``torch.compile`` as ``train.compile: true`` runs them. Median of 10 timed
+   steps after 3 warm-up steps (CUDA events); peak = ``max_memory_allocated`` over the timed steps (weights,
+   gradients, optimiser state and activations).
 2. ``attention`` -- one attention block, 64 channels, 4 heads x 32, fwd+bwd at 32³ / 48³ / 64³ tokens:
    ``LinearAttention3d`` vs flash SDPA softmax attention (``benchmarks/bench_attention.measure``, median of 7
    after 1 warm-up; peak beyond inputs and weights); out-of-memory is reported, not raised.
-3. ``volume``    -- a whole 4 x 240 x 240 x 155 volume (random normalised input) through ``infer_volume``:
-   ``UNetSegmenter`` vs ``DiffusionSegmenter`` (N = 4 members x K = 10 DDIM steps from the config, attention
-   maps on the last step); sliding windows 128³, overlap 0.5, ``sw_batch_size`` 4 (halved on out-of-memory,
-   and reported). Seconds per volume = median of 3 after 1 warm-up (fewer, noted, if the budget runs short);
-   peak memory.
+3. ``volume``    -- a whole volume (random normalised input) through ``infer_volume``: the brain box of a real
+   BraTS case (140 x 190 x 137: what ``predict`` runs on after its foreground crop) and the uncropped
+   240 x 240 x 155 grid; ``UNetSegmenter`` vs ``DiffusionSegmenter`` (N = 4 members x K = 10 DDIM steps from the
+   config, attention maps on the last step); sliding windows 128³, overlap 0.5, ``sw_batch_size`` 4 (halved on
+   out-of-memory, and reported). Seconds per volume = median of 3 after 1 warm-up (fewer, noted, if the budget
+   runs short); peak memory. ``sweep``: the brain box for K x N in ``Sizes.sweep``.
 4. ``extras``    -- diagnostics, each reported separately and only while the time budget (``--budget-s``)
    lasts, median of 2 volumes after 1 warm-up: one denoiser forward (and encode) per window batch; the
    diffusion step without level-0 linear attention; the volume with ``cudnn.benchmark``, without attention
@@ -65,13 +68,15 @@ from medseg_diff.engine.tasks import build_task  # noqa: E402
 GIB = 2**30
 DIFFUSION_CFG = ROOT / "configs" / "diffusion.yaml"
 UNET_CFG = ROOT / "configs" / "baseline_unet.yaml"
+FULL_RES_CFG = ROOT / "configs" / "ablations" / "full_resolution.yaml"
 UNET_12M9 = ["model.unet.channels=[32,64,128,256,320]", "model.unet.strides=[2,2,2,2]", "model.unet.num_res_units=2"]
 # --tiny: shrink the networks and the sampler so that the whole run takes seconds on 2 CPU cores
 TINY_SET = [
-    "model.denoiser.channels=[4,8,16,32]", "model.denoiser.heads=1", "model.denoiser.dim_head=8",
+    "model.denoiser.channels=[4,8,16]", "model.denoiser.heads=1", "model.denoiser.dim_head=8",
     "model.unet.channels=[4,8,16,32,64]", "diffusion.sample_steps=2", "diffusion.ensemble=2",
 ]  # fmt: skip
 TINY_12M9 = ["model.unet.channels=[4,8,16,32,40]"]
+TINY_FULL_RES = ["model.denoiser.channels=[4,8,16,32]"]
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Sizes:
     batch: int = 2
     attention_sides: tuple[int, ...] = (32, 48, 64)
     volume: tuple[int, int, int] = (240, 240, 155)
+    brain: tuple[int, int, int] = (140, 190, 137)  # the largest brain box of the real BraTS cases (bench_cost.py)
+    sweep: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (4, 1), (10, 1), (1, 4), (2, 4), (4, 4), (10, 4))
     roi: int = 128
     roi_alt: int = 96
     sw_batch: int = 4
@@ -91,7 +98,8 @@ class Sizes:
 
 
 # smoke sizes: exercise every code path in well under 2 min on 2 CPU cores (fewer repeats than the GPU run)
-TINY = Sizes(crop=32, attention_sides=(16,), volume=(64, 64, 48), roi=32, roi_alt=24, sw_batch=4,
+TINY = Sizes(crop=32, attention_sides=(16,), volume=(64, 64, 48), brain=(48, 56, 40), roi=32, roi_alt=32, sw_batch=4,
+             sweep=((1, 1), (2, 4)),
              step_warmup=1, step_repeats=2, attention_repeats=2, volume_repeats=1, extra_volume_repeats=1)
 
 
@@ -321,11 +329,13 @@ def random_batch(batch: int, side: int, dev: torch.device, seed: int = 0) -> tup
     return image.to(dev), regions.to(dev)
 
 
-def measure_train(cfg: Config, dev: torch.device, sizes: Sizes, ema: bool, label: str) -> Row:
+def measure_train(cfg: Config, dev: torch.device, sizes: Sizes, ema: bool, label: str, compiled: bool = False) -> Row:
     torch.manual_seed(0)
     task = build_task(cfg)
     net = task.net.to(dev).train()
     module = task.train_module().to(dev)
+    if compiled:  # as the trainer does with train.compile: true (the warm-up steps include the compilation)
+        module = torch.compile(module)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ema_model, ema_note = None, ""
     if ema and task.uses_ema and cfg.train.ema_decay > 0:
@@ -362,7 +372,8 @@ def measure_train(cfg: Config, dev: torch.device, sizes: Sizes, ema: bool, label
                extra={"params": params, "wall_ms": timing.wall_ms, "warmup_ms": timing.warmup_ms})
 
 
-def run_train(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, Config], full: bool) -> None:
+def run_train(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, Config], full: bool,
+              compile_: bool = False) -> None:
     def one(name: str, cfg: Config, ema: bool) -> None:
         guarded(report, "train", name, dev)(lambda: measure_train(cfg, dev, sizes, ema, name))
 
@@ -370,14 +381,23 @@ def run_train(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, C
     one("diffusion (diffusion.yaml), trainer step incl. EMA", cfgs["diffusion"], ema=True)
     one("diffusion (diffusion.yaml), no EMA", cfgs["diffusion"], ema=False)
     one("MONAI UNet 12.9M (ANCHORS setting)", cfgs["unet12m9"], ema=False)
-    unet = report.find("train", "unet (baseline_unet.yaml)")
-    for label in ("diffusion (diffusion.yaml), trainer step incl. EMA", "diffusion (diffusion.yaml), no EMA"):
-        diff = report.find("train", label)
+    one("diffusion full resolution (ablations/full_resolution.yaml), incl. EMA", cfgs["full_resolution"], ema=True)
+    if dev.type == "cuda" or compile_:
+        for name, cfg, ema in (("unet (baseline_unet.yaml), torch.compile", cfgs["unet"], False),
+                               ("diffusion (diffusion.yaml), torch.compile, incl. EMA", cfgs["diffusion"], True)):
+            guarded(report, "train", name, dev)(
+                lambda n=name, c=cfg, e=ema: measure_train(c, dev, sizes, e, n, compiled=True))
+    pairs = [("unet (baseline_unet.yaml)", "diffusion (diffusion.yaml), trainer step incl. EMA"),
+             ("unet (baseline_unet.yaml)", "diffusion (diffusion.yaml), no EMA"),
+             ("unet (baseline_unet.yaml), torch.compile", "diffusion (diffusion.yaml), torch.compile, incl. EMA")]
+    for unet_label, label in pairs:
+        unet, diff = report.find("train", unet_label), report.find("train", label)
         if unet is None or diff is None:
             continue
         ratio = diff.value / unet.value
         ok = ratio <= 2.0 and diff.peak_gib <= 8.0
-        report.add(Row("train", f"ratio {label.split(', ', 1)[1]} / unet", value=ratio, unit="x",
+        report.add(Row("train", f"ratio {label.split(', ', 1)[1]} / {unet_label.split(' ', 1)[0]}"
+                       + (" (both compiled)" if "compile" in unet_label else ""), value=ratio, unit="x",
                        peak_gib=diff.peak_gib, target="≤ 2× U-Net step, peak ≤ 8 GiB",
                        meets=("yes" if ok else "no") if full else "n/a",
                        settings=diff.settings, note=f"{diff.value:.1f} ms vs {unet.value:.1f} ms"))
@@ -471,8 +491,9 @@ def measure_volume(segmenter, image: torch.Tensor, dev: torch.device, sizes: Siz
 
 
 def volume_row(name: str, seconds: list, sw: int, peak_mb: float, pred, warm: float, sizes: Sizes, roi: int,
-               segmenter, target: str = "", full: bool = False, extra_note: str = "", repeats: int = 0) -> Row:
-    size = tuple(sizes.volume)
+               segmenter, target: str = "", full: bool = False, extra_note: str = "", repeats: int = 0,
+               size: tuple[int, ...] | None = None) -> Row:
+    size = tuple(size or sizes.volume)
     notes = [f"{n_windows(size, roi, 0.5)} windows", f"warm-up {warm:.2f} s"]
     sampler = getattr(segmenter, "sampler", None)
     settings = f"{'×'.join(map(str, size))}, roi {roi}³, overlap 0.5, sw_batch_size {sw}"
@@ -489,8 +510,7 @@ def volume_row(name: str, seconds: list, sw: int, peak_mb: float, pred, warm: fl
     if extra_note:
         notes.append(extra_note)
     value = statistics.median(seconds)
-    meets = ("yes" if value <= 2.0 else "no") + (" (≤ 1 s)" if value <= 1.0 else "") if target and full else (
-        "n/a" if target else "")
+    meets = ("yes" if value <= 1.0 else "no") if target and full else ("n/a" if target else "")
     return Row("volume", name, value=value, unit="s", peak_gib=peak_mb / 1024, target=target, meets=meets,
                settings=settings, note="; ".join(notes), samples=seconds)
 
@@ -518,23 +538,50 @@ def unet_segmenter(cfg: Config, dev: torch.device):
 
 def run_volume(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, Config], full: bool,
                budget: Budget) -> None:
+    """Both models on the brain's bounding box of a BraTS volume (what ``predict`` runs on: its eval pipeline
+    crops to the foreground first) and on the whole uncropped 240x240x155 grid."""
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(1, 4, *sizes.volume, generator=g).to(dev)
+    images = {size: torch.randn(1, 4, *size, generator=g).to(dev) for size in (sizes.brain, sizes.volume)}
 
-    def run(name, make, roi=sizes.roi, target="", note="", ctx=contextlib.nullcontext) -> Row | None:
+    def run(name, make, size, target="") -> Row | None:
         def go() -> Row:
-            with ctx():
-                segmenter = make()
-                seconds, sw, peak, pred, warm = measure_volume(segmenter, image, dev, sizes, roi,
-                                                               sizes.volume_repeats, budget)
-            return volume_row(name, seconds, sw, peak, pred, warm, sizes, roi, segmenter, target, full, note)
+            segmenter = make()
+            seconds, sw, peak, pred, warm = measure_volume(segmenter, images[size], dev, sizes, sizes.roi,
+                                                           sizes.volume_repeats, budget)
+            return volume_row(name, seconds, sw, peak, pred, warm, sizes, sizes.roi, segmenter, target, full,
+                              size=size)
 
         return guarded(report, "volume", name, dev)(go)
 
     # the U-Net first: it takes a fraction of a second, so a slow diffusion run cannot cost its row
-    run("unet (baseline_unet.yaml)", lambda: unet_segmenter(cfgs["unet"], dev))
-    run("diffusion (diffusion.yaml)", lambda: diffusion_segmenter(cfgs["diffusion"], dev),
-        target="≤ 2 s (aim 1 s)")
+    for size, where in ((sizes.brain, "brain box"), (sizes.volume, "uncropped")):
+        run(f"unet (baseline_unet.yaml), {where}", lambda: unet_segmenter(cfgs["unet"], dev), size)
+        run(f"diffusion (diffusion.yaml), {where}", lambda: diffusion_segmenter(cfgs["diffusion"], dev), size,
+            target="≤ 1 s" if where == "brain box" else "")
+
+
+def run_sweep(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, Config], budget: Budget) -> None:
+    """Whole brain-box volume for each (K steps, N members) of ``sizes.sweep``: the cost side of the few-step
+    curve (its Dice side is benchmarks/bench_ablation.py on the phantoms)."""
+    image = torch.randn(1, 4, *sizes.brain, generator=torch.Generator().manual_seed(0)).to(dev)
+    for k, n in sizes.sweep:
+        name = f"sweep: diffusion K={k} × N={n}, brain box"
+        if budget.left() < 30:
+            report.add(Row("sweep", name, status="skipped", note="time budget"))
+            continue
+        cfg = dataclasses.replace(cfgs["diffusion"], diffusion=dataclasses.replace(
+            cfgs["diffusion"].diffusion, sample_steps=k, ensemble=n))
+
+        def go(cfg=cfg, name=name) -> Row:
+            segmenter = diffusion_segmenter(cfg, dev)
+            seconds, sw, peak, pred, warm = measure_volume(segmenter, image, dev, sizes, sizes.roi,
+                                                           sizes.extra_volume_repeats, budget)
+            row = volume_row(name, seconds, sw, peak, pred, warm, sizes, sizes.roi, segmenter,
+                             repeats=sizes.extra_volume_repeats, size=sizes.brain)
+            row.item = "sweep"
+            return row
+
+        guarded(report, "sweep", name, dev)(go)
 
 
 # --- 4. extras (each only if the budget allows) -----------------------------------------------------------
@@ -543,7 +590,7 @@ def run_volume(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, 
 def run_extras(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, Config], full: bool,
                budget: Budget, compile_: bool) -> None:
     """Diagnostics, most useful first, each only while the budget lasts."""
-    base = report.find("volume", "diffusion (diffusion.yaml)")
+    base = report.find("volume", "diffusion (diffusion.yaml), uncropped")
     # one volume variant costs about (1 warm-up + repeats) base volumes, plus set-up
     per_volume = (base.value * (1 + sizes.extra_volume_repeats) + 10) if base is not None else 60.0
     g = torch.Generator().manual_seed(0)
@@ -559,7 +606,7 @@ def run_extras(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, 
                 segmenter = make()
                 seconds, sw, peak, pred, warm = measure_volume(segmenter, image, dev, sizes, roi,
                                                                sizes.extra_volume_repeats, budget)
-            row = volume_row(name, seconds, sw, peak, pred, warm, sizes, roi, segmenter, "≤ 2 s (aim 1 s)",
+            row = volume_row(name, seconds, sw, peak, pred, warm, sizes, roi, segmenter, "",
                              full, note, repeats=sizes.extra_volume_repeats)
             row.item = "extra"
             return row
@@ -574,7 +621,7 @@ def run_extras(report: Report, dev: torch.device, sizes: Sizes, cfgs: dict[str, 
                 lambda w=windows, nm=name: measure_forward(diffusion, dev, sizes, w, nm))
         else:
             report.add(Row("extra", name, status="skipped", note="time budget"))
-    name = "train: diffusion, linear attention only at levels 1, 2 (no EMA)"
+    name = "train: diffusion, linear attention only at level 1 (no EMA)"
     if budget.left() > 30:
         guarded(report, "extra", name, dev)(
             lambda: _as_extra(measure_train(cfgs["diffusion_no_l0"], dev, sizes, False, name)))
@@ -632,8 +679,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke sizes: 32³ crops, 16³ attention, a 64×64×48 volume, shrunk networks")
     p.add_argument("--out", type=Path, default=None, help="write results.json and results.md here (incrementally)")
-    p.add_argument("--items", nargs="+", default=["train", "attention", "volume", "extras"],
-                   choices=("train", "attention", "volume", "extras"))
+    p.add_argument("--items", nargs="+", default=["train", "attention", "volume", "sweep", "extras"],
+                   choices=("train", "attention", "volume", "sweep", "extras"))
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="wall-clock budget; optional measurements are skipped when it runs short")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -665,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     base = (TINY_SET if args.tiny else []) + args.overrides
     cfgs = {
         "diffusion": load_config(DIFFUSION_CFG, base),
-        "diffusion_no_l0": load_config(DIFFUSION_CFG, base + ["model.denoiser.linear_attention_levels=[1,2]"]),
+        "diffusion_no_l0": load_config(DIFFUSION_CFG, base + ["model.denoiser.linear_attention_levels=[1]"]),
+        "full_resolution": load_config(FULL_RES_CFG, base + (TINY_FULL_RES if args.tiny else [])),
         "unet": load_config(UNET_CFG, base),
         "unet12m9": load_config(UNET_CFG, base + (TINY_12M9 if args.tiny else UNET_12M9)),
     }
@@ -673,14 +721,16 @@ def main(argv: list[str] | None = None) -> int:
     report.meta["configs"] = {k: {"model": dataclasses.asdict(c.model), "diffusion": dataclasses.asdict(c.diffusion)}
                               for k, c in cfgs.items()}
 
+    compile_ = args.compile if args.compile is not None else dev.type == "cuda"
     if "train" in args.items:
-        run_train(report, dev, sizes, cfgs, full)
+        run_train(report, dev, sizes, cfgs, full, compile_)
     if "attention" in args.items:
         run_attention(report, dev, sizes, full, budget)
     if "volume" in args.items:
         run_volume(report, dev, sizes, cfgs, full, budget)
+    if "sweep" in args.items:
+        run_sweep(report, dev, sizes, cfgs, budget)
     if "extras" in args.items:
-        compile_ = args.compile if args.compile is not None else dev.type == "cuda"
         run_extras(report, dev, sizes, cfgs, full, budget, compile_)
 
     report.meta["seconds"] = round(budget.seconds - budget.left(), 1)
