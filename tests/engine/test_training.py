@@ -90,3 +90,17 @@ def test_ddp_two_cpu_processes_gloo(phantoms, tmp_path):
     assert proc.stdout.count("done epoch=1") == 2  # both ranks finished
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_train_compile_wraps_the_training_module_and_keeps_plain_checkpoints(tmp_path):
+    """``train.compile: true`` hands the trainer a torch.compile-d module (compiled lazily, on its first call, so
+    nothing is compiled here) that shares its parameters with the network the checkpoints are written from."""
+    from medseg_diff.engine.tasks import build_task
+    from medseg_diff.engine.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "m.json", tmp_path / "out", "diffusion", train={"compile": True})
+    task = build_task(cfg)
+    trainer = Trainer(cfg, task, train_data=[{}], val_data=[], device=torch.device("cpu"))
+    assert isinstance(trainer.module, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.module._orig_mod.net is trainer.net
+    assert not any(k.startswith("_orig_mod") for k in trainer.checkpoint()["model"])
