@@ -13,7 +13,7 @@ bootstrap CI, Wilcoxon signed-rank p; ``engine.stats.compare_models``).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_ablation.py --out /tmp/ablation                 # everything, ~1 h on 2 cores
+    .venv/bin/python benchmarks/bench_ablation.py --out /tmp/ablation --samplers 5x2 10x4   # the README table, ~1 h
     .venv/bin/python benchmarks/bench_ablation.py --out /tmp/ablation --variants unet s4 --samplers 10x4
 """
 
@@ -50,19 +50,18 @@ CONFIG = ROOT / "configs" / "demo_cpu.yaml"
 # name -> (--set overrides on configs/demo_cpu.yaml, what it is)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "unet": (["model.kind=unet"], "plain 3D U-Net (the baseline)"),
-    "default": (["model.kind=diffusion"], "the demo's diffusion model: compact, s = 2, widths 8-16-32, SNR shift 8"),
-    "default_noshift": (["model.kind=diffusion", "diffusion.snr_shift=1"], "as default, no SNR shift"),
-    "s4": (["model.kind=diffusion", "model.denoiser.patch_size=4", "diffusion.snr_shift=64"],
-           "as default, s = 4 (SNR shift 64 = s³)"),
-    "s4_noshift": (["model.kind=diffusion", "model.denoiser.patch_size=4", "diffusion.snr_shift=1"],
-                   "as default, s = 4, no SNR shift"),
-    "s1": (["model.kind=diffusion", "model.denoiser.patch_size=1", "diffusion.snr_shift=1"],
-           "as default, s = 1 (full resolution, no SNR shift)"),
-    "s2_wide": (["model.kind=diffusion", "model.denoiser.channels=[16,32,64]"], "as default, widths 16-32-64"),
+    "default": (["model.kind=diffusion"], "the demo's diffusion model: compact, s = 2, widths 8-16-32"),
+    "shift8": (["model.kind=diffusion", "diffusion.snr_shift=8"], "as default, SNR shift 8 (= s³)"),
+    "s4": (["model.kind=diffusion", "model.denoiser.patch_size=4"], "as default, s = 4"),
+    "s4_shift64": (["model.kind=diffusion", "model.denoiser.patch_size=4", "diffusion.snr_shift=64"],
+                   "as default, s = 4, SNR shift 64 (= s³)"),
+    "s2_wide_shift8": (["model.kind=diffusion", "model.denoiser.channels=[16,32,64]", "diffusion.snr_shift=8"],
+                       "as default, widths 16-32-64, SNR shift 8"),
+    "s1": (["model.kind=diffusion", "model.denoiser.patch_size=1"], "as default, s = 1 (full resolution)"),
     "full_resolution": (
         ["model.kind=diffusion", "model.denoiser.patch_size=1", "model.denoiser.channels=[8,16,32,64]",
          "model.denoiser.encoder_factor=1", "model.denoiser.linear_attention_levels=[1,2]",
-         "model.denoiser.cross_attention_levels=[3]", "diffusion.snr_shift=1"],
+         "model.denoiser.cross_attention_levels=[3]"],
         "the full-resolution demo model before the compact design (s = 1, widths 8-64, encoder = denoiser widths)",
     ),
 }  # fmt: skip

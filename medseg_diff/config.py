@@ -91,7 +91,7 @@ class DiffusionConfig:
     schedule: Literal["linear_beta", "scaled_linear_beta", "cosine", "sigmoid_beta"] = "linear_beta"
     prediction: Literal["sample", "epsilon", "v_prediction"] = "sample"
     snr_shift: float = 1.0  # divide the schedule's SNR by this (patched denoisers: about patch_size^3)
-    sample_steps: int = 10
+    sample_steps: int = 2  # from the few-step curve (benchmarks/README.md)
     ensemble: int = 4
     step_uncertainty_weighting: bool = False
     val_sample_steps: int = 2
