@@ -30,3 +30,18 @@ def phantoms(tmp_path_factory) -> Path:
     write_manifest(build_manifest(root, name="tiny-phantoms", folds=2, test_fraction=0.34, seed=0),
                    root / "manifest.json")
     return root / "manifest.json"
+
+
+@pytest.fixture(autouse=True)
+def _locale_unchanged():
+    """No test may leave the process locale changed: SimpleITK's DICOM writer (GDCM), which tests use to make DICOM
+    series, sets it to "C", after which every ``open()`` without an encoding -- torch.compile's templates among
+    them -- decodes ASCII. A change is restored (so later tests are not hit) and fails the test that made it."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)
+        pytest.fail(f"the process locale changed from {before!r} to {after!r}")

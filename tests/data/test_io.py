@@ -1,3 +1,5 @@
+import locale
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -31,6 +33,7 @@ def test_sitk_formats_keep_geometry(tmp_path, suffix):
 
 
 def test_dicom_series_folder(tmp_path):
+    locale_before = locale.setlocale(locale.LC_ALL)
     data = (np.random.default_rng(1).uniform(0, 1000, size=(6, 7, 5))).astype(np.int16)
     volume = _sitk_from(data, LPS_AFFINE)
     folder = tmp_path / "CASE_t1"
@@ -47,6 +50,7 @@ def test_dicom_series_folder(tmp_path):
         sl.SetMetaData("0008|0060", "MR")
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(sl)
+    locale.setlocale(locale.LC_ALL, locale_before)  # GDCM's writer sets it to "C" (its reader does not)
     array, affine = read_array(folder)
     assert array.shape == data.shape
     np.testing.assert_array_equal(array, data.astype(np.float32))

@@ -162,8 +162,11 @@ def _sitk_image(overlay: CaseOverlay):
 
 
 def _write_dicom_series(image, folder: Path) -> None:
+    import locale
+
     import SimpleITK as sitk
 
+    locale_before = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the process locale to "C"
     folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -179,6 +182,7 @@ def _write_dicom_series(image, folder: Path) -> None:
         plane.SetMetaData("0008|0060", "MR")
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(plane)
+    locale.setlocale(locale.LC_ALL, locale_before)
 
 
 @pytest.mark.parametrize("kind", ["mha", "dicom"])
