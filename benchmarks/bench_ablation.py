@@ -37,10 +37,8 @@ from medseg_diff.data.conventions import REGIONS, get_convention  # noqa: E402
 from medseg_diff.data.dataset import case_record  # noqa: E402
 from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest  # noqa: E402
 from medseg_diff.data.synth import synthesize  # noqa: E402
-from medseg_diff.engine.evaluate_api import select_cases  # noqa: E402
-from medseg_diff.engine.metrics import (  # noqa: E402
-    CaseResult, UndefinedMetricWarning, case_metrics, evaluation_mask, metric_rows, uncertainty_auroc,
-)
+from medseg_diff.engine.evaluate_api import _case_result, _uncertainty_quality, select_cases  # noqa: E402
+from medseg_diff.engine.metrics import metric_rows  # noqa: E402
 from medseg_diff.engine.predict_api import load_model, predict_case  # noqa: E402
 from medseg_diff.engine.report_tables import write_per_case_csv  # noqa: E402
 from medseg_diff.engine.stats import MEAN_REGION, compare_models  # noqa: E402
@@ -109,22 +107,18 @@ def _sampler(text: str) -> tuple[int | None, int | None]:
 
 
 def _predict(label: str, ckpt: Path, manifest_path: Path, k: int | None, n: int | None) -> list[dict]:
+    """Per-case rows for the held-out cases, scored as ``evaluate`` scores them (its own per-case helpers)."""
     manifest = load_manifest(manifest_path)
     conv = get_convention(manifest.convention)
     model = load_model(ckpt, "cpu", sample_steps=k, ensemble=n)
-    results, auroc = [], {}
+    results, uncertainty = [], {}
     for case in select_cases(manifest, "test"):
         pred = predict_case(model, case_record(manifest, case), conv)
-        mask, truth = conv.to_regions(pred.labels), conv.to_regions(pred.ground_truth)
-        results.append(CaseResult(case=case.id, model=label, regions=case_metrics(mask, truth, pred.spacing),
-                                  seconds=pred.seconds))
-        with warnings.catch_warnings():  # as evaluate does: AUROC of the entropy for wrong voxels near the tumour
-            warnings.simplefilter("ignore", UndefinedMetricWarning)
-            auroc[case.id] = uncertainty_auroc(pred.entropy, np.any(mask != truth, axis=0),
-                                               evaluation_mask(mask[1], truth[1]))
+        results.append(_case_result(label, pred, conv))
+        uncertainty[case.id], _ = _uncertainty_quality(pred, conv)  # AUROC of the entropy for wrong voxels, ECE
     rows = metric_rows(results)
     for row in rows:
-        row["uncertainty_auroc"] = auroc[row["case"]]
+        row.update(uncertainty[row["case"]])
     return rows
 
 

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +50,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampler import median_seconds  # noqa: E402
 from medseg_diff.config import load_config  # noqa: E402
 from medseg_diff.data.conventions import get_convention  # noqa: E402
 from medseg_diff.data.dataset import files_record  # noqa: E402
@@ -130,17 +131,6 @@ def forward_backward_cost(forward: Callable[[], Tensor], module: nn.Module) -> t
             loss = forward()
         loss.backward()
     return counter.get_total_flops(), saved.nbytes
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def windows(shape, roi, overlap: float) -> int:

@@ -27,7 +27,14 @@ from tqdm import tqdm
 from medseg_diff.config import Config
 from medseg_diff.data.conventions import REGIONS
 from medseg_diff.data.transforms import IMAGE, LABEL
-from medseg_diff.engine.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, upgrade_config
+from medseg_diff.engine.checkpoint import (
+    FORMAT,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    upgrade_config,
+)
 from medseg_diff.engine.distributed import DistInfo, barrier, mean_across
 from medseg_diff.engine.infer import infer_volume
 from medseg_diff.engine.tasks import Task, simulated_prior
