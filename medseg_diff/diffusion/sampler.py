@@ -3,8 +3,8 @@
 The loop (the network knows nothing of it; the scheduler owns the maths):
 1. encode the image once per window; repeat its features for the N ensemble members
 2. x_T ~ N(0, I) for B·N members from a seeded generator
-3. for each of K trailing timesteps: predict, estimate x0, DDIM step to the next one (Song et al. 2021, eq. 12,
-   η = 0); the last estimate is the output, so the step after it is not taken
+3. for each of K trailing timesteps: predict, then the scheduler's DDIM step (Song et al. 2021, eq. 12, η = 0)
+   gives the x0 estimate and x at the next timestep; the last estimate is the output, so the last step's x is unused
 4. member probabilities = the last x0 estimate (or the step-uncertainty-weighted mean over steps, Diff-UNet)
 5. output mean probability, predictive entropy, member variance, attention maps of the last step
 """
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
+from monai.networks.schedulers import DDIMScheduler
 from torch import Tensor, nn
 
-from medseg_diff.diffusion.schedules import set_trailing_timesteps, x0_from_output
+from medseg_diff.diffusion.schedules import TrailingDDIMScheduler, scheduler_input
 
 _EPS = 1e-6
 
@@ -52,6 +53,10 @@ class DDIMSampler:
 
     def __init__(self, scheduler, steps: int = 10, ensemble: int = 4, step_uncertainty_weighting: bool = False,
                  seed: int = 0):
+        if isinstance(scheduler, DDIMScheduler) and not isinstance(scheduler, TrailingDDIMScheduler):
+            # MONAI's own linspace timesteps disagree with the stride its step() moves by
+            raise TypeError("DDIMSampler needs a TrailingDDIMScheduler (see build_scheduler), not a plain "
+                            f"{type(scheduler).__name__}")
         self.scheduler = scheduler
         self.steps = steps
         self.ensemble = ensemble
@@ -68,7 +73,8 @@ class DDIMSampler:
         generator = torch.Generator(device=image.device).manual_seed(self.seed if seed is None else seed)
         shape = (b * n, 3, *image.shape[2:])
         x = torch.randn(shape, generator=generator, device=image.device, dtype=torch.float32)
-        timesteps = set_trailing_timesteps(self.scheduler, self.steps, device=image.device)
+        self.scheduler.set_timesteps(self.steps, device=image.device)
+        timesteps = self.scheduler.timesteps
         weighted = torch.zeros_like(x) if self.step_uncertainty_weighting else None
         weight_sum = torch.zeros_like(x) if self.step_uncertainty_weighting else None
         maps: dict[str, Tensor] = {}
@@ -81,16 +87,16 @@ class DDIMSampler:
                 output, maps = out.pred.float(), out.attention
             else:
                 output = model(x, t_batch, cond).float()
-            x0 = x0_from_output(self.scheduler, output, x, t_batch)
+            # DDIM update x_t -> x_{t-1} (eq. 12, η = 0) and its x0 estimate (eq. 12's "predicted x0", clipped to
+            # [-1, 1]); for x0 prediction the scheduler takes x0 = 2σ(logits) - 1 itself. The last step's x_{t-1}
+            # is not used: its x0 estimate is the output
+            x, x0 = self.scheduler.step(scheduler_input(self.scheduler, output), int(t), x)
             if self.step_uncertainty_weighting:
                 member_probs = (x0 + 1.0) / 2.0
                 w = self._step_weight(member_probs, b, n, i)
                 weighted += w * member_probs
                 weight_sum += w
-            # DDIM update x_t -> x_{t-1} (eq. 12, η = 0); for x0 prediction the scheduler takes x0 itself
-            if not last:
-                x, _ = self.scheduler.step(x0 if self.scheduler.prediction_type == "sample" else output, int(t), x)
-        # 4. member probabilities: the last x0 estimate (the last DDIM update would only move x_t towards it)
+        # 4. member probabilities: the last x0 estimate
         final = weighted / weight_sum if self.step_uncertainty_weighting else (x0 + 1.0) / 2.0
         members = rearrange(final, "(b n) c ... -> b n c ...", n=n)
         probs, entropy, variance = summarise_members(members)

@@ -34,11 +34,33 @@ def _snr_shifted(num_train_timesteps: int, base: str = "linear_beta", shift: flo
     return betas.float(), alphas.float(), torch.cumprod(alphas, dim=0).float()
 
 
+class TrailingDDIMScheduler(DDIMScheduler):
+    """MONAI's ``DDIMScheduler`` whose ``set_timesteps`` uses the "trailing" spacing; everything else is MONAI's.
+
+    ``set_timesteps(K)`` gives the K timesteps spaced by the stride s = T // K that ``step`` moves by (t -> t - s):
+    K·s-1, ..., 2s-1, s-1. The first is T-1 whenever K divides T (else the T mod K leftover steps are dropped at
+    the noisy end); the last step lands on t < 0, where MONAI's ᾱ_prev is 1, i.e. on the clean mask.
+
+    MONAI's own ``set_timesteps`` spaces steps by linspace (999, 888, ...), which disagrees with the stride of its
+    ``step``; with the uniform trailing spacing (Lin et al., WACV 2024, Table 2) the two agree, and the first step
+    starts from pure noise at t = T-1, as in training. For K = T both spacings are T-1, ..., 0.
+    """
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        if self.steps_offset:
+            raise ValueError(f"steps_offset={self.steps_offset}: the trailing spacing already ends at s-1 and "
+                             "starts at T-1, so an offset is not supported")
+        super().set_timesteps(num_inference_steps, device=device)  # MONAI's checks; sets num_inference_steps
+        stride = self.num_train_timesteps // num_inference_steps
+        self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device, dtype=torch.long) * stride
+        self.timesteps += stride - 1
+
+
 def build_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", prediction: str = "sample",
-                    snr_shift: float = 1.0) -> DDIMScheduler:
-    """A MONAI DDIM scheduler (its ``add_noise`` serves training, its ``step`` sampling)."""
+                    snr_shift: float = 1.0) -> TrailingDDIMScheduler:
+    """A MONAI DDIM scheduler (its ``add_noise`` serves training, its ``step`` sampling) with trailing timesteps."""
     schedule_args = {} if snr_shift == 1.0 else {"schedule": "snr_shifted", "base": schedule, "shift": snr_shift}
-    return DDIMScheduler(
+    return TrailingDDIMScheduler(
         num_train_timesteps=timesteps,
         **({"schedule": schedule} | schedule_args),
         prediction_type=prediction,
@@ -47,20 +69,12 @@ def build_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", predic
     )
 
 
-def set_trailing_timesteps(scheduler: DDIMScheduler, steps: int, device: torch.device | str | None = None) -> Tensor:
-    """K timesteps spaced by the stride s = T // K that ``DDIMScheduler.step`` moves by: K·s-1, ..., 2s-1, s-1.
-
-    The first is T-1 whenever K divides T (else the T mod K leftover steps are dropped at the noisy end); the
-    last step lands on t < 0, where MONAI's ᾱ_prev is 1, i.e. on the clean mask.
-
-    MONAI's ``DDIMScheduler.step`` moves from t to t - T//K, while its ``set_timesteps`` spaces steps by
-    linspace (999, 888, ...); with the uniform "trailing" spacing (Lin et al., WACV 2024, Table 2) the two
-    agree, and the first step starts from pure noise at t = T-1, as in training.
-    """
+def set_trailing_timesteps(scheduler: TrailingDDIMScheduler, steps: int,
+                           device: torch.device | str | None = None) -> Tensor:
+    """``scheduler.set_timesteps(steps, device)``, returning the timesteps (kept for benchmarks/bench_sampler.py)."""
+    if not isinstance(scheduler, TrailingDDIMScheduler):
+        raise TypeError(f"expected a TrailingDDIMScheduler (see build_scheduler), got {type(scheduler).__name__}")
     scheduler.set_timesteps(steps, device=device)
-    stride = scheduler.num_train_timesteps // steps
-    timesteps = torch.arange(steps - 1, -1, -1, device=device) * stride + (stride - 1)
-    scheduler.timesteps = timesteps.long()
     return scheduler.timesteps
 
 

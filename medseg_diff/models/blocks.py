@@ -45,6 +45,7 @@ def as_timesteps(t: Tensor | int | float, batch: int, device: torch.device) -> T
     return t
 
 
+# Not MONAI's get_timestep_embedding: it returns [cos, sin], ours [sin, cos], the order checkpoints' time MLPs expect
 class SinusoidalTimeEmbedding(nn.Module):
     """Transformer-style sinusoidal embedding of (integer or float) timesteps, ``[B] -> [B, dim]``.
 
@@ -79,6 +80,7 @@ class TimeEmbedding(nn.Module):
         return self.mlp(self.sinusoid(t))
 
 
+# Not MONAI's DiffusionUNetResnetBlock: it adds Linear(silu(temb)) before norm2 (ours: FiLM scale+shift after norm2)
 class ResBlock3d(nn.Module):
     """Pre-activation residual block with FiLM time conditioning.
 
@@ -118,6 +120,7 @@ class ResBlock3d(nn.Module):
         return h + self.skip(x)
 
 
+# Not MONAI's DiffusionUnetDownsample(use_conv=True): the same conv, but its keys are op.conv.*, checkpoints' conv.*
 class Downsample3d(nn.Module):
     """Strided 3x3x3 conv halving every spatial size: ``[B, in_ch, X, Y, Z] -> [B, out_ch, X/2, Y/2, Z/2]``."""
 
@@ -129,6 +132,7 @@ class Downsample3d(nn.Module):
         return self.conv(x)
 
 
+# Not MONAI's WrappedUpsample (nearest, post_conv): same maths, but its keys are postconv.conv.*, checkpoints' conv.*
 class Upsample3d(nn.Module):
     """Nearest x2 then 3x3x3 conv: ``[B, in_ch, X, Y, Z] -> [B, out_ch, 2X, 2Y, 2Z]``."""
 

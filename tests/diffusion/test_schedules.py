@@ -11,9 +11,11 @@ import math
 
 import pytest
 import torch
+from monai.networks.schedulers import DDIMScheduler
 
 from medseg_diff.diffusion.loss import DiffusionLoss, EncodeDenoise, LossWeights
 from medseg_diff.diffusion.schedules import (
+    TrailingDDIMScheduler,
     build_scheduler,
     scheduler_input,
     set_trailing_timesteps,
@@ -48,10 +50,12 @@ def true_output(scheduler, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor)
 @pytest.mark.parametrize("T,K", [(1000, 10), (1000, 5), (1000, 1), (1000, 2), (1000, 3), (1000, 7), (100, 7), (50, 50)])
 def test_trailing_timesteps_match_the_ddim_step_stride(T, K):
     scheduler = build_scheduler(T)
-    timesteps = set_trailing_timesteps(scheduler, K)
+    assert isinstance(scheduler, TrailingDDIMScheduler) and isinstance(scheduler, DDIMScheduler)
+    scheduler.set_timesteps(K)
+    timesteps = scheduler.timesteps
     stride = T // K
     assert timesteps.dtype == torch.long and len(timesteps) == K
-    assert torch.equal(scheduler.timesteps, timesteps) and scheduler.num_inference_steps == K
+    assert torch.equal(set_trailing_timesteps(scheduler, K), timesteps) and scheduler.num_inference_steps == K
     # uniform spacing, equal to the stride DDIMScheduler.step moves by (t -> t - T // num_inference_steps)
     assert (timesteps[:-1] - timesteps[1:] == stride).all()
     # ends where step() lands on t < 0 (ᾱ_prev = 1, the clean mask); starts at T-1 whenever K divides T,
@@ -62,12 +66,35 @@ def test_trailing_timesteps_match_the_ddim_step_stride(T, K):
         assert timesteps[0] == T - 1
 
 
+def test_trailing_scheduler_is_monai_ddim_apart_from_the_inference_timesteps():
+    ours, monai = build_scheduler(1000, "cosine", "v_prediction"), DDIMScheduler(
+        1000, "cosine", clip_sample=True, set_alpha_to_one=True, prediction_type="v_prediction")
+    # MONAI's __init__ calls set_timesteps(T): K = T, stride 1, the same T-1, ..., 0 either way
+    assert torch.equal(ours.timesteps, monai.timesteps) and ours.num_inference_steps == monai.num_inference_steps
+    assert torch.equal(ours.alphas_cumprod, monai.alphas_cumprod)
+    ours.set_timesteps(7, device="cpu")
+    monai.set_timesteps(7)
+    assert ours.num_inference_steps == monai.num_inference_steps == 7
+    assert ours.timesteps.device.type == "cpu" and not torch.equal(ours.timesteps, monai.timesteps)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    for a, b in zip(ours.step(out, 999, x), monai.step(out, 999, x)):
+        assert torch.equal(a, b), "step() is MONAI's"
+    with pytest.raises(ValueError, match="cannot be larger"):
+        ours.set_timesteps(1001)
+    with pytest.raises(ValueError, match="steps_offset"):
+        TrailingDDIMScheduler(1000, steps_offset=1)
+    with pytest.raises(TypeError, match="TrailingDDIMScheduler"):
+        set_trailing_timesteps(monai, 7)
+
+
 @pytest.mark.parametrize("T,K", [(1000, 10), (1000, 3), (100, 7)])
 def test_each_ddim_step_with_the_true_x0_lands_on_the_next_trailing_timestep(T, K):
     """η = 0 with the exact x0: x_{t_i} = add_noise(x0, ε, t_i) at every step, so the stride step() uses is ours."""
     scheduler = build_scheduler(T)
     x0, eps = binary_mask(), torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    timesteps = set_trailing_timesteps(scheduler, K)
+    scheduler.set_timesteps(K)
+    timesteps = scheduler.timesteps
     x = scheduler.add_noise(x0, eps, timesteps[:1].expand(2))
     for t, t_next in zip(timesteps[:-1], timesteps[1:]):
         x, _ = scheduler.step(x0, int(t), x)
@@ -132,7 +159,8 @@ def test_ddim_with_the_true_prediction_reaches_x0_at_the_last_step(schedule, pre
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()  # as add_noise leaves it for float64 inputs
     x0 = binary_mask(seed=K)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    for t in set_trailing_timesteps(scheduler, K):
+    scheduler.set_timesteps(K)
+    for t in scheduler.timesteps:
         output = true_output(scheduler, x0, x, t.expand(2))
         x, x0_hat = scheduler.step(scheduler_input(scheduler, output), int(t), x, eta=0.0)
         torch.testing.assert_close(x0_hat, x0, atol=1e-6, rtol=0)
@@ -240,7 +268,8 @@ def test_ddim_with_a_shifted_schedule_and_the_true_prediction_lands_on_x0(predic
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
     x0 = binary_mask(1)
     x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    for t in set_trailing_timesteps(scheduler, 5):
+    scheduler.set_timesteps(5)
+    for t in scheduler.timesteps:
         output = true_output(scheduler, x0, x, t.expand(SHAPE[0]))
         x, _ = scheduler.step(scheduler_input(scheduler, output), int(t), x, eta=0.0)
     torch.testing.assert_close(x, x0, rtol=0, atol=1e-6)
