@@ -37,12 +37,13 @@ from medseg_diff.data.conventions import REGIONS, get_convention  # noqa: E402
 from medseg_diff.data.dataset import case_record  # noqa: E402
 from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest  # noqa: E402
 from medseg_diff.data.synth import synthesize  # noqa: E402
-from medseg_diff.engine.evaluate_api import _case_result, _uncertainty_quality, select_cases  # noqa: E402
-from medseg_diff.engine.metrics import metric_rows  # noqa: E402
-from medseg_diff.engine.predict_api import load_model, predict_case  # noqa: E402
-from medseg_diff.engine.report_tables import write_per_case_csv  # noqa: E402
-from medseg_diff.engine.stats import MEAN_REGION, compare_models  # noqa: E402
-from medseg_diff.engine.train_api import train  # noqa: E402
+from medseg_diff.evaluation.run import _case_result, _uncertainty_quality, select_cases  # noqa: E402
+from medseg_diff.evaluation.metrics import metric_rows  # noqa: E402
+from medseg_diff.inference.case import predict_case  # noqa: E402
+from medseg_diff.inference.loading import load_model  # noqa: E402
+from medseg_diff.evaluation.tables import write_per_case_csv  # noqa: E402
+from medseg_diff.evaluation.stats import MEAN_REGION, compare_models  # noqa: E402
+from medseg_diff.training.run import train  # noqa: E402
 
 CONFIG = ROOT / "configs" / "demo_cpu.yaml"
 # name -> (--set overrides on configs/demo_cpu.yaml, what it is)

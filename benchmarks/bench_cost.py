@@ -1,13 +1,13 @@
 """Diffusion model vs U-Net cost on the CPU: FLOPs, bytes saved for backward, wall time, sliding windows.
 
 Both models are built from the training configs (``--diffusion-config``, ``--unet-config``) with
-``load_config`` + ``build_task``, the same ``--set`` overrides applied to both, randomly initialised with a
+``load_config`` + ``build_adapter``, the same ``--set`` overrides applied to both, randomly initialised with a
 fixed seed (cost does not depend on the weights). ``DEFAULT_OVERRIDES`` (64³ crops, native grid of the
 phantom, no caching, no tracking) always come first; ``--set`` items follow and win; ``--steps`` / ``--ensemble``
 become ``diffusion.sample_steps`` / ``diffusion.ensemble``. Measured, with ``torch.set_num_threads(--threads)``:
 
 1. one training step: a batch of ``data.batch_size × data.samples_per_volume`` random crops of
-   ``data.roi_size`` (normal image, nested blob regions, seeded), ``task.loss(task.train_module(), ...)``
+   ``data.roi_size`` (normal image, nested blob regions, seeded), ``objective.loss(objective.train_module(), ...)``
    in train mode, then ``backward()``:
    - FLOPs of forward + loss + backward with ``torch.utils.flop_counter.FlopCounterMode``. It counts matrix
      products, convolutions and attention kernels only, not elementwise ops (norms, activations, adds);
@@ -58,9 +58,11 @@ from medseg_diff.data.dataset import files_record  # noqa: E402
 from medseg_diff.data.discovery import discover  # noqa: E402
 from medseg_diff.data.synth import synthesize  # noqa: E402
 from medseg_diff.data.transforms import IMAGE, eval_transforms  # noqa: E402
-from medseg_diff.engine.batch import input_records  # noqa: E402
-from medseg_diff.engine.predict_api import LoadedModel, predict_case  # noqa: E402
-from medseg_diff.engine.tasks import build_task  # noqa: E402
+from medseg_diff.inference.run import input_records  # noqa: E402
+from medseg_diff.inference.case import predict_case  # noqa: E402
+from medseg_diff.inference.loading import LoadedModel  # noqa: E402
+from medseg_diff.inference.adapters import build_adapter  # noqa: E402
+from medseg_diff.training.objectives import build_objective  # noqa: E402
 from medseg_diff.models import count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,11 +157,12 @@ def train_batch(cfg, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def measure_train(task, cfg, image: Tensor, regions: Tensor, repeats: int) -> dict:
-    module = task.train_module()
+    objective = build_objective(task)
+    module = objective.train_module()
     module.train()
 
     def forward() -> Tensor:
-        return task.loss(module, image, regions, torch.Generator().manual_seed(0)).total
+        return objective.loss(module, image, regions, torch.Generator().manual_seed(0)).total
 
     flops, saved = forward_backward_cost(forward, task.net)
     optimizer = torch.optim.AdamW(task.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -174,7 +177,7 @@ def measure_train(task, cfg, image: Tensor, regions: Tensor, repeats: int) -> di
 
 # -- 2. one whole-volume prediction ----------------------------------------------------------------------------
 def measure_volume(task, cfg, record: dict, convention) -> dict:
-    model = LoadedModel(task=task, net=task.net.eval(), cfg=cfg, checkpoint=Path("<random init>"), run_id=None,
+    model = LoadedModel(adapter=task, net=task.net.eval(), cfg=cfg, checkpoint=Path("<random init>"), run_id=None,
                         epoch=0)
     shape = eval_transforms(convention, cfg.data.spacing, with_label=False)(
         {k: v for k, v in record.items() if k != "label"})[IMAGE].shape[1:]
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks, models = {}, {}
     for kind in KINDS:
         torch.manual_seed(0)
-        tasks[kind] = build_task(cfgs[kind])
+        tasks[kind] = build_adapter(cfgs[kind])
         models[kind] = {"parameters": count_parameters(tasks[kind].net), "stride": tasks[kind].stride}
     # 1. one training step per model, same batch for both
     image, regions = train_batch(cfgs["diffusion"])

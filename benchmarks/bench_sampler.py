@@ -1,6 +1,6 @@
 """DDIM ensemble sampler on the CPU: cost of K steps x N members, what caching the encoder saves, whole volumes.
 
-The model is the ``configs/demo_cpu.yaml`` denoiser (``load_config`` + ``build_task``), randomly initialised
+The model is the ``configs/demo_cpu.yaml`` denoiser (``load_config`` + ``build_adapter``), randomly initialised
 with a fixed seed: speed does not depend on the weights. Three markdown tables:
 
 (a) ``DDIMSampler.sample`` wall time for K in ``--steps`` and N in ``--members`` on ``--batch`` windows of
@@ -48,8 +48,8 @@ from medseg_diff.diffusion.schedules import (  # noqa: E402
     set_trailing_timesteps,
     x0_from_output,
 )
-from medseg_diff.engine.infer import DiffusionSegmenter, UNetSegmenter, infer_volume  # noqa: E402
-from medseg_diff.engine.tasks import build_task  # noqa: E402
+from medseg_diff.inference.sliding_window import DiffusionSegmenter, UNetSegmenter, infer_volume  # noqa: E402
+from medseg_diff.inference.adapters import build_adapter  # noqa: E402
 from medseg_diff.models import count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def table_volume(cfg, diffusion_task, args, steps: int = 10, members: int = 4) -
     image = phantom(args.spacing)
     unet_cfg = load_config(args.config, ["model.kind=unet"])
     torch.manual_seed(0)
-    unet = build_task(unet_cfg).net.eval()
+    unet = build_adapter(unet_cfg).net.eval()
     roi = tuple(cfg.infer.roi_size or cfg.data.roi_size)
     segmenters = {
         f"diffusion (K = {steps}, N = {members})":
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = build_adapter(cfg)
     net = task.net.eval()
     print(f"# DDIM sampler on the CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__})\n")

@@ -3,7 +3,7 @@
 What is measured (bf16 autocast on CUDA, fp32 on the CPU):
 
 1. ``train``     -- one trainer step (forward + loss + backward + grad clip + AdamW step) at a 128³ crop,
-   batch 2, done exactly as ``engine/trainer.py`` does it: ``build_task(load_config(...))``, the task's
+   batch 2, done exactly as ``engine/trainer.py`` does it: ``build_adapter(load_config(...))``, the task's
    ``train_module()`` and ``loss()`` (for the diffusion model ``DiffusionLoss`` through ``EncodeDenoise``),
    plus the EMA update the trainer does for the diffusion model. Diffusion (``configs/diffusion.yaml``)
    vs the plain U-Net (``configs/baseline_unet.yaml``), MONAI ``UNet`` at the 12.9 M-parameter setting of
@@ -62,8 +62,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_attention  # noqa: E402
 from medseg_diff.config import Config, load_config  # noqa: E402
-from medseg_diff.engine.infer import RssMonitor, UNetSegmenter, infer_volume  # noqa: E402
-from medseg_diff.engine.tasks import build_task  # noqa: E402
+from medseg_diff.inference.sliding_window import RssMonitor, UNetSegmenter, infer_volume  # noqa: E402
+from medseg_diff.inference.adapters import build_adapter  # noqa: E402
+from medseg_diff.training.objectives import build_objective  # noqa: E402
 
 GIB = 2**30
 DIFFUSION_CFG = ROOT / "configs" / "diffusion.yaml"
@@ -313,7 +314,7 @@ def guarded(report: Report, item: str, name: str, dev: torch.device, **row_kw) -
 
 def _ema_multi_avg_fn(decay: float) -> Callable:
     """The trainer's EMA update (imported, so that the step is the trainer's own)."""
-    from medseg_diff.engine.trainer import ema_multi_avg_fn
+    from medseg_diff.training.trainer import ema_multi_avg_fn
 
     return ema_multi_avg_fn(decay)
 
@@ -331,9 +332,10 @@ def random_batch(batch: int, side: int, dev: torch.device, seed: int = 0) -> tup
 
 def measure_train(cfg: Config, dev: torch.device, sizes: Sizes, ema: bool, label: str, compiled: bool = False) -> Row:
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = build_adapter(cfg)
     net = task.net.to(dev).train()
-    module = task.train_module().to(dev)
+    objective = build_objective(task)
+    module = objective.train_module().to(dev)
     if compiled:  # as the trainer does with train.compile: true (the warm-up steps include the compilation)
         module = torch.compile(module)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -349,7 +351,7 @@ def measure_train(cfg: Config, dev: torch.device, sizes: Sizes, ema: bool, label
 
     def step() -> None:  # engine/trainer.py Trainer._train_step, minus data loading and the LR schedule
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = task.loss(module, image, regions, generator)
+            out = objective.loss(module, image, regions, generator)
         if not math.isfinite(float(out.total.detach())):  # the trainer's non-finite check (a host sync)
             raise FloatingPointError("non-finite loss")
         optimizer.zero_grad(set_to_none=True)
@@ -518,7 +520,7 @@ def volume_row(name: str, seconds: list, sw: int, peak_mb: float, pred, warm: fl
 def diffusion_segmenter(cfg: Config, dev: torch.device, attention: bool = True, channels_last: bool = False,
                         compiled: bool = False):
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = build_adapter(cfg)
     net = task.net.to(dev).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
@@ -532,7 +534,7 @@ def diffusion_segmenter(cfg: Config, dev: torch.device, attention: bool = True, 
 
 def unet_segmenter(cfg: Config, dev: torch.device):
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = build_adapter(cfg)
     return UNetSegmenter(task.net.to(dev).eval(), name="unet")
 
 
@@ -646,7 +648,7 @@ def measure_forward(cfg: Config, dev: torch.device, sizes: Sizes, windows: int, 
     """One denoiser forward (no grad, eval, autocast) on ``windows`` x N members, and the encoder on the
     windows: a volume costs about ceil(n_windows / sw_batch_size) x (encode + K x forward)."""
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = build_adapter(cfg)
     net = task.net.to(dev).eval()
     n = cfg.diffusion.ensemble
     image = torch.randn(windows, 4, *(sizes.roi,) * 3, device=dev)

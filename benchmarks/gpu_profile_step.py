@@ -24,21 +24,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_bench import random_batch  # noqa: E402
 from medseg_diff.config import load_config  # noqa: E402
-from medseg_diff.engine.tasks import build_task  # noqa: E402
+from medseg_diff.inference.adapters import build_adapter  # noqa: E402
+from medseg_diff.training.objectives import build_objective  # noqa: E402
 
 
 def profile_step(config: Path, dev: torch.device, crop: int, batch: int, steps: int, sets: list[str]) -> str:
     torch.manual_seed(0)
-    task = build_task(load_config(config, sets))
+    task = build_adapter(load_config(config, sets))
     net = task.net.to(dev).train()
-    module = task.train_module().to(dev)
+    objective = build_objective(task)
+    module = objective.train_module().to(dev)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     image, regions = random_batch(batch, crop, dev)
     generator = torch.Generator(device=dev).manual_seed(0)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = task.loss(module, image, regions, generator)
+            out = objective.loss(module, image, regions, generator)
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

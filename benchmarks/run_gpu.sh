@@ -35,7 +35,7 @@ if ! "$PYTHON" - 2>&1 <<'EOF' | tee -a "$LOG"; then
 import einops, monai, nibabel, torch
 print(f"python ok: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}); "
       f"monai {monai.__version__} from {monai.__file__}; einops {einops.__version__}; nibabel {nibabel.__version__}")
-import medseg_diff.config, medseg_diff.engine.infer, medseg_diff.engine.tasks  # noqa: F401,E401
+import medseg_diff.config, medseg_diff.inference.sliding_window, medseg_diff.inference.adapters  # noqa: F401,E401
 EOF
   echo "run_gpu.sh: the imports failed; nothing was measured" | tee -a "$LOG"
   exit 4

@@ -1,7 +1,13 @@
 """Checkpoints: written atomically (temp file + rename), loaded with ``torch.load(weights_only=True)``.
 
+Shared by training (which writes them) and inference (which reads them); neither imports the other for it.
 Everything in a checkpoint is a tensor or a plain Python value, so the safe unpickler can read it:
 RNG states of Python, NumPy and torch are converted to tensors/lists.
+
+Keys: ``format``, ``model_kind``, ``network`` (``{"name", "kwargs"}``: the network is ``NETWORKS[name](**kwargs)``,
+see ``inference.adapters``), ``config`` (the whole run config: data, inference and sampler settings),
+``inference_model`` (weights used for prediction: the EMA when there is one), and for resuming ``model``, ``ema``,
+``optimizer``, ``lr_schedule``, ``rng``, ``epoch``, ``step``, ``best_metric``, ``best_epoch``, ``run_id``, ``history``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 #: Version of the checkpoint layout. 2: the compact diffusion model (``model.denoiser.patch_size``); the
 #: configs inside format-1 checkpoints describe the full-resolution model and lack the compact keys.
-FORMAT = 2
+#: 3: the network's own constructor arguments (``network``) next to its weights.
+FORMAT = 3
 
 
 def upgrade_config(raw: dict[str, Any], fmt: int) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_train_args)
 def run_train(args: argparse.Namespace) -> int:
     from medseg_diff.config import load_config
-    from medseg_diff.engine.train_api import train
+    from medseg_diff.training.run import train
 
     cfg = load_config(args.config, args.overrides)  # validated before any work starts
     state = train(cfg, resume=not args.no_resume)
@@ -142,27 +142,37 @@ def run_train(args: argparse.Namespace) -> int:
 # --- evaluate ----------------------------------------------------------------------------------------
 
 
-def _model_arg(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {text!r}")
-    return name, Path(path)
+def _named(what: str):
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise argparse.ArgumentTypeError(f"expected NAME={what}, got {text!r}")
+        return name, value
+
+    return parse
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--model", dest="models", action="append", type=_model_arg, required=True,
-                   metavar="NAME=CHECKPOINT", help="a model to evaluate (repeat; the first two are compared)")
+    p.add_argument("--model", dest="models", action="append", type=_named("CHECKPOINT"), default=[],
+                   metavar="NAME=CHECKPOINT",
+                   help="a model to predict and evaluate: a checkpoint file or an MLflow model URI "
+                        "(models:/NAME/VERSION, runs:/RUN_ID/model); repeatable")
+    p.add_argument("--predictions", action="append", type=_named("DIR"), default=[], metavar="NAME=DIR",
+                   help="a folder of label maps from any tool (DIR/CASE/CASE_seg.nii.gz, nnU-Net's or a BraTS "
+                        "submission's DIR/CASE.nii.gz) in the manifest's label convention; repeatable. "
+                        "Models come first, then folders; the first two are compared")
     p.add_argument("--out", type=Path, required=True, help="folder for CSV, tables, plots, predictions, overlays")
     p.add_argument("--subset", choices=("test", "val", "all"), default="test")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--root", type=Path, default=None, help="override the manifest's data root")
+    p.add_argument("--lesion-task", default="GLI", help="BraTS task of the lesion-wise metrics (GLI, MET, PED, MEN, GOAT)")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the training config's)")
     p.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the training config's)")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
-    p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases")
+    p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases of each model")
     p.add_argument("--continue-on-error", action="store_true")
     p.add_argument("--prior-dir", type=Path, default=None,
                    help="external mask priors for models trained with prior_source=external")
@@ -171,19 +181,25 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the data set's name)")
 
 
-@command("evaluate", "evaluate models on held-out cases: BraTS metrics, paired statistics, MLflow, overlays")(
-    add_evaluate_args)
+@command("evaluate", "score models or prediction folders on held-out cases: BraTS global and lesion-wise metrics, "
+                     "paired statistics, MLflow, overlays")(add_evaluate_args)
 def run_evaluate(args: argparse.Namespace) -> int:
-    from medseg_diff.engine.evaluate_api import evaluate
+    from medseg_diff.evaluation.run import evaluate
 
-    names = [n for n, _ in args.models]
+    if not args.models and not args.predictions:
+        print("medseg-diff evaluate: error: give --model NAME=CHECKPOINT and/or --predictions NAME=DIR",
+              file=sys.stderr)
+        return 2
+    names = [n for n, _ in args.models + args.predictions]
     if len(set(names)) != len(names):
         print("medseg-diff evaluate: error: model names must differ", file=sys.stderr)
         return 2
-    report = evaluate(args.manifest, dict(args.models), args.out, subset=args.subset, fold=args.fold,
-                      root=args.root, device=args.device, sample_steps=args.steps, ensemble=args.ensemble,
-                      overlap=args.overlap, export_cases=args.export_cases, continue_on_error=args.continue_on_error,
-                      prior_dir=args.prior_dir, tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
+    report = evaluate(args.manifest, args.out, models=dict(args.models), predictions=dict(args.predictions),
+                      subset=args.subset, fold=args.fold, root=args.root, device=args.device,
+                      sample_steps=args.steps, ensemble=args.ensemble, overlap=args.overlap,
+                      export_cases=args.export_cases, continue_on_error=args.continue_on_error,
+                      prior_dir=args.prior_dir, tracking=not args.no_tracking, tracking_uri=args.tracking_uri,
+                      experiment=args.experiment, lesion_task=args.lesion_task)
     print(report.summary_markdown)
     for path in report.overlays:
         print(f"overlay report: {path}")
@@ -198,7 +214,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file or an MLflow model URI (models:/NAME/VERSION, runs:/RUN_ID/model)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server or store of a model URI")
     p.add_argument("--input", type=Path, required=True, help="a manifest JSON, a data folder or a case folder")
     p.add_argument("--out", type=Path, required=True, help="one sub-folder per case is written here")
     p.add_argument("--subset", choices=("all", "train", "test", "unlabelled"), default="all",
@@ -219,12 +237,12 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 @command("predict", "segment cases: BraTS labels, probabilities, uncertainty and attention on the input grid")(
     add_predict_args)
 def run_predict(args: argparse.Namespace) -> int:
-    from medseg_diff.engine.batch import predict_cases
+    from medseg_diff.inference.run import predict_cases
 
     report = predict_cases(args.checkpoint, args.input, args.out, subset=args.subset, root=args.root,
                            convention=args.convention, prior_dir=args.prior_dir, device=args.device,
                            sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed, overlap=args.overlap,
-                           continue_on_error=args.continue_on_error)
+                           continue_on_error=args.continue_on_error, tracking_uri=args.tracking_uri)
     print(report.summary())
     return 1 if report.failed else 0
 
@@ -241,7 +259,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 @command("export", "clinician overlays of predictions: NIfTI, Slicer/ITK-SNAP colour tables, montage, report.html")(
     add_export_args)
 def run_export(args: argparse.Namespace) -> int:
-    from medseg_diff.engine.batch import export_predictions, prediction_folders
+    from medseg_diff.export.folders import export_predictions, prediction_folders
 
     report = export_predictions(prediction_folders(args.predictions), args.out, args.continue_on_error)
     print(report.summary())
@@ -263,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medseg_diff.runtime import configure_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()  # progress and per-case lines on stderr; results on stdout
     _, _, run = _COMMANDS[args.command]
     try:
         return int(run(args) or 0)

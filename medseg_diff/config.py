@@ -111,8 +111,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (fewer kernel launches; the first steps compile)
     val_every: int = 5
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    deterministic: bool = False
-    progress: bool = True
+    deterministic: bool = True  # deterministic algorithms (cuDNN, cuBLAS); the CPU thread count is always pinned
+    progress: bool = True  # progress bars (only on an interactive terminal) and one log line per epoch
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ class TrackingConfig:
     experiment: str | None = None  # None: the data set's name
     run_name: str | None = None
     log_checkpoints: bool = True
+    # register the trained model (an MLflow pyfunc) under this name, {kind} and {dataset} filled in; "" skips it
+    register_model: str = "medseg-diff-{kind}"
 
 
 @dataclass(frozen=True)

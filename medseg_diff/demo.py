@@ -15,9 +15,9 @@ from pathlib import Path
 from medseg_diff.config import load_config
 from medseg_diff.data.manifest import build_manifest, write_manifest
 from medseg_diff.data.synth import synthesize
-from medseg_diff.engine.evaluate_api import evaluate
-from medseg_diff.engine.train_api import train
-from medseg_diff.tracking import resolve_uri
+from medseg_diff.evaluation.run import evaluate
+from medseg_diff.training.run import train
+from medseg_diff.tracking import resolve_uri, runs_table_url
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 
@@ -50,11 +50,14 @@ def run_demo(out: str | Path = "demo_out", cases: int = 20, spacing: float = 3.0
         timings[f"train_{kind}_s"] = time.perf_counter() - t0
     # 3.-4. evaluate on held-out phantoms, MLflow, overlays
     t0 = time.perf_counter()
-    report = evaluate(data / "manifest.json", checkpoints, out / "evaluation", subset="test",
+    report = evaluate(data / "manifest.json", out / "evaluation", models=checkpoints, subset="test",
                       export_cases=export_cases, tracking_uri=uri)
     timings["evaluate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
-    return {"report": report, "timings": timings, "tracking_uri": uri}
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(uri).get_run(report.run_id).info.experiment_id if report.run_id else "0"
+    return {"report": report, "timings": timings, "tracking_uri": uri, "experiment_id": experiment_id}
 
 
 def print_summary(result: dict) -> None:
@@ -64,5 +67,6 @@ def print_summary(result: dict) -> None:
     print(f"\nPer-case metrics: {report.out_dir / 'per_case.csv'}")
     for path in report.overlays:
         print(f"Clinician report: {path}")
-    print(f"MLflow run: {report.run_id}\nSee both models side by side:  mlflow ui --backend-store-uri {uri}"
-          "  (then open http://127.0.0.1:5000)")
+    print(f"MLflow run: {report.run_id}\nSee both models side by side:  mlflow ui --backend-store-uri {uri}\n"
+          f"  then open {runs_table_url('http://127.0.0.1:5000', result['experiment_id'])}"
+          "  (the runs table; select the two nested runs and press Compare)")

@@ -4,8 +4,9 @@ synthesise → train the U-Net and the diffusion model → evaluate → MLflow �
 import argparse
 import sys
 
-from medseg_diff.demo import run_demo, print_summary
+from medseg_diff.demo import print_summary, run_demo
 from medseg_diff.errors import MedsegError
+from medseg_diff.runtime import configure_logging
 
 
 def main() -> int:
@@ -16,6 +17,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
+    configure_logging()
     try:
         print_summary(run_demo(args.out, args.cases, args.spacing, args.seed, overrides=args.overrides))
     except MedsegError as err:

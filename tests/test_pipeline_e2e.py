@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from medseg_diff.cli import main
 from medseg_diff.data.conventions import REGIONS
 from medseg_diff.data.manifest import load_manifest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MODELS = ("diffusion", "unet")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,7 +102,7 @@ def test_per_case_csv_has_every_model_case_and_region(pipeline):
 
 def test_summary_has_the_paired_comparison_with_ci_and_wilcoxon_p(pipeline):
     summary = (pipeline.eval_dir / "summary.md").read_text(encoding="utf-8")
-    comparison = json.loads((pipeline.eval_dir / "comparison.json").read_text(encoding="utf-8"))["diffusion_vs_unet"]
+    comparison = json.loads((pipeline.eval_dir / "comparison.json").read_text(encoding="utf-8"))["diffusion_vs_unet"]["dice"]
     assert "## diffusion vs unet: Dice" in summary and "## diffusion vs unet: HD95 (mm)" in summary
     dice_section = summary.split("## diffusion vs unet: Dice")[1].split("## ")[0]
     header = next(line for line in dice_section.splitlines() if line.startswith("| region"))
@@ -199,7 +200,7 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 def test_mlflow_training_runs_have_config_provenance_and_epoch_metrics(pipeline):
     from mlflow.tracking import MlflowClient
 
-    from medseg_diff.engine.checkpoint import load_checkpoint
+    from medseg_diff.checkpoint import load_checkpoint
 
     client = MlflowClient(pipeline.uri)
     runs = client.search_runs([_experiment_id(pipeline)], "tags.stage = 'train'")
@@ -213,12 +214,25 @@ def test_mlflow_training_runs_have_config_provenance_and_epoch_metrics(pipeline)
         params = run.data.params
         assert params["model.kind"] == kind and params["train.epochs"] == "2"
         assert params["data.roi_size"] == "[16, 16, 16]" and params["data.manifest"] == cfg["data"]["manifest"]
-        assert {f"{section}.{key}" for section, values in cfg.items() for key in values} - {
-            "model.unet", "model.denoiser"} <= set(params)
-        assert "model.denoiser.channels" in params and "model.unet.strides" in params
+        mine = {f"{section}.{key}" for section, values in cfg.items() for key in values} - {
+            "model.unet", "model.denoiser"}
+        assert {k for k in mine if not k.startswith(("model.denoiser", "diffusion") if kind == "unet" else
+                                                   ("model.unet",))} <= set(params)
+        # a training run logs only its own model's settings
+        own, foreign = (("model.unet.strides", "model.denoiser.channels") if kind == "unet" else
+                        ("model.denoiser.channels", "model.unet.strides"))
+        assert own in params and foreign not in params
+        assert not any(k.startswith(("model.denoiser.", "diffusion.") if kind == "unet" else "model.unet.")
+                       for k in params)
         tags = run.data.tags
-        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", tags["git_commit"]), tags["git_commit"]
+        assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"]), tags  # MLflow's Source column
         assert tags["manifest_hash"] == manifest_hash
+        # the manifest, with its split, is the run's dataset input (digest over data and split) and an artifact
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) == 1 and manifest_hash.startswith(inputs[0].dataset.digest)
+        assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+        assert json.loads(inputs[0].dataset.profile)["test_cases"] == len(pipeline.test_cases)
+        assert "manifest/manifest.json" in _artifacts(client, run.info.run_id)
         assert tags["device"].startswith("cpu")
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted(m.step for m in history) == [1, 2] and all(math.isfinite(m.value) for m in history)
@@ -238,17 +252,33 @@ def test_mlflow_evaluation_run_nests_one_child_run_per_model(pipeline):
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(MODELS)
     train_runs = {r.data.tags["model"]: r.info.run_id for r in client.search_runs([experiment], "tags.stage = 'train'")}
+    assert parent.data.params["subset"] == "test" and parent.data.params["n_boot"] == "10000"
+    assert parent.data.params["sample_steps"] == "1"
+    assert parent.inputs.dataset_inputs[0].dataset.digest == load_manifest(pipeline.manifest).content_hash()[:36]
+    rows = list(csv.DictReader((pipeline.eval_dir / "per_case.csv").open(encoding="utf-8")))
     for child in children:
         model = child.info.run_name
         assert child.data.tags["train_run_id"] == train_runs[model] and child.info.status == "FINISHED"
+        for tag in ("mlflow.source.git.commit", "manifest_hash", "dataset"):  # the same provenance as the parent
+            assert child.data.tags[tag] == parent.data.tags[tag]
         assert child.data.params["checkpoint"] == str(pipeline.checkpoints[model])
         metrics = child.data.metrics
         assert metrics["cases"] == len(pipeline.test_cases)
-        for region in (*REGIONS, "mean"):
-            assert 0.0 <= metrics[f"dice_{region}"] <= 1.0
-    for region in REGIONS:
-        assert f"diffusion_vs_unet.dice_diff_{region}" in parent.data.metrics
-        assert f"diffusion_vs_unet.ci_low_{region}" in parent.data.metrics
+        # each name has one definition (METRIC_NAMES): recompute a few from per_case.csv
+        for region in REGIONS:
+            values = [float(r["dice"]) for r in rows if r["model"] == model and r["region"] == region]
+            assert metrics[f"dice_{region}_case_mean"] == pytest.approx(sum(values) / len(values))
+            assert metrics[f"dice_{region}_case_median"] == pytest.approx(statistics.median(values))
+            assert 0.0 <= metrics[f"lesion_dice_{region}_case_mean"] <= 1.0
+        ece = [float(r["ece"]) for r in rows if r["model"] == model and r["region"] == "TC"]
+        assert metrics["ece_case_mean"] == pytest.approx(sum(ece) / len(ece))
+        assert "ece_pooled" in metrics and "ece_mean" not in metrics and "dice_mean" not in metrics
+        memory = [float(r["peak_memory_mb"]) for r in rows if r["model"] == model]
+        assert metrics["peak_memory_mb_max"] == pytest.approx(max(memory))
+    for metric in ("dice", "hd95_mm", "lesion_dice"):
+        for region in (*REGIONS, "regionavg"):
+            for stat in ("mean_diff", "ci_low", "ci_high", "wilcoxon_p"):
+                assert f"diffusion_vs_unet.{metric}_{region}.{stat}" in parent.data.metrics
     artifacts = _artifacts(client, parent.info.run_id)
     assert {"per_case.csv", "summary.md", "comparison.json", "box_dice.png", "box_hd95.png",
             "calibration.png"} <= artifacts

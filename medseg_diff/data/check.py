@@ -125,13 +125,19 @@ def _image_problems(case_id: str, path: Path, modality: str, data: np.ndarray, l
             yield Problem(case_id, str(path), f"{modality}: constant volume (value {float(channel.max())})")
 
 
+def grid_mismatch(shape, affine, ref_shape, ref_affine, ref_path) -> list[str]:
+    """What differs between a volume's grid and a reference grid (shape; affine beyond ``AFFINE_ATOL`` mm):
+    the one grid rule of the package, used by ``check``, ``predict`` and ``evaluate``. Empty when they agree."""
+    problems = []
+    if tuple(shape[:3]) != tuple(ref_shape[:3]):
+        problems.append(f"shape {tuple(shape[:3])} differs from {tuple(ref_shape[:3])} of {ref_path}")
+    diff = float(np.max(np.abs(np.asarray(affine) - np.asarray(ref_affine))))
+    if diff > AFFINE_ATOL:
+        problems.append(f"affine differs from that of {ref_path} by up to {diff:.4g} (tolerance {AFFINE_ATOL})")
+    return problems
+
+
 def _grid_problems(case_id, path, shape, affine, grid) -> Iterator[Problem]:
     ref_shape, ref_affine, ref_path = grid
-    if tuple(shape) != tuple(ref_shape):
-        yield Problem(case_id, str(path), f"shape {tuple(shape)} differs from {tuple(ref_shape)} of {ref_path}")
-    diff = float(np.max(np.abs(affine - ref_affine)))
-    if diff > AFFINE_ATOL:
-        yield Problem(
-            case_id, str(path),
-            f"affine differs from that of {ref_path} by up to {diff:.4g} (tolerance {AFFINE_ATOL})",
-        )
+    for problem in grid_mismatch(shape, affine, ref_shape, ref_affine, ref_path):
+        yield Problem(case_id, str(path), problem)

@@ -64,11 +64,12 @@ class Manifest:
         return train, val, [c for c in self.cases if c.subset == "test"]
 
     def content_hash(self) -> str:
-        """SHA-256 over the sorted (path, checksum) pairs: identifies the data, not the JSON formatting."""
+        """SHA-256 over the sorted (case, subset, fold, path, checksum) entries: identifies the data **and its
+        split** (moving a test case into training changes it), not the JSON formatting."""
         digest = hashlib.sha256()
         for case in sorted(self.cases, key=lambda c: c.id):
             for rel, sha in sorted(case.sha256.items()):
-                digest.update(f"{case.id}\t{rel}\t{sha}\n".encode())
+                digest.update(f"{case.id}\t{case.subset}\t{case.fold}\t{rel}\t{sha}\n".encode())
         return digest.hexdigest()
 
 

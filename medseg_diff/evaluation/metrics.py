@@ -122,6 +122,23 @@ def hausdorff_distance_mm(pred: np.ndarray, gt: np.ndarray, spacing: Spacing, pe
     return float(hd[0, 0])
 
 
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean masks ``[X, Y, Z]``: 2|P∩G| / (|P|+|G|); 1.0 when both are empty (BraTS).
+
+    The one Dice of the package: training's validation, evaluation and the clinician report all call it.
+    """
+    pred, gt = _as_mask(pred, "pred"), _as_mask(gt, "gt")
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt shapes differ: {pred.shape} vs {gt.shape}")
+    n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
+    return _ratio(2 * int(np.count_nonzero(pred & gt)), n_pred + n_gt, empty=1.0)
+
+
+def region_volumes_ml(regions: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """Volume in mL (= cm³) of each region of boolean ``[3, X, Y, Z]``, keyed by REGIONS (voxel volume in mL)."""
+    return {name: int(np.count_nonzero(regions[i])) * float(voxel_ml) for i, name in enumerate(REGIONS)}
+
+
 def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> RegionMetrics:
     """Dice, HD95, sensitivity, specificity and volumes of one boolean region ``[X, Y, Z]``.
 
@@ -134,9 +151,9 @@ def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> Region
     fp, fn = n_pred - tp, n_gt - tp
     tn = pred.size - tp - fp - fn
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    pred_ml, gt_ml = n_pred * voxel_ml, n_gt * voxel_ml
+    pred_ml, gt_ml = n_pred * voxel_ml, n_gt * voxel_ml  # region_volumes_ml of one region
     return RegionMetrics(
-        dice=_ratio(2 * tp, n_pred + n_gt, empty=1.0),
+        dice=dice(pred, gt),
         hd95_mm=hausdorff_distance_mm(pred, gt, spacing, percentile=95.0),
         sensitivity=_ratio(tp, tp + fn, empty=1.0 if n_pred == 0 else 0.0),
         specificity=_ratio(tn, tn + fp, empty=1.0 if n_pred == pred.size else 0.0),

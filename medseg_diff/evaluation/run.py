@@ -1,17 +1,23 @@
 """``evaluate(...)``: what ``pipelines/evaluate.py`` and ``medseg-diff evaluate`` call.
 
+Evaluation scores label maps, whoever made them:
+
 1. read the manifest and pick the cases (held-out test cases by default)
-2. for each model and case: predict on the original grid, measure Dice / HD95 / sensitivity /
-   specificity / volume error per region (BraTS conventions), uncertainty AUROC and ECE, seconds
-   and peak memory; keep the predictions as NIfTI and export clinician overlays for a few cases
-3. per-case CSV, markdown summary, paired comparison (bootstrap CI + Wilcoxon), box plots,
-   reliability diagram
-4. MLflow: one evaluation run with a nested run per model, the comparison and all artifacts
+2. ``models`` (checkpoints or MLflow model URIs) are first predicted into ``OUT/predictions/NAME/`` by
+   ``inference.run.predict_cases``; ``predictions`` are folders of any tool (``evaluation.sources``)
+3. per case and region: global Dice / HD95 / sensitivity / specificity / volumes (``evaluation.metrics``), the
+   BraTS lesion-wise metrics (``evaluation.lesionwise``, through panoptica), and where a folder has probability
+   and uncertainty maps, uncertainty AUROC and calibration
+4. per-case CSV, markdown summary, paired comparisons (bootstrap CI + Wilcoxon) of Dice, HD95 and lesion-wise
+   Dice, box plots, reliability diagram; overlays of the first cases of each model
+5. MLflow: one evaluation run (params, provenance tags, the manifest as dataset input) with a nested run per
+   model; the metric names are defined once, in ``METRIC_NAMES`` (and the README)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,22 +25,45 @@ from pathlib import Path
 import numpy as np
 
 from medseg_diff.data.conventions import REGIONS, LabelConvention, get_convention
-from medseg_diff.data.dataset import case_record
 from medseg_diff.data.manifest import Manifest, load_manifest
-from medseg_diff.engine.distributed import resolve_device
-from medseg_diff.engine.metrics import (
+from medseg_diff.errors import DataError, MedsegError
+from medseg_diff.evaluation.lesionwise import lesion_row, lesionwise_metrics
+from medseg_diff.evaluation.metrics import (
     CaseResult, ReliabilityBins, UndefinedMetricWarning, case_metrics, evaluation_mask, metric_rows,
     reliability_bins, uncertainty_auroc,
 )
-from medseg_diff.engine.predict_api import CasePrediction, LoadedModel, load_model, predict_case
-from medseg_diff.engine.predictions import overlay_of, prior_file, write_prediction
-from medseg_diff.engine.report_tables import (
-    box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv,
-)
-from medseg_diff.engine.stats import compare_models
-from medseg_diff.errors import DataError, MedsegError
-from medseg_diff.export import export_case
-from medseg_diff.tracking import git_commit, start_tracker
+from medseg_diff.evaluation.sources import ScoredInputs, read_case
+from medseg_diff.evaluation.stats import compare_models
+from medseg_diff.evaluation.tables import METRIC_FORMAT, box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv
+from medseg_diff.runtime import pin_reproducibility
+from medseg_diff.tracking import source_tags, start_tracker
+
+log = logging.getLogger(__name__)
+
+#: Metrics compared between two models (paired, per region and for the per-case mean over regions).
+COMPARED = ("dice", "hd95_mm", "lesion_dice")
+#: Per-case, per-region columns summarised per model in MLflow (``{metric}_{REGION}_case_mean`` / ``_case_median``).
+REGION_METRICS = ("dice", "hd95_mm", "sensitivity", "specificity", "abs_volume_error_ml",
+                  "lesion_dice", "lesion_hd95_mm", "lesion_nsd", "lesion_f1")
+
+#: Every MLflow metric name that evaluation logs, with its one definition (the README repeats this table).
+METRIC_NAMES: dict[str, str] = {
+    "{metric}_{region}_case_mean": "mean over cases of the per-case value of {metric} in region TC, WT or ET",
+    "{metric}_{region}_case_median": "median over cases of the same per-case values",
+    "{metric}_regionavg_case_mean": "mean over cases of the per-case average of TC, WT and ET",
+    "{metric}_regionavg_case_median": "median over cases of the per-case average of TC, WT and ET",
+    "uncertainty_auroc_case_mean": "mean over cases of the per-case AUROC of voxel entropy for wrong voxels",
+    "uncertainty_auroc_case_median": "median over cases of the same",
+    "ece_case_mean": "mean over cases of the per-case ECE (15 equal bins, tumour neighbourhood)",
+    "ece_pooled": "ECE of all cases' neighbourhood voxels pooled together (the reliability diagram's)",
+    "seconds_case_mean": "mean inference wall time per case (s)",
+    "seconds_case_median": "median inference wall time per case (s)",
+    "peak_memory_mb_max": "largest peak memory of any case (MB; CUDA allocated or process RSS)",
+    "cases": "number of cases scored",
+    "{a}_vs_{b}.{metric}_{region}.mean_diff": "mean over cases of a − b (paired)",
+    "{a}_vs_{b}.{metric}_{region}.ci_low / ci_high": "bootstrap (BCa) 95% CI of mean_diff",
+    "{a}_vs_{b}.{metric}_{region}.wilcoxon_p": "two-sided Wilcoxon signed-rank p of the paired differences",
+}
 
 
 @dataclass
@@ -42,7 +71,7 @@ class EvalReport:
     out_dir: Path
     rows: list[dict]
     summary_markdown: str
-    comparisons: dict[str, dict] = field(default_factory=dict)  # "a_vs_b" -> region -> PairedComparison dict
+    comparisons: dict[str, dict] = field(default_factory=dict)  # "a_vs_b" -> metric -> region -> comparison
     failed: dict[str, str] = field(default_factory=dict)  # "model/case" -> error
     run_id: str | None = None
     overlays: list[Path] = field(default_factory=list)
@@ -53,14 +82,18 @@ def select_cases(manifest: Manifest, subset: str, fold: int = 0):
     train, val, test = manifest.split(fold)
     chosen = {"test": test, "val": val, "all": train + val + test}[subset]
     if not chosen:
-        raise DataError(manifest.source, f"no labelled cases in subset '{subset}'")
+        counts = {"train": len(train), "val": len(val), "test": len(test)}
+        hint = ("; build the manifest with --test-fraction > 0 to hold cases out, or pass --subset val/all"
+                if subset == "test" else "")
+        raise DataError(manifest.source, f"no labelled cases in subset '{subset}' (cases per subset: {counts}){hint}")
     return chosen
 
 
 def evaluate(
     manifest_path: str | Path,
-    checkpoints: dict[str, str | Path],
     out_dir: str | Path,
+    models: dict[str, str | Path] | None = None,
+    predictions: dict[str, str | Path] | None = None,
     subset: str = "test",
     fold: int = 0,
     root: str | Path | None = None,
@@ -75,74 +108,132 @@ def evaluate(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     n_boot: int = 10000,
+    lesion_task: str = "GLI",
 ) -> EvalReport:
+    """Score ``models`` (name → checkpoint or MLflow model URI, predicted first) and ``predictions`` (name →
+    prediction folder of any tool) on the manifest's ``subset``; see the module docstring."""
+    models, predictions = dict(models or {}), dict(predictions or {})
+    names = list(models) + list(predictions)
+    if not names:
+        raise DataError(None, "nothing to evaluate: give at least one --model NAME=CKPT or --predictions NAME=DIR")
+    if len(set(names)) != len(names):
+        raise DataError(None, f"model / prediction names must differ, got {names}")
+    pin_reproducibility()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # 1. data
     manifest = load_manifest(manifest_path, root=root)
     conv = get_convention(manifest.convention)
     cases = select_cases(manifest, subset, fold)
-    dev = resolve_device(device)
-    models = {name: load_model(path, dev, sample_steps, ensemble, overlap=overlap) for name, path in checkpoints.items()}
-    for name, model in models.items():
-        if model.needs_prior and prior_dir is None:
-            raise DataError(model.checkpoint, f"model '{name}' uses an external prior (prior_source=external): "
-                                              "pass --prior-dir (e.g. the baseline's prediction folders)")
-    # 2. predict and measure
-    results, uncertainty, failed, overlays = [], {}, {}, []
-    bins: dict[str, list[ReliabilityBins]] = {name: [] for name in models}
-    for name, model in models.items():
-        for i, case in enumerate(cases):
-            record = case_record(manifest, case)
+    out.mkdir(parents=True, exist_ok=True)
+    failed: dict[str, str] = {}
+    # 2. models are predicted into folders first; then every folder is scored the same way
+    folders = {name: Path(path) for name, path in predictions.items()}
+    sources: dict[str, dict] = {name: {"kind": "folder", "path": str(path)} for name, path in folders.items()}
+    for name, source in models.items():
+        folders[name], sources[name] = _predict(name, source, manifest, cases, out, device, sample_steps, ensemble,
+                                                overlap, prior_dir, continue_on_error, tracking_uri, failed)
+    overlays = _export_overlays(folders, models, cases, export_cases, out, failed)
+    # 3. score
+    results, extra, bins = [], {}, {name: [] for name in names}
+    for name in names:
+        for case in cases:
+            if f"{name}/{case.id}" in failed:
+                continue
             try:
-                if model.needs_prior:
-                    record = record | {"prior": str(prior_file(Path(prior_dir), case.id))}
-                pred = predict_case(model, record, conv, dev)
+                inputs = read_case(folders[name], case.id, manifest.path_of(case.label), conv)
             except MedsegError as err:
                 if not continue_on_error:
                     raise
                 failed[f"{name}/{case.id}"] = str(err)
-                print(f"skipped {name}/{case.id}: {err}", flush=True)
+                log.warning("skipped %s/%s: %s", name, case.id, err)
                 continue
-            results.append(_case_result(name, pred, conv))
-            uncertainty[(name, case.id)], case_bins = _uncertainty_quality(pred, conv)
-            bins[name].append(case_bins)
-            overlay = overlay_of(pred, record, conv, name, model.run_id)  # reads the 4 modalities once
-            write_prediction(pred, out / "predictions" / name / case.id, name, model, conv, record, overlay)
-            if i < export_cases:
-                overlays.append(export_case(overlay, out / "overlays" / name / case.id).report)
-    # 3. tables and plots
+            result, per_region, case_bins = score_case(name, inputs, conv, lesion_task)
+            results.append(result)
+            extra[(name, case.id)] = per_region
+            if case_bins is not None:
+                bins[name].append(case_bins)
+    # 4. tables and plots
     rows = metric_rows(results)
     for row in rows:
-        row.update(uncertainty.get((row["model"], row["case"]), {}))
-    report = _write_artifacts(out, rows, list(models), bins, n_boot)
+        row.update(extra[(row["model"], row["case"])][row["region"]])
+    report = _write_artifacts(out, rows, names, bins, n_boot)
     report.failed, report.overlays = failed, overlays
-    # 4. MLflow
+    # 5. MLflow
     if tracking:
-        report.run_id = _track(report, models, manifest, subset, tracking_uri, experiment)
+        params = {"subset": subset, "fold": fold, "n_boot": n_boot, "bootstrap_seed": 0, "lesion_task": lesion_task,
+                  "sample_steps": sample_steps, "ensemble": ensemble, "overlap": overlap,
+                  "continue_on_error": continue_on_error, "cases": len(cases)}
+        report.run_id = _track(report, sources, bins, manifest, params, tracking_uri, experiment)
     return report
 
 
-def _case_result(name: str, pred: CasePrediction, conv: LabelConvention) -> CaseResult:
-    truth = conv.to_regions(pred.ground_truth)
-    mask = conv.to_regions(pred.labels)
-    return CaseResult(case=pred.case_id, model=name, regions=case_metrics(mask, truth, pred.spacing),
-                      seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb)
+def score_case(name: str, inputs: ScoredInputs, conv: LabelConvention, lesion_task: str = "GLI"
+               ) -> tuple[CaseResult, dict[str, dict[str, float]], ReliabilityBins | None]:
+    """Global and lesion-wise metrics of one case, and its uncertainty quality when it has probability maps.
+    Returns the result, extra columns per region, and the case's reliability bins (None without maps)."""
+    truth, mask = conv.to_regions(inputs.truth), conv.to_regions(inputs.labels)
+    result = CaseResult(case=inputs.case_id, model=name, regions=case_metrics(mask, truth, inputs.spacing),
+                        seconds=inputs.seconds, peak_memory_mb=inputs.peak_memory_mb)
+    lesions = lesionwise_metrics(mask, truth, inputs.spacing, task=lesion_task)
+    per_region = {r: dict(lesion_row(lesions[r])) for r in REGIONS}
+    case_bins = None
+    if inputs.probs is not None and inputs.uncertainty is not None:
+        quality, case_bins = uncertainty_quality(inputs.probs, inputs.uncertainty, mask, truth)
+        for r in REGIONS:
+            per_region[r].update(quality)
+    return result, per_region, case_bins
 
 
-def _uncertainty_quality(pred: CasePrediction, conv: LabelConvention) -> tuple[dict[str, float], ReliabilityBins]:
-    """AUROC of the voxel entropy for wrong voxels, and reliability of the region probabilities,
-    both within the tumour neighbourhood (pred ∪ truth, dilated 3 voxels)."""
-    truth = conv.to_regions(pred.ground_truth)
-    mask_pred = conv.to_regions(pred.labels)
-    neighbourhood = evaluation_mask(mask_pred[1], truth[1])
-    wrong = np.any(mask_pred != truth, axis=0)
+def uncertainty_quality(probs: np.ndarray, uncertainty: np.ndarray, mask: np.ndarray, truth: np.ndarray
+                        ) -> tuple[dict[str, float], ReliabilityBins]:
+    """AUROC of the voxel uncertainty for wrong voxels, and reliability of the region probabilities, both within
+    the tumour neighbourhood (pred ∪ truth of WT, dilated 3 voxels). ``mask``/``truth``: boolean [3, X, Y, Z]."""
+    neighbourhood = evaluation_mask(mask[1], truth[1])
+    wrong = np.any(mask != truth, axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        auroc = uncertainty_auroc(pred.entropy, wrong, neighbourhood)
-    region_mask = np.broadcast_to(neighbourhood, truth.shape)
-    case_bins = reliability_bins(pred.probs, truth, mask=region_mask)
+        auroc = uncertainty_auroc(uncertainty, wrong, neighbourhood)
+    case_bins = reliability_bins(probs, truth, mask=np.broadcast_to(neighbourhood, truth.shape))
     return {"uncertainty_auroc": auroc, "ece": case_bins.ece}, case_bins
+
+
+def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble, overlap, prior_dir,
+             continue_on_error, tracking_uri, failed) -> tuple[Path, dict]:
+    """Predict ``cases`` with model ``source`` into ``OUT/predictions/NAME``; failures go to ``failed``."""
+    from medseg_diff.inference.loading import load_model
+    from medseg_diff.inference.run import predict_cases
+    from medseg_diff.runtime import resolve_device
+
+    folder = out / "predictions" / name
+    model = load_model(source, resolve_device(device), sample_steps, ensemble, overlap=overlap,
+                       tracking_uri=tracking_uri)
+    report = predict_cases(source, manifest.source, folder, root=manifest.root, prior_dir=prior_dir, device=device,
+                           continue_on_error=continue_on_error, case_ids=[c.id for c in cases], model=model,
+                           name=name)
+    failed.update({f"{name}/{case}": err for case, err in report.failed.items()})
+    d = model.cfg.diffusion
+    info = {"kind": "model", "source": str(source), "checkpoint": str(model.checkpoint), "model_kind": model.kind,
+            "epoch": model.epoch, "train_run_id": model.run_id, "threshold": model.cfg.infer.threshold,
+            "overlap": model.cfg.infer.overlap, "seed": model.cfg.experiment.seed,
+            "sample_steps": d.sample_steps if model.kind == "diffusion" else None,
+            "ensemble": d.ensemble if model.kind == "diffusion" else None}
+    return folder, info
+
+
+def _export_overlays(folders, models, cases, export_cases, out, failed) -> list[Path]:
+    """Clinician overlays of the first ``export_cases`` predicted cases of each model."""
+    if export_cases <= 0 or not models:
+        return []
+    from medseg_diff.export import export_case
+    from medseg_diff.inference.prediction_folder import read_prediction
+
+    reports = []
+    for name in models:
+        done = [c.id for c in cases if f"{name}/{c.id}" not in failed][:export_cases]
+        for case in done:
+            overlay, _ = read_prediction(folders[name] / case)
+            reports.append(export_case(overlay, out / "overlays" / name / case).report)
+    return reports
 
 
 def pooled_bins(bins: list[ReliabilityBins]) -> ReliabilityBins:
@@ -159,63 +250,110 @@ def _write_artifacts(out: Path, rows: list[dict], models: list[str], bins, n_boo
     if not rows:
         raise DataError(out, "no case could be evaluated")
     write_per_case_csv(rows, out / "per_case.csv")
-    parts = ["# Evaluation", "", summary_table(rows, metrics=("dice", "hd95_mm", "sensitivity", "specificity")), ""]
+    parts = ["# Evaluation", "", summary_table(rows, metrics=("dice", "hd95_mm", "sensitivity", "specificity")), "",
+             "## Lesion-wise (BraTS 2023+ ranking metrics, through panoptica)", "",
+             summary_table(rows, metrics=("lesion_dice", "lesion_hd95_mm", "lesion_nsd", "lesion_f1")), ""]
     comparisons = {}
-    if len(models) >= 2:
-        a, b = models[0], models[1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            comp = compare_models(rows, a, b, metric="dice", n_boot=n_boot)
-            comp_hd = compare_models(rows, a, b, metric="hd95_mm", n_boot=n_boot)
-        comparisons[f"{a}_vs_{b}"] = {k: asdict(v) for k, v in comp.items()}
-        parts += [f"## {a} vs {b}: Dice", "", comparison_table(comp, a, b, "dice"), "",
-                  f"## {a} vs {b}: HD95 (mm)", "", comparison_table(comp_hd, a, b, "hd95_mm"), ""]
-    parts += ["## Uncertainty and cost", "", _cost_table(rows, models, bins), ""]
+    scored = [m for m in models if any(r["model"] == m for r in rows)]
+    if len(scored) >= 2:
+        a, b = scored[0], scored[1]
+        pair = {}
+        for metric in COMPARED:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                comp = compare_models(rows, a, b, metric=metric, n_boot=n_boot)
+            pair[metric] = {k: asdict(v) for k, v in comp.items()}
+            parts += [f"## {a} vs {b}: {METRIC_FORMAT[metric][0]}", "", comparison_table(comp, a, b, metric), ""]
+        comparisons[f"{a}_vs_{b}"] = pair
+    parts += ["## Uncertainty and cost", "", _cost_table(rows, scored, bins), ""]
     markdown = "\n".join(parts)
     (out / "summary.md").write_text(markdown, encoding="utf-8")
     (out / "comparison.json").write_text(json.dumps(comparisons, indent=2, default=float), encoding="utf-8")
     box_plots(rows, out / "box_dice.png", metric="dice")
     box_plots(rows, out / "box_hd95.png", metric="hd95_mm")
+    box_plots(rows, out / "box_lesion_dice.png", metric="lesion_dice")
     pooled = {m: pooled_bins(b) for m, b in bins.items() if b}
     if pooled:
         calibration_plot(pooled, out / "calibration.png")
     return EvalReport(out_dir=out, rows=rows, summary_markdown=markdown, comparisons=comparisons)
 
 
-def _cost_table(rows: list[dict], models: list[str], bins) -> str:
-    lines = ["| model | uncertainty AUROC (errors) | ECE (pooled) | seconds / case | peak memory (MB) |",
-             "|---|---|---|---|---|"]
-    for m in models:
-        per_case = {r["case"]: r for r in rows if r["model"] == m}
-        if not per_case:
+def model_summary(rows: list[dict], model: str, bins: list[ReliabilityBins]) -> dict[str, float]:
+    """The per-model MLflow metrics, named and defined as in ``METRIC_NAMES``."""
+    mine = [r for r in rows if r["model"] == model]
+    per_case = {r["case"]: r for r in mine}
+    out: dict[str, float] = {}
+    for metric in REGION_METRICS:
+        if not any(metric in r for r in mine):
             continue
-        auroc = np.nanmean([r.get("uncertainty_auroc", np.nan) for r in per_case.values()])
-        ece = pooled_bins(bins[m]).ece if bins.get(m) else float("nan")
-        secs = np.mean([r.get("seconds", np.nan) for r in per_case.values()])
-        mem = np.max([r.get("peak_memory_mb", np.nan) for r in per_case.values()])
-        lines.append(f"| {m} | {auroc:.3f} | {ece:.4f} | {secs:.2f} | {mem:.0f} |")
+        by_region = {region: {r["case"]: float(r[metric]) for r in mine if r["region"] == region} for region in REGIONS}
+        for region, values in by_region.items():
+            v = np.array(list(values.values()))
+            out[f"{metric}_{region}_case_mean"], out[f"{metric}_{region}_case_median"] = _mean_median(v)
+        avg = np.array([np.mean([by_region[r][c] for r in REGIONS]) for c in per_case])
+        out[f"{metric}_regionavg_case_mean"], out[f"{metric}_regionavg_case_median"] = _mean_median(avg)
+    for key in ("uncertainty_auroc", "ece", "seconds"):
+        values = np.array([float(r[key]) for r in per_case.values() if key in r], dtype=float)
+        if values.size:
+            out[f"{key}_case_mean"], out[f"{key}_case_median"] = _mean_median(values)
+    out.pop("ece_case_median", None)
+    if bins:
+        out["ece_pooled"] = pooled_bins(bins).ece
+    memory = [float(r["peak_memory_mb"]) for r in per_case.values() if "peak_memory_mb" in r]
+    if memory:
+        out["peak_memory_mb_max"] = float(np.nanmax(memory))
+    out["cases"] = float(len(per_case))
+    return out
+
+
+def _mean_median(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return float("nan"), float("nan")
+    return float(np.mean(finite)), float(np.median(finite))
+
+
+def _cost_table(rows: list[dict], models: list[str], bins) -> str:
+    lines = ["| model | uncertainty AUROC (case mean) | ECE (pooled) | ECE (case mean) | seconds / case (mean) | "
+             "peak memory (MB, max) |", "|---|---|---|---|---|---|"]
+    for m in models:
+        s = model_summary(rows, m, bins.get(m, []))
+        cells = [_cell(s.get("uncertainty_auroc_case_mean"), 3), _cell(s.get("ece_pooled"), 4),
+                 _cell(s.get("ece_case_mean"), 4), _cell(s.get("seconds_case_mean"), 2),
+                 _cell(s.get("peak_memory_mb_max"), 0)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _track(report: EvalReport, models: dict[str, LoadedModel], manifest: Manifest, subset: str,
+def _cell(value: float | None, decimals: int) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{decimals}f}"
+
+
+def _track(report: EvalReport, sources: dict[str, dict], bins, manifest: Manifest, params: dict,
            uri: str | None, experiment: str | None) -> str | None:
-    tags = {"stage": "evaluate", "dataset": manifest.name, "subset": subset, "models": ",".join(models),
-            "git_commit": git_commit(), "manifest_hash": manifest.content_hash()}
-    parent = start_tracker(True, uri, experiment or manifest.name, run_name=f"evaluate-{'-vs-'.join(models)}",
-                           tags=tags)
-    for name, model in models.items():
-        child = parent.child(name, tags={"model": name, "train_run_id": str(model.run_id), "stage": "evaluate"})
-        d = model.cfg.diffusion
-        child.log_params({"checkpoint": str(model.checkpoint), "model_kind": model.kind, "epoch": model.epoch,
-                          "sample_steps": d.sample_steps if model.kind == "diffusion" else "-",
-                          "ensemble": d.ensemble if model.kind == "diffusion" else "-"})
-        child.log_metrics(_model_means(report.rows, name))
+    names = list(sources)
+    provenance = {"stage": "evaluate", "dataset": manifest.name, "subset": str(params["subset"]),
+                  "manifest_hash": manifest.content_hash(), **source_tags()}
+    parent = start_tracker(True, uri, experiment or manifest.name, run_name=f"evaluate-{'-vs-'.join(names)}",
+                           tags=provenance | {"models": ",".join(names)})
+    parent.log_params({k: ("-" if v is None else v) for k, v in params.items()}
+                      | {f"source.{n}": s.get("source", s.get("path")) for n, s in sources.items()})
+    parent.log_dataset(manifest.name, manifest.content_hash(), str(manifest.source or manifest.root), "evaluation")
+    if manifest.source is not None and Path(manifest.source).exists():
+        parent.log_artifact(manifest.source, "manifest")
+    for name, source in sources.items():
+        child = parent.child(name, tags=provenance | {"model": name, "train_run_id": str(source.get("train_run_id"))})
+        child.log_params({k: ("-" if v is None else v) for k, v in source.items()})
+        child.log_metrics(model_summary(report.rows, name, bins.get(name, [])))
         child.end()
-    for pair, comp in report.comparisons.items():
-        for region, c in comp.items():
-            parent.log_metrics({f"{pair}.dice_diff_{region}": c["mean_diff"], f"{pair}.ci_low_{region}": c["ci_low"],
-                                f"{pair}.ci_high_{region}": c["ci_high"], f"{pair}.wilcoxon_p_{region}": c["wilcoxon_p"]})
-    for name in ("per_case.csv", "summary.md", "comparison.json", "box_dice.png", "box_hd95.png", "calibration.png"):
+    for pair, per_metric in report.comparisons.items():
+        for metric, comp in per_metric.items():
+            for region, c in comp.items():
+                key = f"{pair}.{metric}_{'regionavg' if region == 'mean' else region}"
+                parent.log_metrics({f"{key}.mean_diff": c["mean_diff"], f"{key}.ci_low": c["ci_low"],
+                                    f"{key}.ci_high": c["ci_high"], f"{key}.wilcoxon_p": c["wilcoxon_p"]})
+    for name in ("per_case.csv", "summary.md", "comparison.json", "box_dice.png", "box_hd95.png",
+                 "box_lesion_dice.png", "calibration.png"):
         path = report.out_dir / name
         if path.exists():
             parent.log_artifact(path)
@@ -223,20 +361,3 @@ def _track(report: EvalReport, models: dict[str, LoadedModel], manifest: Manifes
         parent.log_artifact(report.out_dir / "overlays", "overlays")
     parent.end()
     return parent.run_id
-
-
-def _model_means(rows: list[dict], model: str) -> dict[str, float]:
-    mine = [r for r in rows if r["model"] == model]
-    out: dict[str, float] = {}
-    for metric in ("dice", "hd95_mm", "sensitivity", "specificity", "abs_volume_error_ml"):
-        for region in REGIONS:
-            values = [float(r[metric]) for r in mine if r["region"] == region]
-            out[f"{metric}_{region}"] = float(np.mean(values))
-        out[f"{metric}_mean"] = float(np.mean([out[f"{metric}_{r}"] for r in REGIONS]))
-    per_case = {r["case"]: r for r in mine}
-    for key in ("uncertainty_auroc", "ece", "seconds", "peak_memory_mb"):
-        values = [float(r[key]) for r in per_case.values() if key in r]
-        if values:
-            out[f"{key}_mean"] = float(np.nanmean(values))
-    out["cases"] = float(len(per_case))
-    return out

@@ -17,8 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medseg_diff.data.conventions import REGIONS
-from medseg_diff.engine.metrics import CSV_COLUMNS, ReliabilityBins
-from medseg_diff.engine.stats import MEAN_REGION, PairedComparison, mean_over_regions, values_by_case
+from medseg_diff.evaluation.metrics import CSV_COLUMNS, ReliabilityBins
+from medseg_diff.evaluation.stats import MEAN_REGION, PairedComparison, mean_over_regions, values_by_case
 
 Row = Mapping[str, object]
 
@@ -32,6 +32,10 @@ METRIC_FORMAT: dict[str, tuple[str, int]] = {
     "abs_volume_error_ml": ("|Volume error| (mL)", 2),
     "pred_volume_ml": ("Predicted volume (mL)", 2),
     "gt_volume_ml": ("Reference volume (mL)", 2),
+    "lesion_dice": ("Lesion-wise Dice", 3),
+    "lesion_hd95_mm": ("Lesion-wise HD95 (mm)", 2),
+    "lesion_nsd": ("Lesion-wise NSD", 3),
+    "lesion_f1": ("Lesion detection F1", 3),
     "seconds": ("Inference (s)", 2),
     "peak_memory_mb": ("Peak memory (MB)", 0),
 }

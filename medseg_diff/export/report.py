@@ -17,6 +17,7 @@ import numpy as np
 
 from medseg_diff import __version__
 from medseg_diff.data.conventions import REGIONS, LabelConvention
+from medseg_diff.evaluation.metrics import dice, region_volumes_ml
 from medseg_diff.export.types import (
     ATTENTION_PERCENTILE,
     REGION_NAMES,
@@ -80,9 +81,7 @@ def case_of_report(path: Path) -> str | None:
 def region_volumes_cm3(labels: np.ndarray, convention: LabelConvention, voxel_mm3: float) -> dict[str, float]:
     """Volume in cm³ of each region (TC, WT, ET) and each label (by its short name)."""
     labels = np.asarray(labels)
-    volumes = {}
-    for region, mask in zip(REGIONS, convention.to_regions(labels)):
-        volumes[region] = float(mask.sum()) * voxel_mm3 / 1000.0
+    volumes = region_volumes_ml(convention.to_regions(labels), voxel_mm3 / 1000.0)
     for entry in label_entries(convention):
         volumes[entry.short] = float((labels == entry.value).sum()) * voxel_mm3 / 1000.0
     return volumes
@@ -90,11 +89,8 @@ def region_volumes_cm3(labels: np.ndarray, convention: LabelConvention, voxel_mm
 
 def dice_scores(labels: np.ndarray, truth: np.ndarray, convention: LabelConvention) -> dict[str, float]:
     """Per-region Dice, BraTS convention: both empty -> 1.0."""
-    scores = {}
-    for region, pred, ref in zip(REGIONS, convention.to_regions(labels), convention.to_regions(truth)):
-        total = int(pred.sum()) + int(ref.sum())
-        scores[region] = 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
-    return scores
+    pred, ref = convention.to_regions(labels), convention.to_regions(truth)
+    return {region: dice(pred[i], ref[i]) for i, region in enumerate(REGIONS)}
 
 
 def render_report(overlay: CaseOverlay, context: ReportContext) -> str:

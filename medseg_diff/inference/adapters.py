@@ -1,110 +1,142 @@
-"""The model-specific part of training and inference: one small class per model, one interface.
+"""Model adapters: everything that differs between the diffusion model and the U-Net, in one place.
 
-The trainer is generic; it asks a ``Task`` for the network, the module that DDP wraps, the loss of a
-batch and a ``Segmenter`` for whole-volume prediction. Baseline and diffusion differ only here.
+An adapter owns, for one model kind:
+
+* the network: its own constructor arguments (``network_spec``, stored in every checkpoint next to the
+  weights) and how it is built from them (``build_network``: ``NETWORKS[name](**kwargs)``);
+* the ``Segmenter`` that turns a batch of windows into probabilities, uncertainty and attention maps;
+* the mask prior: whether the network takes an external prior as input (``external_prior``), the rough
+  outline that stands in for it during training (``training_prior``), and the check that a caller passes one
+  exactly when the model needs it (``check_prior``);
+* whether training keeps an EMA of the weights for inference (``uses_ema``).
+
+The trainer, inference and evaluation are generic; training adds only the loss (``training.objectives``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medseg_diff.config import Config
-from medseg_diff.diffusion.loss import DiffusionLoss, EncodeDenoise, LossOutput, LossWeights, segmentation_loss
 from medseg_diff.diffusion.sampler import DDIMSampler
 from medseg_diff.diffusion.schedules import build_scheduler
-from medseg_diff.engine.infer import DiffusionSegmenter, Segmenter, UNetSegmenter
-from medseg_diff.models import DiffusionSegUNet, baseline_stride, build_baseline_unet
+from medseg_diff.errors import DataError
+from medseg_diff.inference.sliding_window import DiffusionSegmenter, Segmenter, UNetSegmenter
+from medseg_diff.models import DiffusionSegUNet, build_baseline_unet
+
+#: Network constructors by the name a checkpoint's ``network`` entry gives.
+NETWORKS: dict[str, Any] = {"DiffusionSegUNet": DiffusionSegUNet, "MonaiUNet": build_baseline_unet}
 
 
-class Task(Protocol):
-    kind: str
-    net: nn.Module
-    stride: int
-    uses_ema: bool
-
-    def train_module(self) -> nn.Module: ...
-
-    def loss(self, module: nn.Module, image: Tensor, regions: Tensor, generator: torch.Generator | None) -> LossOutput: ...
-
-    def segmenter(self, net: nn.Module, validation: bool = False, seed: int = 0) -> Segmenter: ...
+def build_network(spec: dict[str, Any], source: str | Path | None = None) -> nn.Module:
+    """``NETWORKS[spec["name"]](**spec["kwargs"])``; a spec this version cannot build is refused by name."""
+    try:
+        factory = NETWORKS[spec["name"]]
+        return factory(**spec["kwargs"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(source, f"cannot build the network {spec.get('name')!r} from the checkpoint's "
+                                f"arguments ({type(err).__name__}: {err})") from err
 
 
-def _weights(cfg: Config) -> LossWeights:
-    return LossWeights(dice=cfg.loss.dice, bce=cfg.loss.bce, mse=cfg.loss.mse, prior=cfg.loss.prior)
+class ModelAdapter:
+    """What the generic stages ask of a model kind. Subclasses set ``kind``, ``uses_ema`` and ``network_spec``."""
+
+    kind: str = ""
+    uses_ema: bool = False
+    external_prior: bool = False
+
+    def __init__(self, cfg: Config, net: nn.Module | None = None):
+        self.cfg = cfg
+        self.spec = self.network_spec(cfg)
+        self.net = net if net is not None else build_network(self.spec)
+
+    @staticmethod
+    def network_spec(cfg: Config) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def stride(self) -> int:
+        """Every spatial size the network sees must be a multiple of this."""
+        return int(self.net.stride)
+
+    def segmenter(self, net: nn.Module, validation: bool = False, seed: int = 0) -> Segmenter:
+        raise NotImplementedError
+
+    def training_prior(self, regions: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+        """The prior input during training and validation: None unless the network takes an external prior."""
+        return simulated_prior(regions, generator) if self.external_prior else None
+
+    def check_prior(self, has_prior: bool, where: str | Path | None, case: str | None = None) -> None:
+        """Refuse a prior the network does not take, or a missing one it needs (``where``: the file or model)."""
+        if self.external_prior and not has_prior:
+            raise DataError(where, f"this {self.kind} model was trained with prior_source=external and needs a mask "
+                                   "prior per case: pass --prior-dir (e.g. the baseline's prediction folders)", case=case)
+        if has_prior and not self.external_prior:
+            raise DataError(where, f"a prior was given, but this {self.kind} model takes no external prior; "
+                                   "predict without --prior-dir", case=case)
 
 
-class UNetTask:
-    """Plain 3D U-Net (MONAI ``UNet``): Dice + BCE on its logits."""
+class UNetAdapter(ModelAdapter):
+    """Plain 3D U-Net (MONAI ``UNet``): sigmoid of its logits, entropy as uncertainty."""
 
     kind = "unet"
-    uses_ema = False
 
-    def __init__(self, cfg: Config):
+    @staticmethod
+    def network_spec(cfg: Config) -> dict[str, Any]:
         u = cfg.model.unet
-        self.net = build_baseline_unet(channels=u.channels, strides=u.strides, num_res_units=u.num_res_units,
-                                       dropout=u.dropout)
-        self.stride = baseline_stride(u.strides)
-        self.weights = _weights(cfg)
-
-    def train_module(self) -> nn.Module:
-        return self.net
-
-    def loss(self, module, image, regions, generator=None) -> LossOutput:
-        total, parts = segmentation_loss(module(image), regions, self.weights)
-        parts["loss"] = float(total.detach())
-        return LossOutput(total, parts)
+        return {"name": "MonaiUNet", "kwargs": {"in_channels": 4, "out_channels": 3, "channels": list(u.channels),
+                                                "strides": list(u.strides), "num_res_units": u.num_res_units,
+                                                "dropout": u.dropout}}
 
     def segmenter(self, net, validation=False, seed=0) -> Segmenter:
         return UNetSegmenter(net, name=self.kind)
 
 
-class DiffusionTask:
-    """Conditional diffusion U-Net: x0 (or ε / v) prediction, DDIM ensembles at inference."""
+class DiffusionAdapter(ModelAdapter):
+    """Conditional diffusion U-Net: DDIM ensembles at inference, EMA weights, optional external prior."""
 
     kind = "diffusion"
     uses_ema = True
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, net: nn.Module | None = None):
+        super().__init__(cfg, net)
+        self.external_prior = cfg.model.denoiser.prior_source == "external"
+
+    @staticmethod
+    def network_spec(cfg: Config) -> dict[str, Any]:
         d = cfg.model.denoiser
-        self.net = DiffusionSegUNet(
-            in_channels=4, out_channels=3, channels=d.channels, res_blocks=d.res_blocks,
-            linear_attention_levels=d.linear_attention_levels, cross_attention_levels=d.cross_attention_levels,
-            heads=d.heads, dim_head=d.dim_head, prior_source=d.prior_source, norm_groups=d.norm_groups,
-            patch_size=d.patch_size, encoder_channels=[d.encoder_factor * c for c in d.channels],
-            stem_channels=d.stem_channels,
-        )
-        self.stride = self.net.stride
-        self.prior_source = d.prior_source
-        self.diffusion = cfg.diffusion
-        self.scheduler = build_scheduler(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.prediction,
-                                         cfg.diffusion.snr_shift)
-        self.loss_fn = DiffusionLoss(self.scheduler, _weights(cfg))
+        return {"name": "DiffusionSegUNet", "kwargs": {
+            "in_channels": 4, "out_channels": 3, "channels": list(d.channels), "res_blocks": d.res_blocks,
+            "linear_attention_levels": list(d.linear_attention_levels),
+            "cross_attention_levels": list(d.cross_attention_levels), "heads": d.heads, "dim_head": d.dim_head,
+            "prior_source": d.prior_source, "norm_groups": d.norm_groups, "patch_size": d.patch_size,
+            "encoder_channels": [d.encoder_factor * c for c in d.channels], "stem_channels": d.stem_channels}}
 
-    def train_module(self) -> nn.Module:
-        return EncodeDenoise(self.net)
-
-    def loss(self, module, image, regions, generator=None) -> LossOutput:
-        prior = simulated_prior(regions, generator) if self.prior_source == "external" else None
-        return self.loss_fn(_with_prior(module, prior), image, regions, generator)
+    def scheduler(self):
+        """The noise schedule of training and sampling (a fresh scheduler: ``set_timesteps`` mutates it)."""
+        d = self.cfg.diffusion
+        return build_scheduler(d.timesteps, d.schedule, d.prediction, d.snr_shift)
 
     def segmenter(self, net, validation=False, seed=0) -> Segmenter:
-        d = self.diffusion
+        d = self.cfg.diffusion
         steps, ensemble = (d.val_sample_steps, d.val_ensemble) if validation else (d.sample_steps, d.ensemble)
-        scheduler = build_scheduler(d.timesteps, d.schedule, d.prediction, d.snr_shift)
-        sampler = DDIMSampler(scheduler, steps=steps, ensemble=ensemble,
+        sampler = DDIMSampler(self.scheduler(), steps=steps, ensemble=ensemble,
                               step_uncertainty_weighting=d.step_uncertainty_weighting, seed=seed)
-        return DiffusionSegmenter(net, sampler, name=self.kind, external_prior=self.prior_source == "external",
+        return DiffusionSegmenter(net, sampler, name=self.kind, external_prior=self.external_prior,
                                   attention=not validation)
 
 
-def _with_prior(module: nn.Module, prior: Tensor | None):
-    if prior is None:
-        return module
-    return lambda x_t, t, image: module(x_t, t, image, prior)
+ADAPTERS: dict[str, type[ModelAdapter]] = {a.kind: a for a in (UNetAdapter, DiffusionAdapter)}
+
+
+def build_adapter(cfg: Config, net: nn.Module | None = None) -> ModelAdapter:
+    """The adapter of ``cfg.model.kind`` (with a new network from the config unless ``net`` is given)."""
+    return ADAPTERS[cfg.model.kind](cfg, net)
 
 
 def simulated_prior(regions: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -116,8 +148,3 @@ def simulated_prior(regions: Tensor, generator: torch.Generator | None = None) -
     blurred = F.avg_pool3d(regions, kernel_size=5, stride=1, padding=2, count_include_pad=False)
     scale = 0.5 + 0.5 * torch.rand((regions.shape[0], 1, 1, 1, 1), generator=generator, device=regions.device)
     return blurred * scale
-
-
-def build_task(cfg: Config) -> Task:
-    """The task for ``cfg.model.kind``."""
-    return DiffusionTask(cfg) if cfg.model.kind == "diffusion" else UNetTask(cfg)

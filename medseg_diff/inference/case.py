@@ -1,4 +1,4 @@
-"""Prediction of whole cases on their original grid: ``load_model`` + ``predict_case``.
+"""Prediction of one whole case on its original grid (the model from ``inference.loading.load_model``).
 
 1. load the case through the invertible eval pipeline (RAS, spacing, foreground crop, normalise)
 2. sliding-window inference (``infer_volume``) on the transformed grid
@@ -15,32 +15,12 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medseg_diff.config import Config, config_from_dict
 from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention
 from medseg_diff.data.dataset import CASE_ID
 from medseg_diff.data.transforms import IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
-from medseg_diff.engine.checkpoint import load_checkpoint, upgrade_config
-from medseg_diff.engine.infer import VolumePrediction, infer_volume
-from medseg_diff.engine.tasks import Task, build_task
+from medseg_diff.inference.sliding_window import VolumePrediction, infer_volume
+from medseg_diff.inference.loading import LoadedModel
 from medseg_diff.errors import DataError
-
-
-@dataclass
-class LoadedModel:
-    task: Task
-    net: torch.nn.Module
-    cfg: Config
-    checkpoint: Path
-    run_id: str | None
-    epoch: int
-
-    @property
-    def kind(self) -> str:
-        return self.task.kind
-
-    @property
-    def needs_prior(self) -> bool:
-        return self.kind == "diffusion" and self.cfg.model.denoiser.prior_source == "external"
 
 
 @dataclass
@@ -60,34 +40,6 @@ class CasePrediction:
     peak_memory_mb: float | None = None
 
 
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
-               ensemble: int | None = None, seed: int | None = None, overlap: float | None = None) -> LoadedModel:
-    """Rebuild a trained model from its checkpoint (the config inside it), with the inference weights (EMA).
-
-    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
-    sliding-window overlap (``infer.overlap``).
-    """
-    path = Path(checkpoint)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    try:
-        raw = ckpt["config"]
-        weights = ckpt["inference_model"]
-    except (KeyError, TypeError):
-        raise DataError(path, "not a medseg-diff checkpoint (no config / weights inside)") from None
-    overrides = {k: v for k, v in (("sample_steps", sample_steps), ("ensemble", ensemble)) if v is not None}
-    if overrides:
-        raw = {**raw, "diffusion": {**raw["diffusion"], **overrides}}
-    if seed is not None:
-        raw = {**raw, "experiment": {**raw["experiment"], "seed": seed}}
-    if overlap is not None:
-        raw = {**raw, "infer": {**raw["infer"], "overlap": overlap}}
-    cfg = config_from_dict(upgrade_config(raw, ckpt.get("format", 1)), source=path)
-    task = build_task(cfg)
-    task.net.load_state_dict(weights)
-    net = task.net.to(torch.device(device) if isinstance(device, str) else device).eval()
-    return LoadedModel(task, net, cfg, path, ckpt.get("run_id"), int(ckpt.get("epoch", 0)))
-
-
 def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
                  device: torch.device | None = None) -> CasePrediction:
     """Predict one case (a record from ``case_record`` / ``files_record``) on its original grid."""
@@ -95,12 +47,8 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
     device = device or next(model.net.parameters()).device
     case_id = record.get(CASE_ID, "case")
     has_prior = PRIOR in record
-    if model.needs_prior and not has_prior:
-        raise DataError(None, "this model uses an external prior (prior_source=external): pass --prior-dir",
-                        case=case_id)
-    if has_prior and not model.needs_prior:  # the prior would reach the network as 3 extra input channels
-        raise DataError(record[PRIOR], f"this {model.kind} model takes no external prior; predict without one",
-                        case=case_id)
+    # a prior the model does not take would reach the network as 3 extra input channels
+    model.adapter.check_prior(has_prior, record.get(PRIOR, model.checkpoint), case=case_id)
     # 1. load and transform (label kept only for metrics, on the original grid)
     transform = eval_transforms(convention, cfg.data.spacing, with_label=False, with_prior=has_prior)
     check_grid(record, case_id)
@@ -116,7 +64,7 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
     image = data[IMAGE].unsqueeze(0).to(device)
     prior = data[PRIOR].unsqueeze(0).to(device) if has_prior else None
     # 2. whole-volume inference on the transformed grid
-    segmenter = model.task.segmenter(model.net, validation=False, seed=cfg.experiment.seed)
+    segmenter = model.adapter.segmenter(model.net, validation=False, seed=cfg.experiment.seed)
     pred = infer_volume(segmenter, image.as_tensor(), cfg.infer.roi_size or cfg.data.roi_size,
                         overlap=cfg.infer.overlap, sw_batch_size=cfg.infer.sw_batch_size, mode=cfg.infer.mode,
                         prior=None if prior is None else prior.as_tensor(), amp=cfg.train.amp)
@@ -164,7 +112,7 @@ def _root_cause(err: BaseException) -> BaseException:
 
 def check_grid(record: dict, case_id: str) -> None:
     """Modalities (and label / prior) of a case must share shape and affine; checked from headers only."""
-    from medseg_diff.data.check import AFFINE_ATOL
+    from medseg_diff.data.check import grid_mismatch
     from medseg_diff.data.io import read_image
 
     images = record[IMAGE] if isinstance(record[IMAGE], (list, tuple)) else [record[IMAGE]]
@@ -172,12 +120,9 @@ def check_grid(record: dict, case_id: str) -> None:
     ref = read_image(images[0])
     for path in list(images[1:]) + others:
         img = read_image(path)
-        if tuple(img.shape[:3]) != tuple(ref.shape[:3]):
-            raise DataError(path, f"shape {tuple(img.shape[:3])} differs from {tuple(ref.shape[:3])} of {images[0]}",
-                            case=case_id)
-        diff = float(np.max(np.abs(img.affine - ref.affine)))
-        if diff > AFFINE_ATOL:
-            raise DataError(path, f"affine differs from that of {images[0]} by up to {diff:.4g}", case=case_id)
+        problems = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, images[0])
+        if problems:
+            raise DataError(path, problems[0], case=case_id)
 
 
 def _input_files(record: dict) -> list[str]:

@@ -18,7 +18,8 @@ import numpy as np
 from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention, get_convention
 from medseg_diff.data.io import read_array
 from medseg_diff.data.transforms import IMAGE, LABEL
-from medseg_diff.engine.predict_api import CasePrediction
+from medseg_diff.inference.case import CasePrediction
+from medseg_diff.inference.loading import LoadedModel
 from medseg_diff.errors import DataError
 from medseg_diff.export import CaseOverlay, dice_scores
 from medseg_diff.export.overlays import export_volumes
@@ -47,14 +48,14 @@ def overlay_of(pred: CasePrediction, record: dict, conv: LabelConvention, model_
     )
 
 
-def write_prediction(pred: CasePrediction, folder: Path, model_name: str, model, conv: LabelConvention,
+def write_prediction(pred: CasePrediction, folder: Path, model_name: str, model: LoadedModel, conv: LabelConvention,
                      record: dict, overlay: CaseOverlay | None = None) -> Path:
     """Write a prediction folder (NIfTI volumes + ``prediction.json``); returns the folder.
     ``overlay``: the case's ``overlay_of`` when the caller already built it (saves re-reading the images)."""
     written = export_volumes(overlay or overlay_of(pred, record, conv, model_name, model.run_id), folder)
     meta = {
         "case_id": pred.case_id, "model": model_name, "model_kind": model.kind, "run_id": model.run_id,
-        "checkpoint": str(model.checkpoint), "convention": conv.name, "reference": str(pred.reference),
+        "checkpoint": str(model.checkpoint), "model_uri": model.source, "convention": conv.name, "reference": str(pred.reference),
         "inputs": record, "seconds": pred.seconds,
         "peak_memory_mb": pred.peak_memory_mb, "spacing_mm": list(pred.spacing),
         "attention": sorted(written["attention"]),  # this model's maps: others in the folder may be stale

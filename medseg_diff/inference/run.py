@@ -1,8 +1,10 @@
-"""Batch prediction and export over many cases; a bad case is skipped and reported
+"""Prediction of many cases into prediction folders; a bad case is skipped and reported
 (``continue_on_error``) instead of ending the run halfway."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,14 +12,17 @@ from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record, files_record
 from medseg_diff.data.discovery import discover
 from medseg_diff.data.manifest import load_manifest
-from medseg_diff.engine.distributed import resolve_device
-from medseg_diff.engine.predict_api import LoadedModel, load_model, predict_case
-from medseg_diff.engine.predictions import prior_file, read_prediction, write_prediction
 from medseg_diff.errors import DataError, MedsegError
+from medseg_diff.inference.case import predict_case
+from medseg_diff.inference.loading import LoadedModel, load_model
+from medseg_diff.inference.prediction_folder import prior_file, write_prediction
+from medseg_diff.runtime import pin_reproducibility, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class BatchReport:
+class RunReport:
     written: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # case -> error message
 
@@ -49,14 +54,21 @@ def input_records(source: str | Path, subset: str = "all", root: str | Path | No
 def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Path, subset: str = "all",
                   root: str | Path | None = None, convention: str | None = None, prior_dir: str | Path | None = None,
                   device: str = "auto", sample_steps: int | None = None, ensemble: int | None = None,
-                  seed: int | None = None, continue_on_error: bool = False, overlap: float | None = None
-                  ) -> BatchReport:
-    """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``engine.predictions``)."""
+                  seed: int | None = None, continue_on_error: bool = False, overlap: float | None = None,
+                  case_ids: Sequence[str] | None = None, tracking_uri: str | None = None,
+                  model: LoadedModel | None = None, name: str | None = None) -> RunReport:
+    """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``inference.prediction_folder``).
+    ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``)."""
+    pin_reproducibility()
     dev = resolve_device(device)
-    model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap)
+    if model is None:
+        model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap, tracking_uri=tracking_uri)
     _check_prior_use(model, prior_dir)  # a model-wide mistake: fail once, before any case
     conv, records = input_records(source, subset, root, convention)
-    report = BatchReport()
+    if case_ids is not None:  # only these, in this order
+        by_id = {r["case_id"]: r for r in records}
+        records = [by_id[c] for c in case_ids]
+    report = RunReport()
     for record in records:
         case = record["case_id"]
         try:
@@ -65,52 +77,16 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
             if prior_dir is not None:
                 record = record | {"prior": str(prior_file(Path(prior_dir), case))}
             pred = predict_case(model, record, conv, dev)
-            report.written.append(write_prediction(pred, Path(out_dir) / case, model.kind, model, conv, record))
-            print(f"ok   {case}  ({pred.seconds:.1f} s)", flush=True)
+            report.written.append(write_prediction(pred, Path(out_dir) / case, name or model.kind, model, conv, record))
+            log.info("ok   %s  (%.1f s)", case, pred.seconds)
         except MedsegError as err:
             if not continue_on_error:
                 raise
             report.failed[case] = str(err)
-            print(f"FAIL {case}: {err}", flush=True)
+            log.warning("FAIL %s: %s", case, err)
     return report
 
 
 def _check_prior_use(model: LoadedModel, prior_dir: str | Path | None) -> None:
     """``--prior-dir`` is required by, and only by, a model trained with ``prior_source=external``."""
-    source = model.cfg.model.denoiser.prior_source if model.kind == "diffusion" else "none (a U-Net)"
-    if model.needs_prior and prior_dir is None:
-        raise DataError(model.checkpoint, "this model was trained with prior_source=external and needs a mask "
-                                          "prior per case: pass --prior-dir (e.g. the baseline's prediction folders)")
-    if prior_dir is not None and not model.needs_prior:
-        raise DataError(prior_dir, f"--prior-dir given, but the model {model.checkpoint} takes no external prior "
-                                   f"(prior_source: {source}); predict without --prior-dir")
-
-
-def export_predictions(pred_dirs: list[Path], out_dir: str | Path, continue_on_error: bool = False) -> BatchReport:
-    """Clinician overlays (NIfTI, colour tables, montage, report.html) of prediction folders."""
-    from medseg_diff.export import export_case
-
-    report = BatchReport()
-    for folder in pred_dirs:
-        try:
-            overlay, _ = read_prediction(folder)
-            result = export_case(overlay, Path(out_dir) / overlay.case_id)
-            report.written.append(result.report)
-            print(f"ok   {overlay.case_id} -> {result.report}", flush=True)
-        except MedsegError as err:
-            if not continue_on_error:
-                raise
-            report.failed[folder.name] = str(err)
-            print(f"FAIL {folder.name}: {err}", flush=True)
-    return report
-
-
-def prediction_folders(path: str | Path) -> list[Path]:
-    """``path`` itself when it is a prediction folder, else its sub-folders that are."""
-    path = Path(path)
-    if (path / "prediction.json").exists():
-        return [path]
-    found = sorted(p.parent for p in path.glob("*/prediction.json"))
-    if not found:
-        raise DataError(path, "no prediction folders (CASE/prediction.json) here; run predict first")
-    return found
+    model.adapter.check_prior(prior_dir is not None, prior_dir if prior_dir is not None else model.checkpoint)

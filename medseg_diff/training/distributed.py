@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from medseg_diff.runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -22,15 +24,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the local GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:

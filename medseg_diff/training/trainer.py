@@ -1,5 +1,5 @@
-"""One trainer for both models (template method): the loop is here, the model-specific loss and
-predictor come from a ``Task``, and side effects (MLflow, printing) from ``TrainerHook``s.
+"""One trainer for both models (template method): the loop is here; the model-specific network, predictor and
+prior come from a ``ModelAdapter``, the loss from an ``Objective``, side effects (MLflow, logging) from ``TrainerHook``s.
 
 Exact resume: every epoch starts by reseeding the data order, the MONAI random transforms, the
 diffusion noise generator and torch's global RNG from (seed, epoch), and a checkpoint holds model,
@@ -10,6 +10,7 @@ that never stopped.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from monai.data import DataLoader
+from monai.optimizers import WarmupCosineSchedule
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
@@ -27,18 +29,16 @@ from tqdm import tqdm
 from medseg_diff.config import Config
 from medseg_diff.data.conventions import REGIONS
 from medseg_diff.data.transforms import IMAGE, LABEL
-from medseg_diff.engine.checkpoint import (
-    FORMAT,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    upgrade_config,
-)
-from medseg_diff.engine.distributed import DistInfo, barrier, mean_across
-from medseg_diff.engine.infer import infer_volume
-from medseg_diff.engine.tasks import Task, simulated_prior
+from medseg_diff.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, upgrade_config
 from medseg_diff.errors import TrainingError
+from medseg_diff.evaluation.metrics import dice
+from medseg_diff.inference.adapters import ModelAdapter
+from medseg_diff.inference.sliding_window import infer_volume
+from medseg_diff.runtime import show_progress
+from medseg_diff.training.distributed import DistInfo, barrier, mean_across
+from medseg_diff.training.objectives import Objective, build_objective
+
+log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -76,24 +76,6 @@ def ema_multi_avg_fn(decay: float) -> Callable:
     return update
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor: linear warm-up to 1, then cosine to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty (BraTS convention)."""
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
-
-
 def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
     """``key: saved -> current`` for every leaf that differs between two nested config dicts."""
     out = []
@@ -107,16 +89,17 @@ def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task: Task, train_data, val_data, device: torch.device,
+    def __init__(self, cfg: Config, adapter: ModelAdapter, train_data, val_data, device: torch.device,
                  dist_info: DistInfo = DistInfo(), hooks: list[TrainerHook] | None = None,
-                 train_transform=None):
-        self.cfg, self.task, self.device, self.dist = cfg, task, device, dist_info
+                 train_transform=None, objective: Objective | None = None):
+        self.cfg, self.adapter, self.device, self.dist = cfg, adapter, device, dist_info
+        self.objective = objective or build_objective(adapter)
         self.hooks = hooks or []
         self.train_data, self.val_data, self.train_transform = train_data, val_data, train_transform
         self.out_dir = Path(cfg.experiment.output_dir)
         self.state = TrainState()
-        self.net = task.net.to(device)
-        self.module = self._wrap(task.train_module().to(device))
+        self.net = adapter.net.to(device)
+        self.module = self._wrap(self.objective.train_module().to(device))
         if cfg.train.compile:  # shares its parameters with self.net; checkpoints keep the plain state_dict
             self.module = torch.compile(self.module)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -124,9 +107,10 @@ class Trainer:
         self.loader = self._loader()
         self.steps_per_epoch = cfg.train.steps_per_epoch or len(self.loader)
         total = self.steps_per_epoch * cfg.train.epochs
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(cfg.train.warmup_epochs * self.steps_per_epoch, total))
-        use_ema = task.uses_ema and cfg.train.ema_decay > 0
+        warmup = cfg.train.warmup_epochs * self.steps_per_epoch  # the first step already gets lr / warmup
+        self.lr_schedule = WarmupCosineSchedule(self.optimizer, warmup_steps=warmup, t_total=total,
+                                                warmup_multiplier=1.0 / warmup if warmup > 0 else 0.0)
+        use_ema = adapter.uses_ema and cfg.train.ema_decay > 0
         self.ema = (AveragedModel(self.net, multi_avg_fn=ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
                     if use_ema else None)
         self.noise_generator = torch.Generator(device=device)
@@ -209,8 +193,8 @@ class Trainer:
         self._seed_epoch(epoch)
         self.module.train()
         sums: dict[str, float] = {}
-        bar = tqdm(self._batches(), total=self.steps_per_epoch, desc=f"{self.task.kind} epoch {epoch + 1}",
-                   disable=not (self.cfg.train.progress and self.dist.is_main), leave=False)
+        bar = tqdm(self._batches(), total=self.steps_per_epoch, desc=f"{self.adapter.kind} epoch {epoch + 1}",
+                   disable=not (show_progress(self.cfg.train.progress) and self.dist.is_main), leave=False)
         start = time.perf_counter()
         for i, batch in enumerate(bar):
             parts = self._train_step(batch, epoch, i)
@@ -227,7 +211,7 @@ class Trainer:
         regions = batch[LABEL].to(self.device, non_blocking=True)
         # 2. forward + loss (bf16 autocast on CUDA)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            out = self.task.loss(self.module, image, regions, self.noise_generator)
+            out = self.objective.loss(self.module, image, regions, self.noise_generator)
         loss_value = mean_across(float(out.total.detach()), self.dist, self.device)
         if not math.isfinite(loss_value):
             last = self.out_dir / LAST
@@ -252,24 +236,23 @@ class Trainer:
         if not self.dist.is_main:
             return {}
         net = self.eval_net.eval()
-        segmenter = self.task.segmenter(net, validation=True, seed=self.cfg.experiment.seed)
+        segmenter = self.adapter.segmenter(net, validation=True, seed=self.cfg.experiment.seed)
         roi = self.cfg.infer.roi_size or self.cfg.data.roi_size
-        dice: dict[str, list[float]] = {r: [] for r in REGIONS}
+        scores: dict[str, list[float]] = {r: [] for r in REGIONS}
         prior_generator = torch.Generator(device=self.device)
         for item in self.val_data:
             image = torch.as_tensor(item[IMAGE]).unsqueeze(0).to(self.device)
-            prior = None
-            if segmenter.has_prior_input:  # prior_source=external: validate with the simulated outline
-                regions = torch.as_tensor(item[LABEL]).unsqueeze(0).to(self.device)
-                prior = simulated_prior(regions, prior_generator.manual_seed(self.cfg.experiment.seed))
+            # prior_source=external: validate with the simulated outline; None for every other model
+            regions = torch.as_tensor(item[LABEL]).unsqueeze(0).to(self.device)
+            prior = self.adapter.training_prior(regions, prior_generator.manual_seed(self.cfg.experiment.seed))
             pred = infer_volume(segmenter, image, roi, overlap=self.cfg.infer.overlap, prior=prior,
                                 sw_batch_size=self.cfg.infer.sw_batch_size, mode=self.cfg.infer.mode,
                                 amp=self.cfg.train.amp)
             mask = (pred.probs > self.cfg.infer.threshold).cpu().numpy()
             gt = np.asarray(item[LABEL]) > 0.5
             for r, name in enumerate(REGIONS):
-                dice[name].append(dice_score(mask[r], gt[r]))
-        out = {f"val_dice_{r}": float(np.mean(v)) for r, v in dice.items()}
+                scores[name].append(dice(mask[r], gt[r]))
+        out = {f"val_dice_{r}": float(np.mean(v)) for r, v in scores.items()}
         out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
         return out
 
@@ -294,7 +277,8 @@ class Trainer:
         s = self.state
         return {
             "format": FORMAT,
-            "model_kind": self.task.kind,
+            "model_kind": self.adapter.kind,
+            "network": self.adapter.spec,
             "config": self.cfg.to_dict(),
             "model": self.net.state_dict(),
             "inference_model": self.eval_net.state_dict(),
@@ -308,9 +292,10 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
-        if ckpt.get("model_kind") != self.task.kind:
-            raise TrainingError(f"{path}: checkpoint is of a '{ckpt.get('model_kind')}' model, not '{self.task.kind}'")
-        section = "denoiser" if self.task.kind == "diffusion" else "unet"  # the network's own settings
+        kind = self.adapter.kind
+        if ckpt.get("model_kind") != kind:
+            raise TrainingError(f"{path}: checkpoint is of a '{ckpt.get('model_kind')}' model, not '{kind}'")
+        section = "denoiser" if kind == "diffusion" else "unet"  # the network's own settings
         saved = upgrade_config(ckpt.get("config", {}), ckpt.get("format", 1)).get("model", {}).get(section, {})
         differ = _differences(saved, self.cfg.to_dict()["model"][section], f"model.{section}")
         if differ:

@@ -47,6 +47,20 @@ def test_manifest_roundtrip_with_relative_root(dataset, tmp_path):
     assert loaded.content_hash() == m.content_hash()
 
 
+def test_content_hash_covers_the_split(dataset):
+    """Moving a held-out case into training (or to another fold) changes the hash MLflow records."""
+    m = build_manifest(dataset, folds=3, test_fraction=0.34, seed=1)
+    before = m.content_hash()
+    test_case = next(c for c in m.cases if c.subset == "test")
+    test_case.subset, test_case.fold = "train", 0
+    moved = m.content_hash()
+    assert moved != before
+    test_case.fold = 1
+    assert m.content_hash() not in (before, moved)
+    test_case.subset, test_case.fold = "test", None
+    assert m.content_hash() == before
+
+
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "a/../../b.nii.gz"])
 def test_paths_escaping_the_root_are_rejected(dataset, tmp_path, bad):
     path = write_manifest(build_manifest(dataset), tmp_path / "m.json")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from einops import rearrange
+from monai.networks.schedulers import DDIMScheduler
 from torch import Tensor, nn
 
 from medseg_diff.diffusion.sampler import DDIMSampler, SampleOutput, binary_entropy, summarise_members
-from medseg_diff.diffusion.schedules import build_scheduler
-from medseg_diff.engine.infer import DiffusionSegmenter, UNetSegmenter, infer_volume
+from medseg_diff.diffusion.schedules import build_scheduler, scheduler_input, x0_from_output
+from medseg_diff.inference.sliding_window import DiffusionSegmenter, UNetSegmenter, infer_volume
 from medseg_diff.models import Conditioning, DenoiserOutput, DiffusionSegUNet, build_baseline_unet
 
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "cosine", "sigmoid_beta")
@@ -68,6 +70,29 @@ def test_a_perfect_denoiser_gives_back_the_mask(schedule, prediction, weighting)
     torch.testing.assert_close(out.probs, regions, atol=1e-3, rtol=0)
     torch.testing.assert_close(out.members, regions[:, None].expand(-1, 2, -1, -1, -1, -1), atol=1e-3, rtol=0)
     assert out.variance.max() < 1e-6 and out.entropy.max() < 1e-2
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_the_x0_of_scheduler_step_is_the_estimate_of_x0_from_output(prediction):
+    """The sampler reads x0 off ``scheduler.step``; a loop that recomputes it with ``x0_from_output`` and skips the
+    last step gives the same members."""
+    model, x_img, scheduler = tiny_model(), image(2), build_scheduler(1000, "cosine", prediction)
+    got = DDIMSampler(scheduler, steps=3, ensemble=2, seed=5).sample(model, x_img, keep_members=True).members
+    cond = model.encode(x_img).repeat(2)
+    x = torch.randn((4, 3, 8, 8, 8), generator=torch.Generator().manual_seed(5))
+    scheduler.set_timesteps(3)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            output = model(x, t.expand(4), cond).float()
+            x0 = x0_from_output(scheduler, output, x, t.expand(4))
+            if i < 2:
+                x, _ = scheduler.step(scheduler_input(scheduler, output), int(t), x)
+    torch.testing.assert_close(got, rearrange((x0 + 1) / 2, "(b n) c ... -> b n c ...", n=2))
+
+
+def test_a_plain_monai_ddim_scheduler_is_refused():
+    with pytest.raises(TypeError, match="TrailingDDIMScheduler"):
+        DDIMSampler(DDIMScheduler(1000, prediction_type="sample"))
 
 
 # -- seeding -----------------------------------------------------------------------------------------------------

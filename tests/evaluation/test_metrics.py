@@ -11,7 +11,7 @@ from scipy.ndimage import binary_erosion, gaussian_filter
 from scipy.spatial.distance import cdist
 
 from medseg_diff.data.conventions import REGIONS
-from medseg_diff.engine.metrics import (
+from medseg_diff.evaluation.metrics import (
     CSV_COLUMNS,
     CaseResult,
     UndefinedMetricWarning,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from medseg_diff.data.conventions import REGIONS
-from medseg_diff.engine.metrics import reliability_bins
-from medseg_diff.engine.report_tables import (
+from medseg_diff.evaluation.metrics import reliability_bins
+from medseg_diff.evaluation.tables import (
     box_plots,
     calibration_plot,
     comparison_table,
@@ -18,7 +18,7 @@ from medseg_diff.engine.report_tables import (
     summary_table,
     write_per_case_csv,
 )
-from medseg_diff.engine.stats import MEAN_REGION, UnmatchedCasesWarning, compare_models, paired_comparison
+from medseg_diff.evaluation.stats import MEAN_REGION, UnmatchedCasesWarning, compare_models, paired_comparison
 
 
 def shifted_pairs(n: int = 40, shift: float = 0.05, noise: float = 0.02, seed: int = 1):

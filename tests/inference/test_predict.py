@@ -15,8 +15,8 @@ from factories import LPS_AFFINE, REAL_DATA, save, tiny_config, write_case
 from medseg_diff.cli import main
 from medseg_diff.config import config_from_dict
 from medseg_diff.data.conventions import BRATS2021, BRATS2023
-from medseg_diff.engine.batch import predict_cases
-from medseg_diff.engine.train_api import train
+from medseg_diff.inference.run import predict_cases
+from medseg_diff.training.run import train
 from medseg_diff.errors import DataError
 
 REAL_CASES = {"BraTS-GLI-00001-000": ("L", "P", "S"), "BraTS-GLI-99999-000": ("L", "P", "S"),
@@ -175,7 +175,8 @@ def test_continue_on_error_skips_and_names_each_bad_case(models, bad_folder, tmp
     before = _files(out)
     rc = main(["predict", "--checkpoint", str(models["diffusion"]), "--input", str(data), "--out", str(out),
                "--continue-on-error", *FAST])
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out + captured.err  # per-case lines are logged on stderr, the summary printed on stdout
     assert rc == 1
     assert re.search(r"^ok   A_good ", stdout, re.M)
     for name in OUTPUTS:
@@ -223,7 +224,7 @@ def test_a_failed_case_leaves_its_earlier_outputs_untouched(models, tmp_path):
 def test_predicting_again_with_another_model_exports_only_that_models_maps(models, tmp_path):
     """The U-Net predicted into a folder that holds a diffusion prediction: the diffusion model's attention
     maps stay on disk (nothing is deleted) but are not exported as the U-Net's."""
-    from medseg_diff.engine.predictions import read_prediction
+    from medseg_diff.inference.prediction_folder import read_prediction
 
     write_case(tmp_path / "data", "R1", seed=12)
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medseg_diff.config import load_config
-from medseg_diff.engine.tasks import build_task
+from medseg_diff.inference.adapters import build_adapter
 from medseg_diff.models import DiffusionSegUNet
 from medseg_diff.models.blocks import StridedStem, check_patch, depth_to_space, space_to_depth
 
@@ -157,12 +157,12 @@ def test_output_depends_on_x_t_within_each_patch():
 def test_full_resolution_ablation_is_the_model_of_before():
     """configs/ablations/full_resolution.yaml builds the full-resolution model that the compact design replaced:
     31,900,390 parameters (the count of configs/diffusion.yaml before the change), stride 8, no patching."""
-    task = build_task(load_config(ROOT / "configs" / "ablations" / "full_resolution.yaml"))
+    task = build_adapter(load_config(ROOT / "configs" / "ablations" / "full_resolution.yaml"))
     assert sum(p.numel() for p in task.net.parameters()) == 31_900_390
     assert task.net.patch_size == 1 and task.stride == 8
 
 
 def test_default_config_is_compact():
-    task = build_task(load_config(ROOT / "configs" / "diffusion.yaml"))
+    task = build_adapter(load_config(ROOT / "configs" / "diffusion.yaml"))
     assert task.net.patch_size == 4 and task.stride == 16
     assert 96 % task.stride == 0  # base.yaml's roi_size

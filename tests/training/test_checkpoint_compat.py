@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from factories import tiny_config
-from medseg_diff.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint, upgrade_config
-from medseg_diff.engine.predict_api import load_model
-from medseg_diff.engine.train_api import train
+from medseg_diff.checkpoint import FORMAT, load_checkpoint, save_checkpoint, upgrade_config
+from medseg_diff.inference.loading import load_model
+from medseg_diff.training.run import train
 from medseg_diff.errors import ConfigError, TrainingError
 
 ONE_EPOCH = dict(train={"epochs": 1, "steps_per_epoch": 1}, data={"max_val_cases": 0})
@@ -23,6 +23,7 @@ def _as_format_1(path: Path, out: Path) -> Path:
                 if k not in ("patch_size", "encoder_factor", "stem_channels")}
     ckpt["config"]["model"]["denoiser"] = denoiser
     ckpt["format"] = 1
+    del ckpt["network"]  # format 3 added the network's own arguments
     return save_checkpoint(ckpt, out)
 
 
@@ -39,6 +40,30 @@ def test_format_1_checkpoint_loads_as_the_full_resolution_model(phantoms, tmp_pa
     saved = load_checkpoint(old)["inference_model"]
     for name, value in model.net.state_dict().items():
         torch.testing.assert_close(value, saved[name])
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "unet"])
+def test_the_network_is_rebuilt_from_its_own_arguments_in_the_checkpoint(phantoms, tmp_path, kind):
+    from medseg_diff.errors import DataError
+    from medseg_diff.inference.adapters import NETWORKS
+
+    train(tiny_config(phantoms, tmp_path / "run", kind, **ONE_EPOCH))
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["format"] == FORMAT == 3
+    spec = ckpt["network"]
+    net = NETWORKS[spec["name"]](**spec["kwargs"])  # Net(**cfg), nothing else needed
+    net.load_state_dict(ckpt["inference_model"])
+    # inference follows the spec, not the run config: a config that disagrees cannot change the network
+    if kind == "diffusion":
+        ckpt["config"]["model"]["denoiser"]["channels"] = [4, 8, 16]
+    else:
+        ckpt["config"]["model"]["unet"]["num_res_units"] = 0
+    model = load_model(save_checkpoint(ckpt, tmp_path / "spec.pt"))
+    assert sum(p.numel() for p in model.net.parameters()) == sum(p.numel() for p in net.parameters())
+    # weights that do not fit the network the checkpoint describes: a clear error naming the file
+    ckpt["network"]["kwargs"]["channels"] = [c * 2 for c in spec["kwargs"]["channels"]]
+    with pytest.raises(DataError, match=r"bad\.pt: the weights do not fit the network"):
+        load_model(save_checkpoint(ckpt, tmp_path / "bad.pt"))
 
 
 def test_upgrade_leaves_new_and_unet_configs_alone():

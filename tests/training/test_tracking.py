@@ -19,9 +19,9 @@ import yaml
 
 from factories import tiny_config
 from medseg_diff.config import load_config
-from medseg_diff.engine.checkpoint import load_checkpoint
-from medseg_diff.engine.train_api import train
-from medseg_diff.engine.trainer import Trainer
+from medseg_diff.checkpoint import load_checkpoint
+from medseg_diff.training.run import train
+from medseg_diff.training.trainer import Trainer
 
 EXPERIMENT = "tiny-phantoms"  # default experiment: the data set's name
 FAST = dict(data={"max_val_cases": 1}, train={"epochs": 2, "steps_per_epoch": 1, "val_every": 2},

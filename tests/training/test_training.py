@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from factories import tiny_config
-from medseg_diff.engine.checkpoint import load_checkpoint
-from medseg_diff.engine.train_api import train
+from medseg_diff.checkpoint import load_checkpoint
+from medseg_diff.training.run import train
 from medseg_diff.errors import TrainingError
 
 
@@ -30,7 +30,7 @@ def test_killed_run_resumes_exactly(phantoms, tmp_path, kind):
     weights as a run that was never interrupted."""
     whole = train(tiny_config(phantoms, tmp_path / "whole", kind, train={"epochs": 3}))
     cfg = tiny_config(phantoms, tmp_path / "killed", kind, train={"epochs": 3})
-    proc = subprocess.Popen([sys.executable, "-m", "medseg_diff.engine.train_api",
+    proc = subprocess.Popen([sys.executable, "-m", "medseg_diff.training.run",
                              str(_write_yaml(cfg, tmp_path / "cfg.yaml"))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -83,11 +83,11 @@ def test_ddp_two_cpu_processes_gloo(phantoms, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "medseg_diff.engine.train_api", str(path)],
+         "-m", "medseg_diff.training.run", str(path)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("done epoch=1") == 2  # both ranks finished
+    assert proc.stderr.count("done epoch=1") == 2  # both ranks finished (logged on stderr)
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
 
@@ -95,12 +95,11 @@ def test_ddp_two_cpu_processes_gloo(phantoms, tmp_path):
 def test_train_compile_wraps_the_training_module_and_keeps_plain_checkpoints(tmp_path):
     """``train.compile: true`` hands the trainer a torch.compile-d module (compiled lazily, on its first call, so
     nothing is compiled here) that shares its parameters with the network the checkpoints are written from."""
-    from medseg_diff.engine.tasks import build_task
-    from medseg_diff.engine.trainer import Trainer
+    from medseg_diff.inference.adapters import build_adapter
+    from medseg_diff.training.trainer import Trainer
 
     cfg = tiny_config(tmp_path / "m.json", tmp_path / "out", "diffusion", train={"compile": True})
-    task = build_task(cfg)
-    trainer = Trainer(cfg, task, train_data=[{}], val_data=[], device=torch.device("cpu"))
+    trainer = Trainer(cfg, build_adapter(cfg), train_data=[{}], val_data=[], device=torch.device("cpu"))
     assert isinstance(trainer.module, torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.module._orig_mod.net is trainer.net
     assert not any(k.startswith("_orig_mod") for k in trainer.checkpoint()["model"])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import numbers
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -92,4 +92,4 @@ def _write_job(job: tuple) -> Path:
 def _report(progress: bool, done: int, total: int) -> None:
     """One progress line on stderr when ``progress`` is on."""
     if progress:
-        print(f"synth: {done}/{total} cases", file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info("synth: %d/%d cases", done, total)

@@ -1,0 +1,86 @@
+"""Load a trained model for inference from its checkpoint, with nothing from training.
+
+The network is rebuilt from the checkpoint's own ``network`` spec (``NETWORKS[name](**kwargs)``) and takes the
+inference weights (the EMA when training kept one); the rest of the stored config gives the preprocessing,
+sliding-window and sampler settings, which the caller may override. ``source`` may also be an MLflow model URI
+(``models:/NAME/VERSION``, ``models:/NAME@alias``, ``runs:/RUN_ID/PATH``): its checkpoint is fetched from the
+tracking server first (``tracking.registry``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medseg_diff.checkpoint import load_checkpoint, upgrade_config
+from medseg_diff.config import Config, config_from_dict
+from medseg_diff.errors import DataError
+from medseg_diff.inference.adapters import ModelAdapter, build_adapter, build_network
+
+
+@dataclass
+class LoadedModel:
+    adapter: ModelAdapter
+    net: torch.nn.Module
+    cfg: Config
+    checkpoint: Path
+    run_id: str | None
+    epoch: int
+    source: str | None = None  # the MLflow model URI it came from, when it did
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind
+
+    @property
+    def needs_prior(self) -> bool:
+        return self.adapter.external_prior
+
+
+def is_model_uri(source: str | Path) -> bool:
+    """An MLflow model URI rather than a file path."""
+    return str(source).startswith(("models:/", "runs:/"))
+
+
+def load_model(source: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
+               ensemble: int | None = None, seed: int | None = None, overlap: float | None = None,
+               tracking_uri: str | None = None) -> LoadedModel:
+    """Rebuild a trained model from a checkpoint file or an MLflow model URI.
+
+    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
+    sliding-window overlap (``infer.overlap``).
+    """
+    uri = str(source) if is_model_uri(source) else None
+    if uri is not None:
+        from medseg_diff.tracking.registry import checkpoint_of_model
+
+        path = checkpoint_of_model(uri, tracking_uri)
+    else:
+        path = Path(source)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        raw = ckpt["config"]
+        weights = ckpt["inference_model"]
+    except (KeyError, TypeError):
+        raise DataError(path, "not a medseg-diff checkpoint (no config / weights inside)") from None
+    overrides = {k: v for k, v in (("sample_steps", sample_steps), ("ensemble", ensemble)) if v is not None}
+    if overrides:
+        raw = {**raw, "diffusion": {**raw["diffusion"], **overrides}}
+    if seed is not None:
+        raw = {**raw, "experiment": {**raw["experiment"], "seed": seed}}
+    if overlap is not None:
+        raw = {**raw, "infer": {**raw["infer"], "overlap": overlap}}
+    cfg = config_from_dict(upgrade_config(raw, ckpt.get("format", 1)), source=path)
+    # formats 1-2 have no network spec: it follows from their (upgraded) config
+    net = build_network(ckpt["network"], path) if "network" in ckpt else None
+    adapter = build_adapter(cfg, net)
+    try:
+        adapter.net.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise DataError(path, f"the weights do not fit the network the checkpoint describes ({first[0] if first else err})"
+                        ) from None
+    net = adapter.net.to(torch.device(device) if isinstance(device, str) else device).eval()
+    return LoadedModel(adapter, net, cfg, path, ckpt.get("run_id"), int(ckpt.get("epoch", 0)), source=uri)

@@ -1,0 +1,79 @@
+"""Process-wide settings shared by every stage: the device, logging, and what reproducibility needs pinned.
+
+The library logs through ``logging`` (logger names under ``medseg_diff``) and never configures handlers;
+the command line (``medseg_diff.cli``) and the pipeline scripts call ``configure_logging``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+LOGGER = "medseg_diff"
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: the local GPU when there is one, else the CPU. ``cuda`` without a GPU is refused by name."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from medseg_diff.errors import ConfigError
+
+        raise ConfigError("device", f"'{name}' asked for, but torch sees no CUDA GPU here; use auto or cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (so redirection and capture work)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Plain one-line messages on stderr for the ``medseg_diff`` loggers (idempotent)."""
+    logger = logging.getLogger(LOGGER)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def show_progress(enabled: bool = True) -> bool:
+    """Progress bars only on an interactive terminal, so that logs written to files stay readable."""
+    return enabled and sys.stderr.isatty()
+
+
+#: CPU threads every run uses unless ``MEDSEG_DIFF_THREADS`` says otherwise. Float reductions split over a
+#: different number of threads round differently, so the same seed only gives the same numbers to the last
+#: decimal with the same thread count, whatever the machine's load or core count.
+DEFAULT_THREADS = 2
+
+
+def pin_reproducibility(deterministic: bool = True) -> int:
+    """Fix what would otherwise vary between runs on the same machine kind: torch's intra-op thread count
+    (``MEDSEG_DIFF_THREADS``, default 2) and, when ``deterministic``, deterministic algorithms (cuDNN
+    included; ``CUBLAS_WORKSPACE_CONFIG`` is set for cuBLAS). Returns the thread count."""
+    threads = int(os.environ.get("MEDSEG_DIFF_THREADS", DEFAULT_THREADS))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return torch.get_num_threads()

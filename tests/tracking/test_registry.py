@@ -1,0 +1,345 @@
+"""The trained model in the MLflow Model Registry, as its users meet it: a training run against a real ``mlflow
+server`` registers a pyfunc that predicts a whole case when loaded back through the server, ``load_model`` takes
+the registered weights unchanged, a wrong URI or an absent server is a ``DataError`` naming it, and a store moved to
+another folder still resolves (served: ``mlflow-artifacts:`` URIs; embedded sqlite: relocated on open)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from factories import tiny_config
+from medseg_diff.checkpoint import load_checkpoint
+from medseg_diff.data.dataset import case_record
+from medseg_diff.data.manifest import load_manifest
+from medseg_diff.errors import DataError
+from medseg_diff.tracking import MlflowTracker, NullTracker, runs_table_url
+from medseg_diff.tracking import registry
+from medseg_diff.tracking.registry import INPUT_COLUMNS, checkpoint_of_model, log_model
+
+NAME = "tiny-unet"  # tracking.register_model of the training run
+EXPERIMENT = "registry"
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+
+# --- a real mlflow server on loopback ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``mlflow server`` on a sqlite database in ``folder``, artifacts served from ``folder/mlartifacts``."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = folder.parent / f"server-{self.port}.log"
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                 "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"mlflow server did not answer on {self.url}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Terminate the server's process group (uvicorn runs as a child), then kill what is left."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        try:  # children that outlived the leader
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def booting_server(tmp_path_factory):
+    """The server process, started before the phantoms are made so that both happen at once."""
+    folder = tmp_path_factory.mktemp("served") / "store"
+    folder.mkdir()
+    server = Server(folder)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Trained:
+    url: str
+    store: Path
+    run_id: str
+    checkpoint: Path
+    manifest: Path
+
+
+@pytest.fixture(scope="module")
+def trained(booting_server, phantoms, tmp_path_factory) -> Trained:
+    """A tiny U-Net trained for one step through ``medseg_diff.training.run.train`` against the server: its
+    MLflow hook logs the pyfunc and registers it as ``tiny-unet`` version 1."""
+    from medseg_diff.training.run import train
+
+    url = booting_server.wait()
+    out = tmp_path_factory.mktemp("registry_model") / "unet"
+    cfg = tiny_config(phantoms, out, "unet", tracking_uri=url, data={"max_val_cases": 0},
+                      train={"epochs": 1, "steps_per_epoch": 1},
+                      tracking={"experiment": EXPERIMENT, "register_model": NAME, "log_checkpoints": False})
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    state = train(cfg)
+    assert state.run_id is not None and (out / "best.pt").exists()
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env  # logging the model changed no process-wide setting
+    return Trained(url, booting_server.folder, state.run_id, out / "best.pt", phantoms)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Fetched models go to this test's folder, and no store comes from the environment."""
+    monkeypatch.setenv("MEDSEG_DIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _case_frame(manifest: Path, out_dir: Path) -> tuple[pd.DataFrame, dict]:
+    m = load_manifest(manifest)
+    record = case_record(m, m.cases[0], with_label=False)
+    t1, t1ce, t2, flair = record["image"]
+    frame = pd.DataFrame([{"case_id": record["case_id"], "t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair,
+                           "convention": m.convention, "out_dir": str(out_dir)}])
+    return frame, record
+
+
+# --- registration -----------------------------------------------------------------------------------------------
+
+
+def test_training_registers_a_pyfunc_with_the_case_signature(trained, monkeypatch):
+    import mlflow
+
+    client = _client(trained.url)
+    version = client.get_model_version(NAME, "1")
+    assert version.run_id == trained.run_id
+    run = client.get_run(trained.run_id)
+    assert run.info.status == "FINISHED"  # logging the model left the run's end to the hook
+    assert "model_logging_error" not in run.data.tags
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.url)
+    info = mlflow.models.get_model_info(f"models:/{NAME}/1")
+    assert info.signature.inputs.input_names() == list(INPUT_COLUMNS)
+    assert [c.type.name for c in info.signature.inputs.inputs] == ["string"] * len(INPUT_COLUMNS)
+    assert info.signature.outputs.input_names() == ["case_id", "seg_path", "seconds"]
+    assert [p.name for p in info.signature.params.params] == ["sample_steps", "ensemble"]
+    pyfunc = info.flavors["python_function"]
+    assert pyfunc["artifacts"]["checkpoint"]["path"] == "artifacts/best.pt"
+    assert pyfunc["model_code_path"].endswith("medseg_model.py")  # models-from-code: nothing unpickled
+    # the logged model sits in the run's experiment, under the server's movable artifact root
+    logged = client.get_logged_model(info.model_id)
+    assert logged.source_run_id == trained.run_id and logged.experiment_id == run.info.experiment_id
+    assert logged.artifact_location.startswith(f"mlflow-artifacts:/{run.info.experiment_id}/models/")
+    assert logged.model_type == "unet"
+
+
+def test_the_registered_pyfunc_predicts_a_case_through_the_server(trained, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.url)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    frame, record = _case_frame(trained.manifest, tmp_path / "predictions")
+    result = model.predict(frame)
+    case = record["case_id"]
+    assert list(result.columns) == ["case_id", "seg_path", "seconds"]
+    assert result["case_id"].tolist() == [case]
+    seg_path = Path(result["seg_path"][0])
+    assert seg_path == tmp_path / "predictions" / case / f"{case}_seg.nii.gz"
+    seg, t1 = nib.load(seg_path), nib.load(record["image"][0])
+    assert seg.shape == t1.shape
+    np.testing.assert_array_equal(seg.affine, t1.affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 4}  # BraTS 2021 labels
+    assert result["seconds"][0] > 0
+    meta = json.loads((seg_path.parent / "prediction.json").read_text())
+    assert meta["model_kind"] == "unet" and meta["run_id"] == trained.run_id and meta["convention"] == "brats2021"
+    with pytest.raises(Exception, match="out_dir"):  # MLflow enforces the signature
+        model.predict(frame.drop(columns=["out_dir"]))
+
+
+# --- fetching the checkpoint back ----------------------------------------------------------------------------
+
+
+def _assert_same_weights(net: torch.nn.Module, checkpoint: Path) -> None:
+    expected = load_checkpoint(checkpoint)["inference_model"]
+    state = net.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key].cpu(), value), key
+
+
+def test_load_model_takes_the_registered_weights_unchanged(trained):
+    from medseg_diff.inference.loading import load_model
+
+    uri = f"models:/{NAME}/1"
+    model = load_model(uri, "cpu", tracking_uri=trained.url)
+    assert model.source == uri and model.kind == "unet" and model.run_id == trained.run_id
+    _assert_same_weights(model.net, trained.checkpoint)
+    assert model.checkpoint.read_bytes() == trained.checkpoint.read_bytes()
+    # an alias, the run's model and the latest version are the same logged model: one cached copy
+    _client(trained.url).set_registered_model_alias(NAME, "champion", "1")
+    for other in (f"models:/{NAME}@champion", f"runs:/{trained.run_id}/model", f"models:/{NAME}/latest"):
+        assert checkpoint_of_model(other, trained.url) == model.checkpoint, other
+
+
+@pytest.mark.parametrize("uri", [f"models:/{NAME}/7", "models:/no-such-model/1", f"models:/{NAME}@nobody",
+                                 f"runs:/{'0' * 32}/model"])
+def test_an_unknown_model_or_version_is_a_data_error_naming_it(trained, uri):
+    from medseg_diff.inference.loading import load_model
+
+    with pytest.raises(DataError) as caught:
+        load_model(uri, "cpu", tracking_uri=trained.url)
+    assert caught.value.path == uri
+    assert "not found" in caught.value.problem and trained.url in caught.value.problem
+
+
+def test_an_absent_server_is_a_data_error_at_once():
+    url = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(DataError, match="does not answer") as caught:
+        checkpoint_of_model(f"models:/{NAME}/1", url)
+    assert caught.value.path == f"models:/{NAME}/1" and url in caught.value.problem
+    assert time.monotonic() - start < 10  # not MLflow's minutes of retries
+
+
+def test_without_a_run_nothing_is_logged(trained):
+    assert log_model(NullTracker(), trained.checkpoint, NAME) == ""
+
+
+# --- moving a store --------------------------------------------------------------------------------------------
+
+
+def _artifact_locations(db: Path) -> list[str]:
+    con = sqlite3.connect(str(db))
+    try:
+        return [v for table, column in ARTIFACT_COLUMNS for (v,) in con.execute(f"SELECT {column} FROM {table}") if v]
+    finally:
+        con.close()
+
+
+def test_a_served_store_moves_as_it_is(trained, tmp_path):
+    """Its database holds ``mlflow-artifacts:`` URIs only: a copy served from elsewhere, with the original's
+    artifacts out of the way, gives the same checkpoint."""
+    locations = _artifact_locations(trained.store / "mlflow.db")
+    assert locations and all(v.startswith("mlflow-artifacts:/") for v in locations), locations
+    moved = tmp_path / "moved"
+    shutil.copytree(trained.store, moved)
+    away = trained.store.with_name("away")
+    server = Server(moved)
+    (trained.store / "mlartifacts").rename(away)
+    try:
+        path = checkpoint_of_model(f"models:/{NAME}/1", server.wait())
+        assert path.read_bytes() == trained.checkpoint.read_bytes()
+    finally:
+        server.stop()
+        away.rename(trained.store / "mlartifacts")
+
+
+def _refuse(*args, **kwargs):
+    from mlflow.exceptions import MlflowException
+
+    raise MlflowException("the store is full")
+
+
+def test_an_embedded_store_is_relocated_when_moved(trained, tmp_path, monkeypatch):
+    """``sqlite:///`` with no server: logged without an active run or a lasting change of the process's tracking
+    URI, then the folder moved; the model, the run's artifacts and the resumed run are found under the new folder."""
+    import mlflow
+
+    before = tmp_path / "before"
+    before.mkdir()
+    tracker = MlflowTracker.start(f"sqlite:///{before / 'mlflow.db'}", "embedded")
+    global_uri = mlflow.get_tracking_uri()
+    assert log_model(tracker, trained.checkpoint, "embedded-unet") == "models:/embedded-unet/1"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == global_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///somewhere-else.db")
+    assert log_model(tracker, trained.checkpoint, None) == f"runs:/{tracker.run_id}/model"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///somewhere-else.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert mlflow.active_run() is None
+    assert tracker.client.get_run(tracker.run_id).info.status == "RUNNING"  # its end is the caller's
+    with pytest.MonkeyPatch.context() as patch:  # a store that refuses: warned and tagged, not raised
+        patch.setattr(registry, "_log_model", _refuse)
+        assert log_model(tracker, trained.checkpoint, "embedded-unet") == ""
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    assert tags["model_logging_error"] == "MlflowException: the store is full"
+    tracker.log_artifact(trained.checkpoint, "checkpoints")
+    tracker.end()
+    assert all(before.as_uri() in v for v in _artifact_locations(before / "mlflow.db") if "mlartifacts" in v)
+
+    after = tmp_path / "after"
+    shutil.move(before, after)
+    uri = f"sqlite:///{after / 'mlflow.db'}"
+    path = checkpoint_of_model("models:/embedded-unet/1", uri)  # relocates the store first
+    assert path.read_bytes() == trained.checkpoint.read_bytes()
+    locations = [v for v in _artifact_locations(after / "mlflow.db") if "mlartifacts" in v]
+    assert locations and all(v.startswith((after / "mlartifacts").as_uri()) for v in locations), locations
+    resumed = MlflowTracker.start(uri, "embedded", run_id=tracker.run_id)
+    assert resumed.run_id == tracker.run_id
+    fetched = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{tracker.run_id}/checkpoints/best.pt",
+                                                  dst_path=str(tmp_path / "fetched"), tracking_uri=uri)
+    assert Path(fetched).read_bytes() == trained.checkpoint.read_bytes()
+    resumed.end()
+
+
+# --- the UI ----------------------------------------------------------------------------------------------------
+
+
+def test_runs_table_url_is_a_route_of_the_served_ui(trained):
+    run = _client(trained.url).get_run(trained.run_id)
+    url = runs_table_url(trained.url + "/", run.info.experiment_id)
+    assert url == f"{trained.url}/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning"
+    with urllib.request.urlopen(f"{trained.url}/", timeout=30) as response:
+        html = response.read().decode()
+    bundle = re.search(r'src="\.?/?([^"]*/main\.[0-9a-f]+\.js)"', html).group(1)
+    with urllib.request.urlopen(f"{trained.url}/{bundle}", timeout=30) as response:
+        js = response.read().decode()
+    assert '"/experiments/:experimentId/runs"' in js  # the runs tab's route
+    assert '"workflowType"' in js and 'MACHINE_LEARNING="machine_learning"' in js
