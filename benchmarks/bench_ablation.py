@@ -2,9 +2,9 @@
 
 Every variant is trained with the demo's budget and recipe (``configs/demo_cpu.yaml``: the same data, loss,
 optimiser, steps and seed as the U-Net), then each (variant, K, N) is scored on the held-out phantoms with the
-same per-case Dice as ``medseg-diff evaluate`` (``engine.metrics.case_metrics`` on the original grid), and
+same per-case Dice as ``medseg-diff evaluate`` (``evaluation.run.score_case`` on the original grid), and
 compared with the U-Net and with the default variant by the same paired statistics (mean difference, BCa 95 %
-bootstrap CI, Wilcoxon signed-rank p; ``engine.stats.compare_models``).
+bootstrap CI, Wilcoxon signed-rank p; ``evaluation.stats.compare_models``).
 
 1. synthesise ``--cases`` phantoms at ``--spacing`` mm (30 % held out) unless ``OUT/data`` exists
 2. train each variant into ``OUT/runs/NAME`` (a finished run is reused; a killed one resumes)
@@ -37,7 +37,8 @@ from medseg_diff.data.conventions import REGIONS, get_convention  # noqa: E402
 from medseg_diff.data.dataset import case_record  # noqa: E402
 from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest  # noqa: E402
 from medseg_diff.data.synth import synthesize  # noqa: E402
-from medseg_diff.evaluation.run import _case_result, _uncertainty_quality, select_cases  # noqa: E402
+from medseg_diff.evaluation.run import score_case, select_cases  # noqa: E402
+from medseg_diff.evaluation.sources import ScoredInputs  # noqa: E402
 from medseg_diff.evaluation.metrics import metric_rows  # noqa: E402
 from medseg_diff.inference.case import predict_case  # noqa: E402
 from medseg_diff.inference.loading import load_model  # noqa: E402
@@ -112,14 +113,16 @@ def _predict(label: str, ckpt: Path, manifest_path: Path, k: int | None, n: int 
     manifest = load_manifest(manifest_path)
     conv = get_convention(manifest.convention)
     model = load_model(ckpt, "cpu", sample_steps=k, ensemble=n)
-    results, uncertainty = [], {}
+    results, extra = [], {}
     for case in select_cases(manifest, "test"):
         pred = predict_case(model, case_record(manifest, case), conv)
-        results.append(_case_result(label, pred, conv))
-        uncertainty[case.id], _ = _uncertainty_quality(pred, conv)  # AUROC of the entropy for wrong voxels, ECE
+        inputs = ScoredInputs(pred.case_id, pred.labels, pred.ground_truth, pred.spacing, Path(), probs=pred.probs,
+                              uncertainty=pred.entropy, seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb)
+        result, extra[case.id], _ = score_case(label, inputs, conv)  # global, lesion-wise, AUROC and ECE
+        results.append(result)
     rows = metric_rows(results)
     for row in rows:
-        row.update(uncertainty[row["case"]])
+        row.update(extra[row["case"]][row["region"]])
     return rows
 
 

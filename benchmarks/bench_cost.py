@@ -16,7 +16,7 @@ become ``diffusion.sample_steps`` / ``diffusion.ensemble``. Measured, with ``tor
      storages that are not the model's parameters is reported (roughly the activation memory of training);
    - CPU wall time: median of ``--repeats`` steps (forward, loss, backward, AdamW step; no EMA, no clipping)
      after one warm-up, both models in the same run. Other busy processes distort it a lot (thread contention);
-2. one whole-volume prediction of a synthetic phantom at ``--spacing`` mm through ``predict_api.predict_case``
+2. one whole-volume prediction of a synthetic phantom at ``--spacing`` mm through ``inference.case.predict_case``
    (eval transforms, sliding windows, inversion), diffusion sampler K = ``--steps`` × N = ``--ensemble``:
    FLOPs of the whole call (a first, counted run), then the wall time of a second, uncounted run: inference
    only (``CasePrediction.seconds``) and the whole call; windows as MONAI places them on the transformed grid;

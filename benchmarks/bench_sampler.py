@@ -10,7 +10,7 @@ with a fixed seed: speed does not depend on the weights. Three markdown tables:
     batch) vs. a re-implementation of the same loop, written here and not in the package, that re-runs
     ``model.encode`` at every step (members batched), and one that also runs every member separately, i.e.
     K·N encoder passes; the last column checks that all three give the same probabilities;
-(c) one whole-volume prediction (``engine.infer.infer_volume``, the config's windows, overlap, batch and
+(c) one whole-volume prediction (``inference.sliding_window.infer_volume``, the config's windows, overlap, batch and
     Gaussian blending) of a synthetic 3 mm phantom, normalised channel-wise, diffusion (K = 10, N = 4) vs the
     plain U-Net of the same config.
 

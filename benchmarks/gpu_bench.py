@@ -3,7 +3,7 @@
 What is measured (bf16 autocast on CUDA, fp32 on the CPU):
 
 1. ``train``     -- one trainer step (forward + loss + backward + grad clip + AdamW step) at a 128³ crop,
-   batch 2, done exactly as ``engine/trainer.py`` does it: ``build_adapter(load_config(...))``, the task's
+   batch 2, done exactly as ``training/trainer.py`` does it: ``build_adapter(load_config(...))``, the adapter's
    ``train_module()`` and ``loss()`` (for the diffusion model ``DiffusionLoss`` through ``EncodeDenoise``),
    plus the EMA update the trainer does for the diffusion model. Diffusion (``configs/diffusion.yaml``)
    vs the plain U-Net (``configs/baseline_unet.yaml``), MONAI ``UNet`` at the 12.9 M-parameter setting of
@@ -349,7 +349,7 @@ def measure_train(cfg: Config, dev: torch.device, sizes: Sizes, ema: bool, label
     generator = torch.Generator(device=dev).manual_seed(0)
     image, regions = random_batch(sizes.batch, sizes.crop, dev)
 
-    def step() -> None:  # engine/trainer.py Trainer._train_step, minus data loading and the LR schedule
+    def step() -> None:  # training/trainer.py Trainer._train_step, minus data loading and the LR schedule
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = objective.loss(module, image, regions, generator)
         if not math.isfinite(float(out.total.detach())):  # the trainer's non-finite check (a host sync)

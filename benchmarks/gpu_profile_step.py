@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of each model, top kernels by CUDA time.
 
-The step is the one ``gpu_bench.py`` times (``measure_train``'s body: task loss under bf16 autocast, backward,
+The step is the one ``gpu_bench.py`` times (``measure_train``'s body: objective's loss under bf16 autocast, backward,
 clip, AdamW), for ``configs/diffusion.yaml`` and ``configs/baseline_unet.yaml`` at a 128³ crop, batch 2.
 
 Usage (device, one call, wheels as in GPU.md)::

@@ -26,14 +26,14 @@ import numpy as np
 
 from medseg_diff.data.conventions import REGIONS, LabelConvention, get_convention
 from medseg_diff.data.manifest import Manifest, load_manifest
-from medseg_diff.errors import DataError, MedsegError
-from medseg_diff.evaluation.lesionwise import lesion_row, lesionwise_metrics
+from medseg_diff.errors import ConfigError, DataError, MedsegError
+from medseg_diff.evaluation.lesionwise import get_task, lesion_row, lesionwise_metrics
 from medseg_diff.evaluation.metrics import (
     CaseResult, ReliabilityBins, UndefinedMetricWarning, case_metrics, evaluation_mask, metric_rows,
     reliability_bins, uncertainty_auroc,
 )
 from medseg_diff.evaluation.sources import ScoredInputs, read_case
-from medseg_diff.evaluation.stats import compare_models
+from medseg_diff.evaluation.stats import UnmatchedCasesWarning, compare_models
 from medseg_diff.evaluation.tables import METRIC_FORMAT, box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv
 from medseg_diff.runtime import pin_reproducibility
 from medseg_diff.tracking import source_tags, start_tracker
@@ -118,6 +118,10 @@ def evaluate(
         raise DataError(None, "nothing to evaluate: give at least one --model NAME=CKPT or --predictions NAME=DIR")
     if len(set(names)) != len(names):
         raise DataError(None, f"model / prediction names must differ, got {names}")
+    try:
+        get_task(lesion_task)
+    except ValueError as err:
+        raise ConfigError("--lesion-task", str(err)) from None
     pin_reproducibility()
     out = Path(out_dir)
     # 1. data
@@ -141,13 +145,13 @@ def evaluate(
                 continue
             try:
                 inputs = read_case(folders[name], case.id, manifest.path_of(case.label), conv)
+                result, per_region, case_bins = score_case(name, inputs, conv, lesion_task)
             except MedsegError as err:
                 if not continue_on_error:
                     raise
                 failed[f"{name}/{case.id}"] = str(err)
                 log.warning("skipped %s/%s: %s", name, case.id, err)
                 continue
-            result, per_region, case_bins = score_case(name, inputs, conv, lesion_task)
             results.append(result)
             extra[(name, case.id)] = per_region
             if case_bins is not None:
@@ -209,7 +213,7 @@ def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble,
                        tracking_uri=tracking_uri)
     report = predict_cases(source, manifest.source, folder, root=manifest.root, prior_dir=prior_dir, device=device,
                            continue_on_error=continue_on_error, case_ids=[c.id for c in cases], model=model,
-                           name=name)
+                           name=name, overwrite=True)  # evaluation's own output folder: replaced case by case
     failed.update({f"{name}/{case}": err for case, err in report.failed.items()})
     d = model.cfg.diffusion
     info = {"kind": "model", "source": str(source), "checkpoint": str(model.checkpoint), "model_kind": model.kind,
@@ -231,8 +235,12 @@ def _export_overlays(folders, models, cases, export_cases, out, failed) -> list[
     for name in models:
         done = [c.id for c in cases if f"{name}/{c.id}" not in failed][:export_cases]
         for case in done:
-            overlay, _ = read_prediction(folders[name] / case)
-            reports.append(export_case(overlay, out / "overlays" / name / case).report)
+            try:
+                overlay, _ = read_prediction(folders[name] / case)
+                reports.append(export_case(overlay, out / "overlays" / name / case).report)
+            except MedsegError as err:  # an overlay is a by-product: its failure is reported, scoring goes on
+                failed[f"{name}/{case} (overlay)"] = str(err)
+                log.warning("overlay of %s/%s not written: %s", name, case, err)
     return reports
 
 
@@ -259,9 +267,12 @@ def _write_artifacts(out: Path, rows: list[dict], models: list[str], bins, n_boo
         a, b = scored[0], scored[1]
         pair = {}
         for metric in COMPARED:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 comp = compare_models(rows, a, b, metric=metric, n_boot=n_boot)
+            for w in caught:
+                if issubclass(w.category, UnmatchedCasesWarning):  # fewer pairs than cases: say so
+                    log.warning("%s, %s: %s", f"{a} vs {b}", metric, w.message)
             pair[metric] = {k: asdict(v) for k, v in comp.items()}
             parts += [f"## {a} vs {b}: {METRIC_FORMAT[metric][0]}", "", comparison_table(comp, a, b, metric), ""]
         comparisons[f"{a}_vs_{b}"] = pair
@@ -342,7 +353,8 @@ def _track(report: EvalReport, sources: dict[str, dict], bins, manifest: Manifes
     if manifest.source is not None and Path(manifest.source).exists():
         parent.log_artifact(manifest.source, "manifest")
     for name, source in sources.items():
-        child = parent.child(name, tags=provenance | {"model": name, "train_run_id": str(source.get("train_run_id"))})
+        run_tag = {"train_run_id": str(source["train_run_id"])} if source.get("train_run_id") else {}
+        child = parent.child(name, tags=provenance | {"model": name} | run_tag)
         child.log_params({k: ("-" if v is None else v) for k, v in source.items()})
         child.log_metrics(model_summary(report.rows, name, bins.get(name, [])))
         child.end()

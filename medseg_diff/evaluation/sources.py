@@ -23,8 +23,7 @@ from medseg_diff.data.check import grid_mismatch
 from medseg_diff.data.conventions import LabelConvention
 from medseg_diff.data.io import read_array, read_image
 from medseg_diff.errors import DataError
-
-PREDICTION_META = "prediction.json"
+from medseg_diff.inference.prediction_folder import META as PREDICTION_META
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medseg_diff.data.conventions import REGIONS
+from medseg_diff.evaluation.lesionwise import LESION_COLUMNS
 from medseg_diff.evaluation.metrics import CSV_COLUMNS, ReliabilityBins
 from medseg_diff.evaluation.stats import MEAN_REGION, PairedComparison, mean_over_regions, values_by_case
 
@@ -39,6 +40,8 @@ METRIC_FORMAT: dict[str, tuple[str, int]] = {
     "seconds": ("Inference (s)", 2),
     "peak_memory_mb": ("Peak memory (MB)", 0),
 }
+#: Column order of per_case.csv: the global metrics, the lesion-wise ones, uncertainty, cost.
+COLUMN_ORDER: tuple[str, ...] = (*CSV_COLUMNS, *LESION_COLUMNS, "uncertainty_auroc", "ece", "seconds", "peak_memory_mb")
 #: Columns of the per-case CSV that hold text, not numbers.
 TEXT_COLUMNS: tuple[str, ...] = ("case", "model", "region")
 #: Regions of tables and plots: TC, WT, ET, then the per-case mean of the three.
@@ -107,13 +110,14 @@ def format_p(p: float) -> str:
 
 
 def write_per_case_csv(rows: Sequence[Row], path: str | Path) -> Path:
-    """Write rows to ``path`` (CSV_COLUMNS first, then other columns in first-seen order; missing cells empty).
+    """Write rows to ``path`` in the fixed column order ``COLUMN_ORDER`` (whatever the order of the models), then any
+    other columns in first-seen order; missing cells empty.
 
     Written to a temporary file and renamed, so a crash never leaves a half-written CSV.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)]
+    columns = [c for c in COLUMN_ORDER if any(c in r for r in rows)]
     for row in rows:
         columns += [k for k in row if k not in columns]
     tmp = path.with_name(path.name + ".tmp")

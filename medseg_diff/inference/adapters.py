@@ -35,11 +35,12 @@ NETWORKS: dict[str, Any] = {"DiffusionSegUNet": DiffusionSegUNet, "MonaiUNet": b
 
 def build_network(spec: dict[str, Any], source: str | Path | None = None) -> nn.Module:
     """``NETWORKS[spec["name"]](**spec["kwargs"])``; a spec this version cannot build is refused by name."""
+    name = spec.get("name") if isinstance(spec, dict) else spec
     try:
-        factory = NETWORKS[spec["name"]]
+        factory = NETWORKS[name]
         return factory(**spec["kwargs"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise DataError(source, f"cannot build the network {spec.get('name')!r} from the checkpoint's "
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(source, f"cannot build the network {name!r} from the checkpoint's "
                                 f"arguments ({type(err).__name__}: {err})") from err
 
 

@@ -17,7 +17,7 @@ import torch
 from medseg_diff.checkpoint import load_checkpoint, upgrade_config
 from medseg_diff.config import Config, config_from_dict
 from medseg_diff.errors import DataError
-from medseg_diff.inference.adapters import ModelAdapter, build_adapter, build_network
+from medseg_diff.inference.adapters import ADAPTERS, ModelAdapter, build_adapter, build_network
 
 
 @dataclass
@@ -34,9 +34,6 @@ class LoadedModel:
     def kind(self) -> str:
         return self.adapter.kind
 
-    @property
-    def needs_prior(self) -> bool:
-        return self.adapter.external_prior
 
 
 def is_model_uri(source: str | Path) -> bool:
@@ -60,11 +57,9 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
     else:
         path = Path(source)
     ckpt = load_checkpoint(path, map_location="cpu")
-    try:
-        raw = ckpt["config"]
-        weights = ckpt["inference_model"]
-    except (KeyError, TypeError):
-        raise DataError(path, "not a medseg-diff checkpoint (no config / weights inside)") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "inference_model" not in ckpt:
+        raise DataError(path, "not a medseg-diff checkpoint (no config / weights inside)")
+    raw, weights = ckpt["config"], ckpt["inference_model"]
     overrides = {k: v for k, v in (("sample_steps", sample_steps), ("ensemble", ensemble)) if v is not None}
     if overrides:
         raw = {**raw, "diffusion": {**raw["diffusion"], **overrides}}
@@ -73,9 +68,17 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
     if overlap is not None:
         raw = {**raw, "infer": {**raw["infer"], "overlap": overlap}}
     cfg = config_from_dict(upgrade_config(raw, ckpt.get("format", 1)), source=path)
+    kind = cfg.model.kind
+    if ckpt.get("model_kind", kind) != kind:
+        raise DataError(path, f"the checkpoint says model_kind '{ckpt.get('model_kind')}' but its config says '{kind}'")
     # formats 1-2 have no network spec: it follows from their (upgraded) config
-    net = build_network(ckpt["network"], path) if "network" in ckpt else None
-    adapter = build_adapter(cfg, net)
+    spec = ckpt.get("network")
+    if spec is not None:
+        expected = ADAPTERS[kind].network_spec(cfg)["name"]
+        if not isinstance(spec, dict) or spec.get("name") != expected:
+            name = spec.get("name") if isinstance(spec, dict) else spec
+            raise DataError(path, f"the checkpoint's network {name!r} is not the {expected} of a '{kind}' model")
+    adapter = build_adapter(cfg, build_network(spec, path) if spec is not None else None)
     try:
         adapter.net.load_state_dict(weights)
     except RuntimeError as err:

@@ -59,7 +59,8 @@ class MlflowHook:
                 self.tracker.log_artifact(m.source, "manifest")
         if trainer.state.epoch:
             self.tracker.set_tags({"resumed_at_epoch": str(trainer.state.epoch)})
-        trainer.state.run_id = self.tracker.run_id
+        if self.tracker.run_id is not None:  # tracking off: keep the run a tracked resume will continue
+            trainer.state.run_id = self.tracker.run_id
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, step=epoch)
