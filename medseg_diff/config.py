@@ -2,18 +2,27 @@
 
 A YAML file may name a parent with ``extends: base.yaml`` (relative to itself); mappings are merged
 key by key, the child winning. ``--set a.b=value`` overrides apply last (values parsed as YAML).
-Unknown keys, wrong types and invalid choices raise ``ConfigError`` naming the key path, before any
-work starts.
+Unknown keys, wrong types, invalid choices and values out of range or meaning (a negative learning rate,
+a crop that is not a multiple of the network's stride, a tracking URI MLflow cannot use, ...) raise
+``ConfigError`` naming the key path and where it came from (the file, or the ``--set`` override), before
+any work starts.
+
+``config_from_dict`` checks what the values themselves say; ``load_config`` (a config for a run on this
+machine) also runs ``check_environment``: the device is present and the output folder can be one. Configs read
+back from checkpoints go through ``config_from_dict`` only, so a model trained on ``cuda`` loads on a CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -110,7 +119,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU
     compile: bool = False  # torch.compile the training forward (fewer kernel launches; the first steps compile)
     val_every: int = 5
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     deterministic: bool = True  # deterministic algorithms (cuDNN, cuBLAS); the CPU thread count is always pinned
     progress: bool = True  # progress bars (only on an interactive terminal) and one log line per epoch
 
@@ -176,14 +185,25 @@ def _to_plain(value: Any) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (following ``extends``), apply ``--set`` overrides, validate into a ``Config``."""
+    """Read ``path`` (following ``extends``), apply ``--set`` overrides, validate into a ``Config`` for a run
+    here (``check_environment`` included). An error in a key that an override set names that override."""
     raw: dict[str, Any] = _read_yaml_chain(Path(path)) if path is not None else {}
+    set_by: dict[str, str] = {}  # key path -> the override that set it (the last one wins)
     for item in overrides or []:
-        _apply_override(raw, item)
-    return config_from_dict(raw, source=path)
+        set_by[_apply_override(raw, item)] = _override_source(item)
+    try:
+        cfg = config_from_dict(raw, source=path)
+        check_environment(cfg, source=path)
+    except ConfigError as err:
+        blamed = _override_of(err.key, set_by)
+        if blamed is None:
+            raise
+        raise ConfigError(err.key, err.problem, blamed) from None
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], source: str | Path | None = None) -> Config:
+    """Types and values (ranges, meanings, agreement between keys); nothing about this machine."""
     if isinstance(raw, dict) and isinstance(raw.get("tracking"), bool):  # `tracking: false` shorthand
         raw = {**raw, "tracking": {"enabled": raw["tracking"]}}
     cfg = _build(Config, raw, "", source)
@@ -221,17 +241,43 @@ def _merge(base: dict, child: dict) -> dict:
     return out
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _override_source(item: str) -> str:
+    return f"--set {item}"
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    """Set ``section.key=value`` (the value parsed as YAML) in ``raw``; returns the key path."""
+    source = _override_source(item)
     key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(item, "override must look like section.key=value")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not all(parts):
+        raise ConfigError(item, "override must look like section.key=value", source)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(key, f"value {text!r} is not valid YAML ({problem})", source) from None
     node = raw
-    parts = key.strip().split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the file
+            node[part] = {}
+        elif part == "tracking" and node is raw and isinstance(node[part], bool):  # `tracking: false` shorthand
+            node[part] = {"enabled": node[part]}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(key, f"'{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
+            raise ConfigError(key, f"'{part}' is not a section", source)
+    node[parts[-1]] = value
+    return key
+
+
+def _override_of(key: str, set_by: dict[str, str]) -> str | None:
+    """The override to blame for an error at ``key``: one that set it, a section above it (a list item:
+    ``data.roi_size[2]``), or a key below it (an unknown section ``trian`` from ``trian.lr=1``)."""
+    for set_key, source in reversed(list(set_by.items())):
+        if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")) or set_key.startswith(f"{key}."):
+            return source
+    return None
 
 
 def _build(cls: type, raw: Any, path: str, source) -> Any:
@@ -298,43 +344,220 @@ def _coerce(tp: Any, value: Any, key: str, source) -> Any:
     raise ConfigError(key, f"unsupported type {tp}", source)
 
 
+# --- value checks ------------------------------------------------------------------------------------
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+#: URI schemes MLflow has a tracking store for (``mlflow.tracking._tracking_service.utils``); a plain path
+#: (no scheme) is a local file store, and database URLs may name a driver (``postgresql+psycopg2://``).
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                    "databricks-uc", "uc")
+REGISTER_MODEL_FIELDS = ("kind", "dataset")
+
+
+def network_stride(cfg: Config) -> tuple[int, str]:
+    """``(stride, how it follows from the config)`` of ``model.kind``'s network: every crop and sliding-window
+    size must be a multiple of it. The same formulas as ``models.baseline.baseline_stride`` (the product of the
+    U-Net's strides) and ``DiffusionSegUNet.stride`` (``patch_size * 2**(levels - 1)``)."""
+    if cfg.model.kind == "unet":
+        strides = cfg.model.unet.strides
+        return math.prod(strides), f"the product of model.unet.strides {list(strides)}"
+    den = cfg.model.denoiser
+    levels = len(den.channels)
+    return (den.patch_size * 2 ** (levels - 1),
+            f"model.denoiser.patch_size {den.patch_size} x 2^({levels} levels of model.denoiser.channels - 1)")
+
+
 def _check_semantics(cfg: Config, source) -> None:
-    """Value checks that types cannot express."""
+    """Value checks that types cannot express: one call per rule, in the order of the sections."""
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(key, problem, source)
 
     def positive(key: str, value: float) -> None:
-        if value <= 0:
-            raise ConfigError(key, f"must be > 0, got {value}", source)
+        if not value > 0:  # also refuses NaN
+            fail(key, f"must be > 0, got {value}")
 
-    for key, value in [
-        ("data.samples_per_volume", cfg.data.samples_per_volume), ("data.batch_size", cfg.data.batch_size),
-        ("train.epochs", cfg.train.epochs), ("train.lr", cfg.train.lr), ("train.val_every", cfg.train.val_every),
-        ("diffusion.timesteps", cfg.diffusion.timesteps), ("diffusion.sample_steps", cfg.diffusion.sample_steps),
-        ("diffusion.ensemble", cfg.diffusion.ensemble), ("diffusion.val_sample_steps", cfg.diffusion.val_sample_steps),
-        ("diffusion.val_ensemble", cfg.diffusion.val_ensemble), ("infer.sw_batch_size", cfg.infer.sw_batch_size),
-        ("diffusion.snr_shift", cfg.diffusion.snr_shift),
-    ]:
-        positive(key, value)
-    for i, size in enumerate(cfg.data.roi_size):
-        positive(f"data.roi_size[{i}]", size)
-    if cfg.data.spacing is not None:
-        for i, s in enumerate(cfg.data.spacing):
-            positive(f"data.spacing[{i}]", s)
-    if not 0.0 <= cfg.infer.overlap < 1.0:
-        raise ConfigError("infer.overlap", f"must be in [0, 1), got {cfg.infer.overlap}", source)
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError("train.ema_decay", f"must be in [0, 1), got {cfg.train.ema_decay}", source)
-    if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
-        raise ConfigError("diffusion.sample_steps", "must not exceed diffusion.timesteps", source)
+    def non_negative(key: str, value: float) -> None:
+        if not value >= 0:
+            fail(key, f"must be >= 0, got {value}")
+
+    def below_one(key: str, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            fail(key, f"must be in [0, 1), got {value}")
+
+    def each(check, key: str, values) -> None:
+        for i, v in enumerate(values):
+            check(f"{key}[{i}]", v)
+
+    # experiment
+    non_negative("experiment.seed", cfg.experiment.seed)
+    # data
+    d = cfg.data
+    non_negative("data.fold", d.fold)
+    if d.spacing is not None:
+        each(positive, "data.spacing", d.spacing)
+    each(positive, "data.roi_size", d.roi_size)
+    positive("data.samples_per_volume", d.samples_per_volume)
+    each(non_negative, "data.pos_neg", d.pos_neg)
+    if sum(d.pos_neg) == 0:
+        fail("data.pos_neg", f"must not both be 0 (the ratio of crops centred on a tumour to the others), got "
+                             f"{list(d.pos_neg)}")
+    positive("data.batch_size", d.batch_size)
+    if d.cache == "disk" and not d.cache_dir:
+        fail("data.cache_dir", "must be set when data.cache is 'disk'")
+    non_negative("data.num_workers", d.num_workers)
+    if d.max_val_cases is not None:
+        non_negative("data.max_val_cases", d.max_val_cases)
+    # model.unet
+    u = cfg.model.unet
+    if len(u.channels) < 2:
+        fail("model.unet.channels", f"needs at least 2 levels, got {list(u.channels)}")
+    each(positive, "model.unet.channels", u.channels)
+    if len(u.strides) != len(u.channels) - 1:
+        fail("model.unet.strides", f"needs one stride fewer than model.unet.channels ({len(u.channels)} levels), "
+                                   f"got {list(u.strides)}")
+    each(positive, "model.unet.strides", u.strides)
+    non_negative("model.unet.num_res_units", u.num_res_units)
+    below_one("model.unet.dropout", u.dropout)
+    # model.denoiser (GroupNorm takes the largest group count <= norm_groups that divides the width, so widths
+    # need not be multiples of norm_groups: models.blocks.group_norm)
     den = cfg.model.denoiser
     if den.patch_size < 1 or den.patch_size & (den.patch_size - 1):
-        raise ConfigError("model.denoiser.patch_size", f"must be a power of two (1, 2, 4, ...), got {den.patch_size}",
-                          source)
+        fail("model.denoiser.patch_size", f"must be a power of two (1, 2, 4, ...), got {den.patch_size}")
+    if not den.channels:
+        fail("model.denoiser.channels", "needs at least 1 level, got []")
+    each(positive, "model.denoiser.channels", den.channels)
     positive("model.denoiser.encoder_factor", den.encoder_factor)
     positive("model.denoiser.stem_channels", den.stem_channels)
-    levels = len(cfg.model.denoiser.channels)
+    positive("model.denoiser.res_blocks", den.res_blocks)
+    levels = len(den.channels)
     for name in ("linear_attention_levels", "cross_attention_levels"):
-        for lvl in getattr(cfg.model.denoiser, name):
+        for lvl in getattr(den, name):
             if not 0 <= lvl < levels:
-                raise ConfigError(f"model.denoiser.{name}", f"level {lvl} outside 0..{levels - 1}", source)
-    if len(cfg.model.unet.strides) != len(cfg.model.unet.channels) - 1:
-        raise ConfigError("model.unet.strides", "needs one stride fewer than model.unet.channels", source)
+                fail(f"model.denoiser.{name}",
+                     f"level {lvl} outside 0..{levels - 1} (model.denoiser.channels has {levels} levels)")
+    positive("model.denoiser.heads", den.heads)
+    positive("model.denoiser.dim_head", den.dim_head)
+    positive("model.denoiser.norm_groups", den.norm_groups)
+    # loss
+    weights = dataclasses.asdict(cfg.loss)
+    for name, value in weights.items():
+        non_negative(f"loss.{name}", value)
+    used = ["dice", "bce"] if cfg.model.kind == "unet" else ["dice", "bce", "mse"] + (
+        ["prior"] if den.prior_source == "head" else [])
+    if not any(weights[name] > 0 for name in used):
+        fail("loss", f"the weights model.kind '{cfg.model.kind}' uses ({', '.join(used)}) are all 0: nothing "
+                     "would be trained")
+    # diffusion
+    diff = cfg.diffusion
+    positive("diffusion.timesteps", diff.timesteps)
+    positive("diffusion.snr_shift", diff.snr_shift)
+    for name in ("sample_steps", "ensemble", "val_sample_steps", "val_ensemble"):
+        positive(f"diffusion.{name}", getattr(diff, name))
+    for name in ("sample_steps", "val_sample_steps"):
+        if getattr(diff, name) > diff.timesteps:
+            fail(f"diffusion.{name}", f"must not exceed diffusion.timesteps ({diff.timesteps}), got "
+                                      f"{getattr(diff, name)}")
+    # train
+    t = cfg.train
+    positive("train.epochs", t.epochs)
+    if t.steps_per_epoch is not None:
+        positive("train.steps_per_epoch", t.steps_per_epoch)
+    positive("train.lr", t.lr)
+    non_negative("train.weight_decay", t.weight_decay)
+    non_negative("train.warmup_epochs", t.warmup_epochs)
+    non_negative("train.grad_clip", t.grad_clip)
+    below_one("train.ema_decay", t.ema_decay)
+    positive("train.val_every", t.val_every)
+    if not DEVICE_PATTERN.fullmatch(t.device):
+        fail("train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    # infer
+    i = cfg.infer
+    if i.roi_size is not None:
+        each(positive, "infer.roi_size", i.roi_size)
+    below_one("infer.overlap", i.overlap)
+    positive("infer.sw_batch_size", i.sw_batch_size)
+    if not 0.0 < i.threshold < 1.0:
+        fail("infer.threshold", f"must be in (0, 1) (a probability cut-off), got {i.threshold}")
+    # the network's stride (after model and infer: it needs valid levels and sizes)
+    stride, how = network_stride(cfg)
+    for key, roi in [("data.roi_size", d.roi_size), ("infer.roi_size", i.roi_size)]:
+        if roi is not None and any(s % stride for s in roi):
+            fail(key, f"{list(roi)} must be a multiple of the network stride {stride} ({how})")
+    # tracking
+    _check_tracking_uri(cfg.tracking.uri, fail)
+    _check_register_model(cfg.tracking.register_model, fail)
+
+
+def _check_tracking_uri(uri: str | None, fail) -> None:
+    key = "tracking.uri"
+    if uri is None:
+        return
+    if not uri.strip():
+        fail(key, "is empty; leave it null for $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    try:
+        parts = urlsplit(uri)
+    except ValueError as err:
+        fail(key, f"not a valid URI ({err}), got {uri!r}")
+    scheme = parts.scheme.split("+")[0].lower()
+    if len(scheme) <= 1:  # no scheme (or a Windows drive letter): a local folder, MLflow's file store
+        return
+    if scheme not in TRACKING_SCHEMES:
+        fail(key, f"scheme '{scheme}' is not one MLflow tracks to (use sqlite:///PATH.db, a folder or file:PATH, "
+                  f"http(s)://HOST[:PORT], databricks, or a database URL such as postgresql://), got {uri!r}")
+    if scheme in ("http", "https") and not parts.netloc:
+        fail(key, f"needs a host, as in {scheme}://HOST:PORT, got {uri!r}")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        fail(key, f"must look like sqlite:///PATH.db (relative) or sqlite:////ABS/PATH.db, got {uri!r}")
+
+
+def _check_register_model(name: str, fail) -> None:
+    key = "tracking.register_model"
+    try:
+        name.format(**{field: "x" for field in REGISTER_MODEL_FIELDS})
+    except KeyError as err:
+        fail(key, f"unknown placeholder {{{err.args[0]}}} (only {{kind}} and {{dataset}} are filled in), got {name!r}")
+    except (IndexError, ValueError, AttributeError) as err:
+        fail(key, f"not a valid name template ({err}; only {{kind}} and {{dataset}} are filled in), got {name!r}")
+
+
+# --- this machine ------------------------------------------------------------------------------------
+
+
+def check_environment(cfg: Config, source: str | Path | None = None) -> None:
+    """What a run of ``cfg`` needs from this machine, checked before any work (and without creating anything):
+    the device ``train.device`` names is present, and ``experiment.output_dir`` / ``data.cache_dir`` can be
+    folders. ``load_config`` calls it; a config read back from a checkpoint does not need it."""
+    _check_device(cfg.train.device, source)
+    _check_folder("experiment.output_dir", cfg.experiment.output_dir, source)
+    if cfg.data.cache_dir:
+        _check_folder("data.cache_dir", cfg.data.cache_dir, source)
+
+
+def _check_device(name: str, source) -> None:
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    present = ["cpu"] + [f"cuda:{i}" for i in range(cuda)] + (["mps"] if mps else [])
+    here = f"present here: {', '.join(present)}; auto picks the first GPU, else the CPU"
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if index >= cuda:
+            seen = "no CUDA GPU" if cuda == 0 else f"{cuda} CUDA GPU{'s' if cuda > 1 else ''}"
+            raise ConfigError("train.device", f"'{name}' asked for, but torch sees {seen} ({here})", source)
+    elif name == "mps" and not mps:
+        raise ConfigError("train.device", f"'mps' asked for, but torch sees no Apple MPS device ({here})", source)
+
+
+def _check_folder(key: str, folder: str, source) -> None:
+    """``folder`` is a folder, or can become one: neither it nor a folder above it is a file."""
+    path = Path(folder)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                problem = "is a file, not a folder" if p == path else f"cannot be a folder: {p} is a file"
+                raise ConfigError(key, f"'{folder}' {problem}", source)
+            return

@@ -22,7 +22,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         from medseg_diff.errors import ConfigError
 
-        raise ConfigError("device", f"'{name}' asked for, but torch sees no CUDA GPU here; use auto or cpu")
+        raise ConfigError("train.device", f"'{name}' asked for, but torch sees no CUDA GPU here; use auto or cpu")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
