@@ -1,15 +1,24 @@
 """``medseg-diff check MANIFEST``: verify that every case of a manifest is usable.
 
-Per case: every file exists, its checksum matches, it decodes fully (no truncation); image
-modalities agree in shape and affine (tolerance ``AFFINE_ATOL`` on every affine entry: mm for the
-translation, mm per voxel for the rotation-zoom part); no NaN/Inf; the brain is not empty (some
-non-zero voxels in every modality); label values belong to the convention and the label grid matches
-the images. Each problem names case, file and what is wrong.
+Per case: the manifest entry names every image the pipeline reads (the four modalities, or "4d" for
+MSD); every file exists, stays inside the data root (unless the manifest was built with
+``follow_symlinks``), its checksum matches, and it decodes fully (no truncation; a header claiming more
+voxels than the file holds is refused before decoding); image modalities agree in shape and affine
+(tolerance ``AFFINE_ATOL`` on every affine entry: mm for the translation, mm per voxel for the rotation-zoom
+part); no NaN/Inf; the brain is not empty (some non-zero voxels in every modality); label values are
+integers of the convention and the label grid matches the images. Each problem names case, file and what is
+wrong.
+
+Warnings do not fail a case: a modality whose background (the volume's border) is a constant offset > 0
+(``background_offset``) breaks "brain = any modality > 0" masks, so it is reported with the fix.
+
+``verify_checksums`` / ``ensure_checksums`` re-hash a manifest's files for ``train`` and ``predict``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,20 +27,32 @@ import numpy as np
 from medseg_diff.data.conventions import get_convention
 from medseg_diff.data.io import read_array
 from medseg_diff.data.manifest import Manifest, ManifestCase, sha256_file
-from medseg_diff.errors import DataError
+from medseg_diff.errors import DataError, ManifestError
+
+log = logging.getLogger(__name__)
 
 #: Largest allowed absolute difference between two modalities' affine entries.
 AFFINE_ATOL = 1e-3
+#: At most this many offending values are listed in a message.
+_LIST_MAX = 10
 
 
 @dataclass(frozen=True)
 class Problem:
+    """One finding of ``check``: ``severity`` "error" (the case is unusable) or "warning" (usable, but see
+    the message)."""
+
     case: str
     file: str
     message: str
+    severity: str = "error"
+
+    @property
+    def is_warning(self) -> bool:
+        return self.severity == "warning"
 
     def __str__(self) -> str:
-        return f"case {self.case}: {self.file}: {self.message}"
+        return f"case {self.case}: {self.file}: {'warning: ' if self.is_warning else ''}{self.message}"
 
 
 def check_manifest(
@@ -39,11 +60,16 @@ def check_manifest(
     continue_on_error: bool = False,
     verify_checksums: bool = True,
     on_case: Callable[[ManifestCase, list[Problem]], None] | None = None,
+    on_warning: Callable[[Problem], None] | None = None,
 ) -> list[Problem]:
-    """Check every case; stop at the first case with problems unless ``continue_on_error``."""
+    """Check every case; stop at the first case with problems unless ``continue_on_error``.
+
+    Returns the errors only (empty: every case is usable); ``on_case`` gets each case's errors. Warnings go
+    to ``on_warning`` (default: logged on the ``medseg_diff.data.check`` logger, i.e. stderr in the CLI).
+    """
     problems: list[Problem] = []
     for case in manifest.cases:
-        found = list(check_case(manifest, case, verify_checksums))
+        found = list(check_case(manifest, case, verify_checksums, on_warning=on_warning))
         if on_case is not None:
             on_case(case, found)
         problems.extend(found)
@@ -52,20 +78,19 @@ def check_manifest(
     return problems
 
 
-def check_case(manifest: Manifest, case: ManifestCase, verify_checksums: bool = True) -> Iterator[Problem]:
-    """Yield every problem of one case (an empty iterator for a good case)."""
+def check_case(manifest: Manifest, case: ManifestCase, verify_checksums: bool = True,
+               on_warning: Callable[[Problem], None] | None = None) -> Iterator[Problem]:
+    """Yield every error of one case (an empty iterator for a good case); warnings go to ``on_warning``
+    (default: logged)."""
+    warn = on_warning or _log_warning
     conv = get_convention(manifest.convention)
-    # 1. files exist and checksums match
-    for rel in list(case.images.values()) + ([case.label] if case.label else []):
-        path = manifest.path_of(rel)
-        if not path.exists():
-            yield Problem(case.id, str(path), "file not found")
-            return
-        expected = case.sha256.get(rel)
-        if verify_checksums and expected is None:
-            yield Problem(case.id, str(path), "no checksum recorded in the manifest")
-        elif verify_checksums and sha256_file(path) != expected:
-            yield Problem(case.id, str(path), "checksum changed since the manifest was built (SHA-256 mismatch)")
+    # 0. the entry names every image the pipeline reads
+    yield from _entry_problems(manifest, case)
+    # 1. files exist, stay inside the root, checksums match
+    found = list(_file_problems(manifest, case, verify_checksums))
+    yield from found
+    if any(p.message == "file not found" for p in found):
+        return
     # 2. images decode, are finite and non-empty, and agree in grid
     grid: tuple[tuple[int, ...], np.ndarray, str] | None = None
     for modality, rel in case.images.items():
@@ -75,17 +100,21 @@ def check_case(manifest: Manifest, case: ManifestCase, verify_checksums: bool = 
         except DataError as err:
             yield Problem(case.id, str(path), err.problem)
             continue
-        yield from _image_problems(case.id, path, modality, data, manifest.image_layout)
+        errors = list(_image_problems(case.id, path, modality, data, manifest.image_layout))
+        yield from errors
+        if not errors:
+            for warning in _image_warnings(case.id, path, modality, data, manifest.image_layout):
+                warn(warning)
         shape = data.shape[:3]
         if grid is None:
             grid = (shape, affine, str(path))
         else:
             yield from _grid_problems(case.id, path, shape, affine, grid)
-    # 3. label decodes, matches the grid, holds only the convention's values
+    # 3. label decodes, matches the grid, holds only the convention's (integral) values
     if case.label:
         path = manifest.path_of(case.label)
         try:
-            label, affine = read_array(path)
+            label, affine = read_array(path, dtype=np.float64)  # float32 would round 1.0000001 to 1
         except DataError as err:
             yield Problem(case.id, str(path), err.problem)
             return
@@ -95,14 +124,135 @@ def check_case(manifest: Manifest, case: ManifestCase, verify_checksums: bool = 
         if not np.all(np.isfinite(label)):
             yield Problem(case.id, str(path), "label contains NaN/Inf")
             return
-        unknown = conv.unknown_labels(label)
-        if unknown:
-            yield Problem(
-                case.id, str(path),
-                f"unknown label values {unknown}; {conv.name} allows {list(conv.labels)}",
-            )
+        for message in label_value_problems(label, conv):
+            yield Problem(case.id, str(path), message)
         if grid is not None:
             yield from _grid_problems(case.id, path, label.shape, affine, grid)
+
+
+def label_value_problems(label: np.ndarray, convention) -> list[str]:
+    """What is wrong with the values of a label map under ``convention`` (a ``LabelConvention``): values that
+    are not integers (e.g. 1.5 from linear resampling — never rounded silently), and integers the convention
+    does not define (e.g. 7, or 4 in BraTS 2023). Empty when every value is valid."""
+    values = np.unique(np.asarray(label, dtype=np.float64))
+    fractional = values[values != np.round(values)]
+    integral = values[values == np.round(values)]
+    unknown = [int(v) for v in integral if int(v) not in convention.labels]
+    problems = []
+    if fractional.size:
+        problems.append(
+            f"non-integral label values {_short_list([float(v) for v in fractional])}; a label map holds integers "
+            "(resampled with linear interpolation? use nearest neighbour)"
+        )
+    if unknown:
+        problems.append(
+            f"unknown label values {_short_list(unknown)}; {convention.name} allows {list(convention.labels)}"
+        )
+    return problems
+
+
+def background_offset(volume: np.ndarray, border: int | None = None, rel_tol: float = 1e-4,
+                      min_fraction: float = 0.5) -> float | None:
+    """The constant intensity > 0 of a 3D volume's background, or None when its background is 0 (or noisy).
+
+    Skull-stripped BraTS volumes are exactly 0 outside the head, and "brain = any modality > 0" relies on it.
+    Some exports (a TCGA FLAIR: 0.0219 everywhere outside the head) add a constant offset, and that mask
+    then covers the whole frame. The background is read from the volume's border, a shell ``border`` voxels
+    thick (default 2% of the smallest side, at least 1): its 25th percentile is the offset when it is > 0 and
+    at least ``min_fraction`` of the border lies within ``rel_tol`` × (max − min of the volume) of it (the
+    rest may be head touching the frame). Non-finite voxels are ignored; a constant volume gives None.
+
+    Preprocessing can subtract the returned value (and clip at 0) before building a head mask.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"background_offset needs a 3D volume, got shape {volume.shape}")
+    width = border if border is not None else max(1, int(round(0.02 * min(volume.shape))))
+    width = max(1, min(width, min(volume.shape) // 2))
+    shell = np.ones(volume.shape, dtype=bool)
+    shell[width:-width, width:-width, width:-width] = False
+    values = volume[shell].astype(np.float64)
+    values = values[np.isfinite(values)]
+    finite = volume if np.all(np.isfinite(volume)) else volume[np.isfinite(volume)]
+    if values.size == 0 or finite.size == 0:
+        return None
+    span = float(np.max(finite)) - float(np.min(finite))
+    if not span > 0:
+        return None
+    level = float(np.percentile(values, 25))
+    if level <= 1e-6 * span:  # a zero (or negative) background, up to float noise
+        return None
+    if float(np.mean(np.abs(values - level) <= rel_tol * span)) < min_fraction:
+        return None  # a noisy background, not a constant offset
+    return level
+
+
+def verify_checksums(
+    manifest: Manifest,
+    cases: Iterable[ManifestCase] | None = None,
+    on_case: Callable[[ManifestCase, list[Problem]], None] | None = None,
+) -> list[Problem]:
+    """Re-hash the files of ``cases`` (default: every case of the manifest) and compare with the SHA-256 the
+    manifest recorded. Returns one ``Problem`` per missing file, file without a recorded checksum or changed
+    file (empty: every byte is what the manifest saw); ``on_case(case, problems)`` after each case."""
+    problems: list[Problem] = []
+    for case in manifest.cases if cases is None else cases:
+        found = list(_file_problems(manifest, case, verify=True, containment=False))
+        if on_case is not None:
+            on_case(case, found)
+        problems.extend(found)
+    return problems
+
+
+def ensure_checksums(manifest: Manifest, cases: Iterable[ManifestCase] | None = None,
+                     on_case: Callable[[ManifestCase, list[Problem]], None] | None = None) -> None:
+    """``verify_checksums``, raising ``ManifestError`` (naming the first bad file and case, and how many
+    others) when anything differs; what ``train`` and ``predict`` call before using a manifest."""
+    problems = verify_checksums(manifest, cases, on_case)
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more; see `medseg-diff check {manifest.source or 'MANIFEST'} " \
+               f"--continue-on-error`)" if len(problems) > 1 else ""
+        raise ManifestError(first.file, f"{first.message}{more}", case=first.case)
+
+
+def _entry_problems(manifest: Manifest, case: ManifestCase) -> Iterator[Problem]:
+    where = str(manifest.source) if manifest.source else "manifest"
+    missing = manifest.missing_images(case)
+    if missing:
+        yield Problem(case.id, where, f"manifest entry has no image for {', '.join(repr(k) for k in missing)} "
+                                      f"(it has {', '.join(repr(k) for k in case.images) or 'none'}; "
+                                      f"{manifest.image_layout} layout needs {', '.join(manifest.image_keys)})")
+    extra = [k for k in case.images if k not in manifest.image_keys]
+    if extra:
+        yield Problem(case.id, where, f"manifest entry has unknown image key(s) {', '.join(repr(k) for k in extra)} "
+                                      f"(expected {', '.join(manifest.image_keys)})")
+
+
+def _file_problems(manifest: Manifest, case: ManifestCase, verify: bool, containment: bool = True
+                   ) -> Iterator[Problem]:
+    """Missing files, files resolving outside the root (``containment``) and checksum mismatches (``verify``)."""
+    for rel in list(case.images.values()) + ([case.label] if case.label else []):
+        path = manifest.path_of(rel)
+        if not path.exists():
+            yield Problem(case.id, str(path), "file not found")
+            continue
+        if containment and not manifest.follow_symlinks:
+            target = path.resolve()
+            if not target.is_relative_to(manifest.root.resolve()):
+                yield Problem(case.id, str(path), f"resolves outside the data root {manifest.root} (to {target}); "
+                                                  "rebuild the manifest with follow_symlinks to allow it")
+        expected = case.sha256.get(rel)
+        if verify and expected is None:
+            yield Problem(case.id, str(path), "no checksum recorded in the manifest")
+        elif verify and sha256_file(path) != expected:
+            yield Problem(case.id, str(path), "checksum changed since the manifest was built (SHA-256 mismatch)")
+
+
+def _channels(data: np.ndarray, modality: str, layout: str) -> list[tuple[str, np.ndarray]]:
+    if layout == "4d":
+        return [(f"channel {c}", data[..., c]) for c in range(data.shape[-1])]
+    return [(modality, data)]
 
 
 def _image_problems(case_id: str, path: Path, modality: str, data: np.ndarray, layout: str) -> Iterator[Problem]:
@@ -116,13 +266,33 @@ def _image_problems(case_id: str, path: Path, modality: str, data: np.ndarray, l
     if not finite.all():
         yield Problem(case_id, str(path), f"{modality}: {int((~finite).sum())} NaN/Inf voxels")
         return
-    channels = np.moveaxis(data, -1, 0) if layout == "4d" else data[None]
-    for c, channel in enumerate(channels):
+    for what, channel in _channels(data, modality, layout):
         if not np.any(channel):
-            what = modality if layout != "4d" else f"channel {c}"
             yield Problem(case_id, str(path), f"{what}: empty volume (all voxels are zero)")
         elif float(channel.max()) == float(channel.min()):
-            yield Problem(case_id, str(path), f"{modality}: constant volume (value {float(channel.max())})")
+            yield Problem(case_id, str(path), f"{what}: constant volume (value {float(channel.max())})")
+
+
+def _image_warnings(case_id: str, path: Path, modality: str, data: np.ndarray, layout: str) -> Iterator[Problem]:
+    for what, channel in _channels(data, modality, layout):
+        offset = background_offset(channel)
+        if offset is not None:
+            yield Problem(
+                case_id, str(path),
+                f"{what}: constant background {offset:.4g} outside the head (not 0), so 'brain = any modality > 0' "
+                f"covers the whole frame; subtract it (value - {offset:.4g}, clipped at 0) or re-export with a zero "
+                "background",
+                severity="warning",
+            )
+
+
+def _log_warning(problem: Problem) -> None:
+    log.warning("%s", problem)
+
+
+def _short_list(values: list) -> str:
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values[:_LIST_MAX])
+    return f"[{shown}{', ...' if len(values) > _LIST_MAX else ''}]"
 
 
 def grid_mismatch(shape, affine, ref_shape, ref_affine, ref_path) -> list[str]:

@@ -16,6 +16,7 @@ from medseg_diff.data.conventions import MODALITIES
 from medseg_diff.data.discovery import CaseFiles
 from medseg_diff.data.manifest import Manifest, ManifestCase
 from medseg_diff.data.transforms import IMAGE, LABEL, PRIOR
+from medseg_diff.errors import DataError
 
 CASE_ID = "case_id"
 
@@ -23,6 +24,10 @@ CASE_ID = "case_id"
 def case_record(manifest: Manifest, case: ManifestCase, prior: str | Path | None = None,
                 with_label: bool = True) -> dict:
     """The dict a MONAI pipeline starts from: image path(s) in MODALITIES order, label, case id."""
+    missing = manifest.missing_images(case)
+    if missing:
+        raise DataError(manifest.source, f"manifest entry has no image for {', '.join(repr(m) for m in missing)}",
+                        case=case.id)
     if manifest.image_layout == "4d":
         image: str | list[str] = str(manifest.path_of(case.images["4d"]))
     else:

@@ -25,41 +25,80 @@ class CaseFiles:
 
     images: canonical modality -> file (brats layouts), or {"4d": file} for MSD
     label:  the segmentation file, or None when the case has none
+    folder: where the case's files were found (the case folder; MSD: the image file)
     """
 
     case_id: str
     images: dict[str, Path]
     label: Path | None = None
     missing: list[str] = field(default_factory=list)
+    folder: Path | None = None
+    #: why the case cannot be used as found (two folders, two files for one modality, a symlink leaving the
+    #: root); ``discover`` raises it
+    conflict: DataError | None = None
 
     @property
     def files(self) -> list[Path]:
         return list(self.images.values()) + ([self.label] if self.label else [])
 
 
-def discover(root: str | Path, convention: str | None = None) -> tuple[LabelConvention, list[CaseFiles]]:
+def discover(root: str | Path, convention: str | None = None,
+             follow_symlinks: bool = False) -> tuple[LabelConvention, list[CaseFiles]]:
     """``(convention, cases)`` of the data set under ``root``, cases sorted by id.
 
     ``convention`` forces the layout; otherwise it is detected. A case folder that has some but not all
     modalities is returned with ``missing`` filled in (``check`` reports it); nothing is silently dropped.
+
+    Refused with ``DataError``: a case id found in two folders (e.g. two sites' ``CASE/`` folders: two
+    patients' modalities would be mixed), two files for one modality of a case, and symlinks (files or
+    folders) that resolve outside ``root`` unless ``follow_symlinks`` (then the path under ``root`` is kept,
+    not the target).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "data root is not a folder")
+    walk = _Walk(root.resolve(), follow_symlinks)
     if convention is not None:
         conv = get_convention(convention)
-        cases = _msd_cases(root) if conv.name == "msd" else _brats_cases(root, conv)
+        cases = _msd_cases(walk) if conv.name == "msd" else _brats_cases(walk, conv)
     else:
-        conv, cases = _detect(root)
+        conv, cases = _detect(walk)
     if not cases:
         raise DataError(root, f"no {conv.name} cases found (expected {_layout_hint(conv)})")
+    for case in cases:
+        if case.conflict is not None:
+            raise case.conflict
     return conv, sorted(cases, key=lambda c: c.case_id)
 
 
-def _detect(root: Path) -> tuple[LabelConvention, list[CaseFiles]]:
+class _Walk:
+    """The data root (resolved) and what to do with symlinks that leave it."""
+
+    def __init__(self, root: Path, follow_symlinks: bool):
+        self.root = root
+        self.follow_symlinks = follow_symlinks
+
+    def place(self, entry: Path) -> Path:
+        """The absolute path to record for ``entry`` (found under the root): its target when that is inside
+        the root; else, with ``follow_symlinks``, the path under the root; else ``DataError``."""
+        target = entry.resolve()
+        if target.is_relative_to(self.root):
+            return target
+        if self.follow_symlinks:
+            return self.root / entry.relative_to(self.root)
+        kind = "folder" if entry.is_dir() else "file"
+        raise DataError(
+            entry,
+            f"symlinked {kind} resolves outside the data root {self.root} (to {target}); copy it into the root "
+            "or allow it explicitly (follow_symlinks=True, --follow-symlinks)",
+        )
+
+
+def _detect(walk: _Walk) -> tuple[LabelConvention, list[CaseFiles]]:
+    root = walk.root
     if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
-        return get_convention("msd"), _msd_cases(root)
-    found = {conv.name: _brats_cases(root, conv) for conv in (BRATS2021, BRATS2023)}
+        return get_convention("msd"), _msd_cases(walk)
+    found = {conv.name: _brats_cases(walk, conv) for conv in (BRATS2021, BRATS2023)}
     complete = {name: [c for c in cases if not c.missing] for name, cases in found.items()}
     counts = {name: len(cases) for name, cases in complete.items()}
     if counts["brats2021"] and counts["brats2023"]:
@@ -99,48 +138,77 @@ def _split_name(path: Path, conv: LabelConvention) -> tuple[str, str] | None:
     return (case_id, suffix.lower()) if suffix.lower() in known else None
 
 
-def _case_folders(root: Path) -> list[Path]:
-    folders, frontier = [], [root]
+def _case_folders(walk: _Walk) -> list[Path]:
+    folders, frontier = [], [walk.root]
     for _ in range(MAX_DEPTH + 1):
         next_frontier = []
         for folder in frontier:
             folders.append(folder)
-            next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+            subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            next_frontier.extend(walk.place(p) if p.is_symlink() else p for p in subfolders)
         frontier = next_frontier
     return folders
 
 
-def _brats_cases(root: Path, conv: LabelConvention) -> list[CaseFiles]:
+def _brats_cases(walk: _Walk, conv: LabelConvention) -> list[CaseFiles]:
     by_suffix = dict(zip(conv.modality_suffixes, MODALITIES))
     cases: dict[str, CaseFiles] = {}
-    for folder in _case_folders(root):
+    for folder in _case_folders(walk):
         for entry in sorted(folder.iterdir()):
             parsed = _split_name(entry, conv)
             if parsed is None or entry.name.startswith("._") or not is_image_path(entry):
                 continue
             case_id, suffix = parsed
-            case = cases.setdefault(case_id, CaseFiles(case_id=case_id, images={}))
-            if suffix == conv.seg_suffix:
-                case.label = entry.resolve()
+            case = cases.setdefault(case_id, CaseFiles(case_id=case_id, images={}, folder=folder))
+            key = "label" if suffix == conv.seg_suffix else by_suffix[suffix]
+            try:
+                path = walk.place(entry)
+            except DataError as err:
+                case.conflict = case.conflict or DataError(err.path, err.problem, case=case_id)
+                continue
+            previous = case.label if key == "label" else case.images.get(key)
+            if previous == path:
+                continue  # the same file reached through an in-root symlinked folder
+            if folder != case.folder:
+                case.conflict = case.conflict or DataError(
+                    case.folder, f"the same case id is also in {folder}: two patients' files would be mixed into one "
+                                 "case; rename one, or build a manifest per folder", case=case_id)
+            elif previous is not None:
+                case.conflict = case.conflict or DataError(
+                    folder, f"two files for {key}: {previous.name} and {entry.name}; keep one", case=case_id)
+            if key == "label":
+                case.label = path
             else:
-                case.images[by_suffix[suffix]] = entry.resolve()
+                case.images[key] = path
     for case in cases.values():
         case.missing = [m for m in MODALITIES if m not in case.images]
         case.images = {m: case.images[m] for m in MODALITIES if m in case.images}
     return list(cases.values())
 
 
-def _msd_cases(root: Path) -> list[CaseFiles]:
-    cases = []
+def _msd_cases(walk: _Walk) -> list[CaseFiles]:
+    root = walk.root
+    cases: dict[str, CaseFiles] = {}
     for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
         folder = root / images_dir
         if not folder.is_dir():
             continue
+        folder = walk.place(folder) if folder.is_symlink() else folder
         for image in sorted(folder.iterdir()):
             if image.name.startswith(".") or image_suffix(image) not in (".nii", ".nii.gz"):
                 continue
             case_id = image.name[: -len(image_suffix(image))]
             label = root / labels_dir / image.name
-            cases.append(CaseFiles(case_id=case_id, images={"4d": image.resolve()},
-                                   label=label.resolve() if label.exists() else None))
-    return cases
+            case = CaseFiles(case_id=case_id, images={}, folder=image)
+            try:
+                case.images["4d"] = walk.place(image)
+                case.label = walk.place(label) if label.exists() else None
+            except DataError as err:
+                case.conflict = DataError(err.path, err.problem, case=case_id)
+            if case_id in cases:
+                first = cases[case_id]
+                first.conflict = first.conflict or DataError(
+                    first.folder, f"the same case id is also {image}; keep one", case=case_id)
+                continue
+            cases[case_id] = case
+    return list(cases.values())

@@ -5,12 +5,19 @@ coordinates (the NIfTI convention), so the rest of the package sees one kind of 
 images (LPS world, z-y-x arrays) are converted with their geometry kept: the array is transposed
 to x-y-z and the direction/spacing/origin become an affine, flipped LPS → RAS.
 
+Before any voxel is decoded, the header's claim is bounded by the bytes on disk (``header_size_problem``):
+a corrupt 173-byte header claiming 10000³ voxels is refused in milliseconds instead of ending in a
+``MemoryError`` (or gigabytes allocated first). Every image must have a finite, non-singular affine with
+voxel sizes > 0 (``geometry_problem``).
+
 ``MedsegReader`` plugs the same reader into MONAI's ``LoadImage(d)``.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
+import re
 import threading
 import zlib
 from collections.abc import Sequence
@@ -20,6 +27,7 @@ import nibabel as nib
 import numpy as np
 from monai.data import NibabelReader
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from medseg_diff.errors import DataError
 
@@ -29,6 +37,13 @@ SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 
 #: LPS <-> RAS: negate the first two world axes.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Deflate (gzip, zlib) cannot expand its input more than ~1032:1 (a 258-byte match costs at least
+#: ~2 bits), so a compressed file of N bytes decodes to at most ``GZIP_MAX_RATIO * N`` bytes.
+GZIP_MAX_RATIO = 1032
+#: An affine whose |det| is below this fraction of the product of its voxel sizes is singular.
+_SINGULAR_RTOL = 1e-6
+_HEADER_READ = 1 << 16  # MetaImage / NRRD text headers are read up to this many bytes
 
 
 def image_suffix(path: str | Path) -> str:
@@ -50,24 +65,37 @@ def is_image_path(path: Path) -> bool:
 def read_image(path: str | Path) -> nib.Nifti1Image:
     """Read one image file (or DICOM folder) as a NIfTI image with a RAS affine.
 
-    Raises ``DataError`` naming the file when it is missing, truncated or not an image.
+    Raises ``DataError`` naming the file when it is missing, truncated or not an image, when its header
+    claims more voxels than the file can hold (checked before any voxel is decoded), or when its affine
+    is singular / has a zero or non-finite voxel size.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
     try:
         if path.is_dir():
-            return _read_dicom_series(path)
-        suffix = image_suffix(path)
-        if suffix in NIFTI_SUFFIXES:
-            return _read_nifti(path)
-        if suffix in SITK_SUFFIXES:
-            return _read_sitk_file(path)
+            img = _read_dicom_series(path)
+        else:
+            suffix = image_suffix(path)
+            if suffix in NIFTI_SUFFIXES:
+                img = _read_nifti(path)
+            elif suffix in SITK_SUFFIXES:
+                img = _read_sitk_file(path)
+            else:
+                raise DataError(
+                    path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} or a DICOM folder"
+                )
     except DataError:
         raise
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, RuntimeError, ImageFileError) as err:
+    except MemoryError as err:  # a claim the size bounds could not rule out (e.g. bzip2-encoded NRRD)
+        raise DataError(path, "not enough memory to decode the image; is its header corrupt?") from err
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, RuntimeError, ImageFileError,
+            HeaderDataError) as err:
         raise DataError(path, f"unreadable image ({type(err).__name__}: {err})") from err
-    raise DataError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} or a DICOM folder")
+    problem = geometry_problem(img.affine)
+    if problem:
+        raise DataError(path, problem)
+    return img
 
 
 def read_array(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -75,18 +103,75 @@ def read_array(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarr
     img = read_image(path)
     try:
         data = np.asarray(img.dataobj, dtype=dtype)
+    except MemoryError as err:
+        raise DataError(path, f"not enough memory to decode {_human(_claimed_bytes(img))} of voxels") from err
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise DataError(path, f"truncated or corrupt image data ({type(err).__name__}: {err})") from err
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
+def geometry_problem(affine) -> str | None:
+    """What makes ``affine`` unusable as a voxel-to-world map (non-finite entries, a voxel size that is not
+    > 0, a singular matrix), or None when it is fine. ``read_image`` refuses such images."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        return "affine contains NaN/Inf" if affine.shape == (4, 4) else f"affine has shape {affine.shape}, not 4x4"
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all(zooms > 0):
+        return f"voxel size must be > 0, got {_fmt_zooms(zooms)} mm (affine has a zero column; pixdim/spacing unset?)"
+    det = abs(float(np.linalg.det(affine[:3, :3])))
+    if det <= _SINGULAR_RTOL * float(np.prod(zooms)):
+        return f"affine is singular (its voxel axes are parallel; voxel size {_fmt_zooms(zooms)} mm)"
+    return None
+
+
+def header_size_problem(shape: Sequence[int], bytes_per_voxel: float, offset: int, capacity: float | None,
+                        how: str) -> str | None:
+    """The problem with a header that claims ``shape`` voxels of ``bytes_per_voxel`` bytes starting at byte
+    ``offset`` when the file can hold at most ``capacity`` bytes (``how`` says why), or None when it fits.
+    ``capacity`` None: no bound is known (the claim is accepted)."""
+    dims = [int(d) for d in shape]
+    if not dims or any(d <= 0 for d in dims):
+        return f"header claims shape {tuple(dims)}; every dimension must be >= 1"
+    voxels = math.prod(dims)
+    needed = offset + voxels * bytes_per_voxel
+    if capacity is None or needed <= capacity:
+        return None
+    return (f"header claims {'x'.join(map(str, dims))} = {voxels:,} voxels ({_human(voxels * bytes_per_voxel)}) "
+            f"but the file holds at most {_human(max(capacity - offset, 0))}{f' ({how})' if how else ''}; "
+            "the header is corrupt or the file is truncated")
+
+
 def _read_nifti(path: Path) -> nib.Nifti1Image:
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # reads the header only; voxels are decoded later, from img.dataobj
     if len(img.shape) not in (3, 4):
         raise DataError(path, f"expected a 3D or 4D image, got shape {img.shape}")
-    if not np.all(np.isfinite(img.affine)):
-        raise DataError(path, "affine contains NaN/Inf")
+    size = path.stat().st_size
+    if image_suffix(path) == ".nii.gz":
+        capacity, how = size * GZIP_MAX_RATIO, f"{size:,} gzip bytes x {GZIP_MAX_RATIO}, the most deflate can expand"
+    else:
+        capacity, how = size, ""
+    offset = int(img.header["vox_offset"]) if "vox_offset" in img.header else 0
+    problem = header_size_problem(img.shape, img.header.get_data_dtype().itemsize, offset, capacity, how)
+    if problem:
+        raise DataError(path, problem)
     return img
+
+
+def _claimed_bytes(img: nib.Nifti1Image) -> int:
+    return math.prod(int(d) for d in img.shape) * np.dtype(img.get_data_dtype()).itemsize
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def _fmt_zooms(zooms) -> str:
+    return "(" + ", ".join(f"{z:.4g}" for z in zooms) + ")"
 
 
 def _sitk_to_nifti(image) -> nib.Nifti1Image:
@@ -112,7 +197,68 @@ def _sitk_to_nifti(image) -> nib.Nifti1Image:
 def _read_sitk_file(path: Path) -> nib.Nifti1Image:
     import SimpleITK as sitk
 
-    return _sitk_to_nifti(sitk.ReadImage(str(path)))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header only
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())  # e.g. "32-bit float", "vector of 16-bit signed integer"
+    bits = re.search(r"(\d+)-bit", pixel)
+    itemsize = (int(bits.group(1)) // 8 if bits else 8) * (2 if "complex" in pixel else 1)
+    capacity, how = _sitk_capacity(path)
+    problem = header_size_problem(reader.GetSize(), reader.GetNumberOfComponents() * itemsize, 0, capacity, how)
+    if problem:
+        raise DataError(path, problem)
+    return _sitk_to_nifti(reader.Execute())
+
+
+def _text_header(path: Path) -> dict[str, str]:
+    """Fields of a MetaImage (``Key = value``, up to ``ElementDataFile``) or NRRD (``key: value``, up to the
+    blank line) text header; keys lowercased."""
+    nrrd = image_suffix(path) in (".nrrd", ".nhdr")
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER_READ)
+    fields: dict[str, str] = {}
+    for raw in head.split(b"\n"):
+        line = raw.decode("latin-1").strip()
+        if nrrd and not line and fields:
+            break
+        if nrrd and (line.startswith("#") or ":=" in line):
+            continue  # comments and key:=value pairs
+        key, sep, value = line.partition(":" if nrrd else "=")
+        key = key.strip().lower()
+        if sep and key:
+            fields.setdefault(key, value.strip())
+        if not nrrd and key == "elementdatafile":
+            break
+    return fields
+
+
+def _sitk_capacity(path: Path) -> tuple[float | None, str]:
+    """The most bytes of voxel data the file (and its detached data file) can decode to, and why; None when
+    the encoding gives no bound (bzip2, lists / patterns of data files)."""
+    fields = _text_header(path)
+    if image_suffix(path) in (".mha", ".mhd"):
+        data_file = fields.get("elementdatafile", "LOCAL")
+        ratio = GZIP_MAX_RATIO if fields.get("compresseddata", "false").lower() == "true" else 1
+        encoding = "zlib" if ratio > 1 else "raw"
+    else:
+        data_file = fields.get("data file", fields.get("datafile", "LOCAL"))
+        encoding = fields.get("encoding", "raw").lower()
+        ratio = {"raw": 1, "gzip": GZIP_MAX_RATIO, "gz": GZIP_MAX_RATIO, "hex": 0.5}.get(encoding)
+        if encoding in ("ascii", "text", "txt"):
+            ratio = 8  # every value takes at least one character and decodes to at most 8 bytes
+    if ratio is None:
+        return None, encoding
+    if data_file.upper() == "LOCAL":
+        files = [path]
+    elif data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file:
+        return None, "several data files"
+    else:
+        files = [path.parent / data_file]
+        if not files[0].is_file():
+            raise DataError(path, f"its data file {data_file} is missing")
+    size = sum(f.stat().st_size for f in files)
+    where = "" if files == [path] else f" in {files[0].name}"
+    return size * ratio, f"{size:,} {encoding} bytes{where}" + (f" x {ratio}" if ratio != 1 else "")
 
 
 def _dicom_series_files(folder: Path) -> list[str] | None:

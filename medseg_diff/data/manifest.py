@@ -3,6 +3,10 @@
 Schema (version 1) is documented in ``data_manifests/README.md``. Paths in a manifest are relative
 to its ``root`` and may not escape it. ``root`` is stored relative to the manifest file when the
 manifest sits on the same file system tree, so a data folder and its manifest can move together.
+
+A manifest is unambiguous: case ids are unique (also ignoring letter case) and usable as file names
+(``CASE_ID_PATTERN``, the rule of the prediction/export writers); one case's files come from one folder;
+files and folders that are symlinks leaving the root are refused unless built with ``follow_symlinks``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -21,6 +26,18 @@ from medseg_diff.errors import ManifestError
 
 SCHEMA_VERSION = 1
 _CHUNK = 1 << 20
+#: Case ids the writers can use as file / folder names (``export.types.check_name`` applies the same rule):
+#: ASCII letters, digits, ``. _ + -``, starting with a letter or digit, and no "..".
+CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+IMAGE_LAYOUTS = ("separate", "4d")
+
+
+def case_id_problem(case_id: object) -> str | None:
+    """Why ``case_id`` cannot name a case (its prediction folder and files), or None when it can."""
+    if not isinstance(case_id, str) or not CASE_ID_PATTERN.match(case_id) or ".." in case_id:
+        return (f"case id {case_id!r} cannot be used as a file name (ASCII letters, digits, . _ + - only, starting "
+                "with a letter or digit; no spaces, accents or path separators)")
+    return None
 
 
 @dataclass
@@ -47,10 +64,20 @@ class Manifest:
     seed: int = 0
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     source: Path | None = None  # the JSON file this manifest was loaded from
+    follow_symlinks: bool = False  # built with symlinks leaving the root allowed (check accepts them then)
 
     def path_of(self, relative: str) -> Path:
         """Absolute path of a root-relative manifest path (already checked not to escape the root)."""
         return self.root / relative
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        """The ``images`` keys every case needs: ``("4d",)`` for MSD, else the modalities in channel order."""
+        return ("4d",) if self.image_layout == "4d" else tuple(self.modalities)
+
+    def missing_images(self, case: ManifestCase) -> list[str]:
+        """The keys of ``image_keys`` that ``case.images`` lacks (``predict``/``train`` need every one)."""
+        return [k for k in self.image_keys if k not in case.images]
 
     def split(self, fold: int = 0) -> tuple[list[ManifestCase], list[ManifestCase], list[ManifestCase]]:
         """``(train, val, test)`` for cross-validation ``fold``: val = that fold, train = the other folds."""
@@ -111,17 +138,23 @@ def build_manifest(
     folds: int = 5,
     test_fraction: float = 0.0,
     seed: int = 0,
+    follow_symlinks: bool = False,
 ) -> Manifest:
     """Discover the cases under ``root``, checksum every file and assign splits.
 
     Labelled cases are shuffled with ``seed``; ``test_fraction`` of them are held out as "test", the
     rest are dealt round-robin into ``folds`` folds (``folds`` < 2: no folds). Cases without a label
     are "unlabelled" (prediction only).
+
+    Refused (``DataError``/``ManifestError`` naming the folder): a case id in two folders, a case id that
+    cannot be a file name (``case_id_problem``), ids equal but for letter case, a case missing a modality,
+    and symlinks resolving outside ``root`` unless ``follow_symlinks`` (recorded in the manifest).
     """
     root = Path(root).resolve()
-    conv, found = discover(root, convention)
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    conv, found = discover(root, convention, follow_symlinks=follow_symlinks)
+    _check_ids([(c.case_id, c.folder or root) for c in found], None)
     cases = [_manifest_case(c, root) for c in found]
     _assign_splits(cases, folds, test_fraction, seed)
     return Manifest(
@@ -132,14 +165,31 @@ def build_manifest(
         image_layout="4d" if conv.name == "msd" else "separate",
         folds=folds if folds >= 2 else 0,
         seed=seed,
+        follow_symlinks=follow_symlinks,
     )
+
+
+def _check_ids(ids: list[tuple[str, Path | str | None]], source: Path | None) -> None:
+    """Refuse unusable, duplicate and case-insensitively equal case ids; ``ids``: (id, where it comes from)."""
+    seen: dict[str, tuple[str, Path | str | None]] = {}
+    for case_id, where in ids:
+        problem = case_id_problem(case_id)
+        if problem:
+            raise ManifestError(where, problem)
+        key = case_id.lower()
+        if key in seen:
+            other, other_where = seen[key]
+            what = "duplicate case id" if other == case_id else f"case ids {other!r} and {case_id!r} differ only in " \
+                                                                 "letter case (one folder on macOS/Windows)"
+            raise ManifestError(source or where, f"{what}{'' if source else f' (also {other_where})'}", case=case_id)
+        seen[key] = (case_id, where)
 
 
 def _manifest_case(case: CaseFiles, root: Path) -> ManifestCase:
     if case.missing:
         present = ", ".join(case.images) or "none"
         raise ManifestError(
-            next(iter(case.images.values()), root).parent,
+            case.folder or root,
             f"missing modality {', '.join(case.missing)} (found: {present})",
             case=case.case_id,
         )
@@ -182,6 +232,7 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
         "root": root,
         "created": manifest.created,
         "splits": {"folds": manifest.folds, "seed": manifest.seed},
+        "follow_symlinks": manifest.follow_symlinks,
         "cases": [asdict(c) for c in manifest.cases],
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -218,14 +269,18 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
             seed=int(splits.get("seed", 0)),
             created=str(doc.get("created", "")),
             source=path,
+            follow_symlinks=bool(doc.get("follow_symlinks", False)),
         )
     except ManifestError:
         raise
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ManifestError(path, f"malformed manifest ({type(err).__name__}: {err})") from err
-    ids = [c.id for c in manifest.cases]
-    if len(set(ids)) != len(ids):
-        raise ManifestError(path, "duplicate case ids")
+    if manifest.image_layout not in IMAGE_LAYOUTS:
+        raise ManifestError(path, f"image_layout {manifest.image_layout!r} is not one of {', '.join(IMAGE_LAYOUTS)}")
+    if manifest.modalities != MODALITIES:
+        raise ManifestError(path, f"modalities must be {list(MODALITIES)} (the channel order of every image "
+                                  f"tensor), got {list(manifest.modalities)}")
+    _check_ids([(c.id, path) for c in manifest.cases], path)
     return manifest
 
 
