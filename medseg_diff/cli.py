@@ -1,6 +1,7 @@
 """``medseg-diff`` console script. Each subcommand parses its arguments and calls one API function;
-``pipelines/*.py`` call the same functions. Errors of type ``MedsegError`` print one clear line
-(file/key and problem) and exit with status 2, without a traceback.
+``pipelines/*.py`` call the same functions. Every expected failure is one line on stderr naming the file, case or
+key: bad input (``MedsegError``) exits with status 2, a runtime fault (``OSError``: full disk, permission, read-only,
+unreachable server) with 1; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def add_manifest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="accept symlinks that resolve outside the data folder (refused by default)")
 
 
 @command("manifest", "build a manifest (paths, SHA-256, convention, splits) of a data set folder")(add_manifest_args)
@@ -75,7 +78,7 @@ def run_manifest(args: argparse.Namespace) -> int:
     from medseg_diff.data.manifest import build_manifest, write_manifest
 
     manifest = build_manifest(args.root, name=args.name, convention=args.convention, folds=args.folds,
-                              test_fraction=args.test_fraction, seed=args.seed)
+                              test_fraction=args.test_fraction, seed=args.seed, follow_symlinks=args.follow_symlinks)
     path = write_manifest(manifest, args.out)
     subsets = {s: sum(c.subset == s for c in manifest.cases) for s in ("train", "test", "unlabelled")}
     print(f"{manifest.name}: {len(manifest.cases)} cases, convention {manifest.convention}, "
@@ -123,6 +126,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start over even if output_dir/last.pt exists")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="skip the pre-flight check of the training data (files, grids, values, labels, checksums)")
+    p.add_argument("--no-checksums", action="store_true", help="do not verify the files' SHA-256 against the manifest")
 
 
 @command("train", "train the diffusion model or the baseline (resumes from output_dir/last.pt; torchrun-ready)")(
@@ -132,7 +138,8 @@ def run_train(args: argparse.Namespace) -> int:
     from medseg_diff.training.run import train
 
     cfg = load_config(args.config, args.overrides)  # validated before any work starts
-    state = train(cfg, resume=not args.no_resume)
+    state = train(cfg, resume=not args.no_resume, check_data=not args.skip_data_check,
+                  verify_checksums=not args.no_checksums)
     best = f"{state.best_metric:.4f} (epoch {state.best_epoch})" if state.best_epoch > 0 else "n/a"
     print(f"finished {state.epoch} epochs; best val Dice {best}; checkpoints in {cfg.experiment.output_dir}; "
           f"MLflow run {state.run_id}")
@@ -232,6 +239,10 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--continue-on-error", action="store_true", help="skip and report bad cases")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace case folders that hold another model's or run's prediction (whole folders)")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="with a manifest input: do not verify the files' SHA-256 against it")
 
 
 @command("predict", "segment cases: BraTS labels, probabilities, uncertainty and attention on the input grid")(
@@ -242,7 +253,8 @@ def run_predict(args: argparse.Namespace) -> int:
     report = predict_cases(args.checkpoint, args.input, args.out, subset=args.subset, root=args.root,
                            convention=args.convention, prior_dir=args.prior_dir, device=args.device,
                            sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed, overlap=args.overlap,
-                           continue_on_error=args.continue_on_error, tracking_uri=args.tracking_uri)
+                           continue_on_error=args.continue_on_error, tracking_uri=args.tracking_uri,
+                           overwrite=args.overwrite, verify_checksums=not args.no_checksums)
     print(report.summary())
     return 1 if report.failed else 0
 
@@ -274,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="medseg-diff", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"medseg-diff {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in _COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
     return parser
 
 
@@ -287,14 +301,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()  # progress and per-case lines on stderr; results on stdout
     _, _, run = _COMMANDS[args.command]
+    prefix = f"medseg-diff {args.command}"
     try:
         return int(run(args) or 0)
-    except MedsegError as err:
-        print(f"medseg-diff {args.command}: error: {err}", file=sys.stderr)
+    except MedsegError as err:  # bad input: data, config, manifest, checkpoint
+        if args.debug:
+            raise
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"medseg-diff {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a runtime fault: full disk, permission, read-only file system, unreachable server
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"{prefix}: error: {where}{err.strerror or err} (nothing half-written was kept; "
+              "--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except Exception as err:  # anything unexpected: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"{prefix}: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,13 +1,24 @@
 """Prediction of many cases into prediction folders; a bad case is skipped and reported
-(``continue_on_error``) instead of ending the run halfway."""
+(``continue_on_error``) instead of ending the run halfway.
+
+Outputs are never half-done or mixed: each case is written into a hidden staging folder and moved into place whole;
+a case folder that holds another model's or another run's prediction (or files that are not a prediction) is
+refused unless ``overwrite``, which replaces the folder whole (no stale maps stay behind); staging left by a killed
+run is removed by the next one.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medseg_diff.data.check import ensure_checksums
 from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record, files_record
 from medseg_diff.data.discovery import discover
@@ -15,7 +26,8 @@ from medseg_diff.data.manifest import load_manifest
 from medseg_diff.errors import DataError, MedsegError
 from medseg_diff.inference.case import predict_case
 from medseg_diff.inference.loading import LoadedModel, load_model
-from medseg_diff.inference.prediction_folder import prior_file, write_prediction
+from medseg_diff.export.types import check_name
+from medseg_diff.inference.prediction_folder import META, prior_file, write_prediction
 from medseg_diff.runtime import pin_reproducibility, resolve_device
 
 log = logging.getLogger(__name__)
@@ -56,7 +68,8 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
                   device: str = "auto", sample_steps: int | None = None, ensemble: int | None = None,
                   seed: int | None = None, continue_on_error: bool = False, overlap: float | None = None,
                   case_ids: Sequence[str] | None = None, tracking_uri: str | None = None,
-                  model: LoadedModel | None = None, name: str | None = None) -> RunReport:
+                  model: LoadedModel | None = None, name: str | None = None, overwrite: bool = False,
+                  verify_checksums: bool = True) -> RunReport:
     """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``inference.prediction_folder``).
     ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``)."""
     pin_reproducibility()
@@ -67,17 +80,36 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
     conv, records = input_records(source, subset, root, convention)
     if case_ids is not None:  # only these, in this order
         by_id = {r["case_id"]: r for r in records}
+        unknown = [c for c in case_ids if c not in by_id]
+        if unknown:
+            raise DataError(source, f"no such case(s): {', '.join(unknown)}")
         records = [by_id[c] for c in case_ids]
+    manifest = load_manifest(source, root=root) if Path(source).suffix == ".json" and verify_checksums else None
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "the output folder is a file")
+    remove_stale_staging(out_dir)
     report = RunReport()
     for record in records:
         case = record["case_id"]
         try:
             if "missing" in record:
                 raise DataError(record["folder"], f"missing modality {', '.join(record['missing'])}", case=case)
+            check_name(case, "case id", case)  # before any inference time is spent on it
+            if manifest is not None:  # the bytes the manifest (and its hash) describe
+                ensure_checksums(manifest, [c for c in manifest.cases if c.id == case])
+            folder = out_dir / case
+            claim_case_folder(folder, model, record, overwrite)
             if prior_dir is not None:
                 record = record | {"prior": str(prior_file(Path(prior_dir), case))}
             pred = predict_case(model, record, conv, dev)
-            report.written.append(write_prediction(pred, Path(out_dir) / case, name or model.kind, model, conv, record))
+            staging = out_dir / f".{case}.partial-{secrets.token_hex(4)}"
+            try:
+                write_prediction(pred, staging, name or model.kind, model, conv, record)
+                install_folder(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            report.written.append(folder)
             log.info("ok   %s  (%.1f s)", case, pred.seconds)
         except MedsegError as err:
             if not continue_on_error:
@@ -90,3 +122,62 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
 def _check_prior_use(model: LoadedModel, prior_dir: str | Path | None) -> None:
     """``--prior-dir`` is required by, and only by, a model trained with ``prior_source=external``."""
     model.adapter.check_prior(prior_dir is not None, prior_dir if prior_dir is not None else model.checkpoint)
+
+
+def remove_stale_staging(out_dir: Path) -> None:
+    """Remove what a killed run left: hidden ``.CASE.partial-*`` / ``.CASE.old-*`` folders in ``out_dir`` and hidden
+    ``.*.partial`` / ``.*.tmp`` files in its case folders. Nothing else is touched."""
+    if not out_dir.is_dir():
+        return
+    for path in out_dir.iterdir():
+        if path.name.startswith(".") and (".partial-" in path.name or ".old-" in path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s (left by an interrupted run)", path)
+        elif path.is_dir() and not path.name.startswith("."):
+            for leftover in [*path.glob(".*.partial"), *path.glob(".*.tmp")]:
+                leftover.unlink(missing_ok=True)
+                log.info("removed %s (left by an interrupted run)", leftover)
+
+
+def claim_case_folder(folder: Path, model: LoadedModel, record: dict, overwrite: bool) -> None:
+    """Refuse to write into ``folder`` when it holds the case's input files, or (unless ``overwrite``) another
+    model's or another run's prediction, or files that are not a prediction."""
+    resolved = folder.resolve()
+    inputs = [record["image"]] if isinstance(record.get("image"), str) else list(record.get("image", []))
+    for key in ("label", "prior"):
+        if record.get(key):
+            inputs.append(record[key])
+    for path in inputs:
+        if resolved in Path(path).resolve().parents or Path(path).resolve() == resolved:
+            raise DataError(folder, "the output folder holds this case's input files; choose another --out",
+                            case=record.get("case_id"))
+    if not folder.exists() or overwrite:
+        if folder.exists() and not folder.is_dir():
+            raise DataError(folder, "is a file, not a case folder", case=record.get("case_id"))
+        return
+    if not folder.is_dir():
+        raise DataError(folder, "is a file, not a case folder", case=record.get("case_id"))
+    if not any(folder.iterdir()):
+        return
+    meta_path = folder / META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise DataError(folder, "already holds files that are not a medseg-diff prediction; pass --overwrite to "
+                                "replace the folder, or choose another --out", case=record.get("case_id")) from None
+    same = meta.get("checkpoint") == str(model.checkpoint) and meta.get("run_id") == model.run_id
+    if not same:
+        raise DataError(folder, f"already holds a prediction of another model or run ({meta.get('checkpoint')}, "
+                                f"run {meta.get('run_id')}); pass --overwrite to replace it, or choose another --out",
+                        case=record.get("case_id"))
+
+
+def install_folder(staging: Path, folder: Path) -> None:
+    """Move the complete ``staging`` folder to ``folder``, replacing an existing one whole."""
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{secrets.token_hex(4)}"
+        os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, folder)

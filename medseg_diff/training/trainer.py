@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from medseg_diff.config import Config
 from medseg_diff.data.conventions import REGIONS
+from medseg_diff.data.dataset import CASE_ID
 from medseg_diff.data.transforms import IMAGE, LABEL
 from medseg_diff.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, upgrade_config
 from medseg_diff.errors import TrainingError
@@ -145,10 +146,10 @@ class Trainer:
         """Train to ``train.epochs``, resuming from ``output_dir/last.pt`` when it exists and ``resume``."""
         if resume and (self.out_dir / LAST).exists():
             self.load(self.out_dir / LAST)
-        for hook in self.hooks:
-            hook.on_start(self)
         status = "FAILED"
         try:
+            for hook in self.hooks:  # inside: a hook that fails to start still gets on_end (the run is closed)
+                hook.on_start(self)
             for epoch in range(self.state.epoch, self.cfg.train.epochs):
                 metrics = self._train_epoch(epoch)
                 if self._should_validate(epoch):
@@ -216,8 +217,11 @@ class Trainer:
         if not math.isfinite(loss_value):
             last = self.out_dir / LAST
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            cases = sorted(set(batch.get(CASE_ID, []))) if isinstance(batch.get(CASE_ID), (list, tuple)) else []
+            named = f" on a batch of case(s) {', '.join(cases)}" if cases else ""
             raise TrainingError(
-                f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {index + 1}; training stopped, {kept}")
+                f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {index + 1}{named}; check those cases "
+                f"(medseg-diff check MANIFEST); training stopped, {kept}")
         # 3. backward, clip, step, schedule, EMA
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()

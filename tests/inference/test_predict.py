@@ -169,8 +169,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_continue_on_error_skips_and_names_each_bad_case(models, bad_folder, tmp_path, capsys):
     data, bad = bad_folder
     out = tmp_path / "out"
-    (out / "B_truncated").mkdir(parents=True)  # files from an earlier run are kept
-    (out / "B_truncated" / "B_truncated_seg.nii.gz").write_bytes(b"from an earlier run")
+    (out / "Z_other").mkdir(parents=True)  # files from an earlier run are kept
+    (out / "Z_other" / "Z_other_seg.nii.gz").write_bytes(b"from an earlier run")
     (out / "notes.txt").write_text("a radiologist's notes")
     before = _files(out)
     rc = main(["predict", "--checkpoint", str(models["diffusion"]), "--input", str(data), "--out", str(out),
@@ -186,7 +186,7 @@ def test_continue_on_error_skips_and_names_each_bad_case(models, bad_folder, tmp
         assert line is not None, f"{case} not reported:\n{stdout}"
         assert str(path) in line and re.search(problem, line), line
     assert f"1 case(s) written, {len(bad)} failed" in stdout
-    assert {p.name for p in out.iterdir()} == {"A_good", "B_truncated", "notes.txt"}
+    assert {p.name for p in out.iterdir()} == {"A_good", "Z_other", "notes.txt"}  # no staging folder left
     assert {k: v for k, v in _files(out).items() if not k.startswith("A_good/")} == before
 
 
@@ -221,19 +221,53 @@ def test_a_failed_case_leaves_its_earlier_outputs_untouched(models, tmp_path):
     assert _files(out) == before  # same names (no temporaries left) and same bytes
 
 
-def test_predicting_again_with_another_model_exports_only_that_models_maps(models, tmp_path):
-    """The U-Net predicted into a folder that holds a diffusion prediction: the diffusion model's attention
-    maps stay on disk (nothing is deleted) but are not exported as the U-Net's."""
+def test_another_models_prediction_is_refused_unless_overwrite_which_replaces_the_folder_whole(models, tmp_path):
+    """The U-Net predicting into a folder that holds a diffusion prediction is refused, naming the folder; with
+    --overwrite the case folder is replaced whole, so the diffusion model's attention maps do not stay behind."""
     from medseg_diff.inference.prediction_folder import read_prediction
 
     write_case(tmp_path / "data", "R1", seed=12)
     out = tmp_path / "out"
     predict_cases(models["diffusion"], tmp_path / "data", out, device="cpu", sample_steps=1, ensemble=1)
     assert read_prediction(out / "R1")[0].attention.keys() == {"self", "cross"}
-    predict_cases(models["unet"], tmp_path / "data", out, device="cpu")
+    before = _files(out)
+    with pytest.raises(DataError, match=r"R1: already holds a prediction of another model or run .*--overwrite"):
+        predict_cases(models["unet"], tmp_path / "data", out, device="cpu")
+    assert _files(out) == before  # refused before anything was written
+    # the same model again is no conflict (a rerun after an interruption)
+    predict_cases(models["diffusion"], tmp_path / "data", out, device="cpu", sample_steps=1, ensemble=1)
+    predict_cases(models["unet"], tmp_path / "data", out, device="cpu", overwrite=True)
     overlay, meta = read_prediction(out / "R1")
-    assert meta["model_kind"] == "unet" and overlay.model_name == "unet"
-    assert overlay.attention == {} and (out / "R1" / "R1_attention_self.nii.gz").exists()
+    assert meta["model_kind"] == "unet" and overlay.attention == {}
+    assert not list((out / "R1").glob("*attention*")) and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_folder_of_foreign_files_and_the_input_folder_are_refused(models, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_case(data, "F1", seed=13)
+    out = tmp_path / "out"
+    (out / "F1").mkdir(parents=True)
+    (out / "F1" / "notes.txt").write_text("not ours")
+    with pytest.raises(DataError, match=r"F1: already holds files that are not a medseg-diff prediction"):
+        predict_cases(models["unet"], data, out, device="cpu")
+    assert (out / "F1" / "notes.txt").read_text() == "not ours"
+    with pytest.raises(DataError, match="holds this case's input files"):  # --out = the data folder itself
+        predict_cases(models["unet"], data, data, device="cpu", overwrite=True)
+    assert sorted(p.name for p in (data / "F1").iterdir()) == sorted(
+        f"F1_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg"))
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next_one(models, tmp_path):
+    write_case(tmp_path / "data", "K1", seed=14)
+    out = tmp_path / "out"
+    (out / ".K1.partial-deadbeef").mkdir(parents=True)  # a case folder being staged when the run was killed
+    (out / ".K1.partial-deadbeef" / "K1_seg.nii.gz").write_bytes(b"half")
+    (out / "K0").mkdir()
+    (out / "K0" / ".K0_seg.nii.gz.1234.partial").write_bytes(b"half")  # a file being staged
+    (out / "K0" / "keep.txt").write_text("kept")
+    predict_cases(models["unet"], tmp_path / "data", out, device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["K0", "K1"]
+    assert sorted(p.name for p in (out / "K0").iterdir()) == ["keep.txt"]
 
 
 # --- external mask priors -----------------------------------------------------------------------------

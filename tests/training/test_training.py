@@ -63,9 +63,66 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(phantoms, tmp_path):
     train(tiny_config(phantoms, out, "unet", train={"epochs": 1}))
     before = (out / "last.pt").read_bytes()
     cfg = tiny_config(phantoms, out, "unet", train={"epochs": 2}, loss={"bce": math.inf})
-    with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 2.*last good checkpoint is .*last\.pt"):
+    with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 2, step 1 on a batch of case\(s\) "
+                                             r"BraTS2021_Synth_\d+.*last good checkpoint is .*last\.pt"):
         train(cfg)
     assert (out / "last.pt").read_bytes() == before
+
+
+@pytest.fixture
+def nan_phantoms(phantoms, tmp_path):
+    """A copy of the phantoms whose first training case has NaN voxels in its T2 (manifest rebuilt, so the
+    checksums match: only the values are bad)."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest
+
+    root = tmp_path / "data"
+    shutil.copytree(phantoms.parent, root)
+    case = next(c for c in load_manifest(phantoms).cases if c.subset == "train")
+    t2 = root / case.images["t2"]
+    img = nib.load(str(t2))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    x, y, z = (s // 2 for s in data.shape)
+    data[x - 2:x + 2, y - 2:y + 2, z - 2:z + 2] = np.nan  # inside the head, so preprocessing keeps it
+    nib.save(nib.Nifti1Image(data, img.affine), str(t2))  # float32 (the phantom's header stores integers)
+    manifest = write_manifest(build_manifest(root, name="tiny-phantoms", folds=2, test_fraction=0.34, seed=0),
+                              root / "manifest.json")
+    return manifest, case.id, t2
+
+
+def test_the_pre_flight_check_names_the_bad_case_and_file_before_any_work(nan_phantoms, tmp_path, caplog):
+    from medseg_diff.errors import DataError
+
+    manifest, case, t2 = nan_phantoms
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=rf"1 problem\(s\) in 1 training/validation case\(s\) \({case}"):
+        train(tiny_config(manifest, out, "unet", train={"epochs": 1}))
+    assert any(case in r.getMessage() and str(t2) in r.getMessage() and "NaN" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not (out / "last.pt").exists() and not (out / ".data_check").exists()
+
+
+def test_a_passed_check_is_remembered_and_a_changed_file_is_checked_again(phantoms, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="medseg_diff")
+    out = tmp_path / "run"
+    train(tiny_config(phantoms, out, "unet", train={"epochs": 1}))
+    assert len(list((out / ".data_check").glob("*.ok"))) == 1
+    caplog.clear()
+    train(tiny_config(phantoms, out, "unet", train={"epochs": 2}))  # resumes; the check is not repeated
+    assert any("passed before" in r.getMessage() for r in caplog.records)
+
+
+def test_with_the_check_skipped_a_nan_case_stops_training_naming_the_batch_cases(nan_phantoms, tmp_path):
+    manifest, case, _ = nan_phantoms
+    cfg = tiny_config(manifest, tmp_path / "run", "unet", train={"epochs": 3}, data={"max_val_cases": 0})
+    with pytest.raises(TrainingError, match=r"non-finite loss .* on a batch of case\(s\) .*BraTS2021_Synth_"):
+        train(cfg, check_data=False)
 
 
 def test_roi_not_multiple_of_stride_is_rejected_before_work(phantoms, tmp_path):
