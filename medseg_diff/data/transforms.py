@@ -6,6 +6,11 @@ every key (MONAI dictionary transforms do this), so image, label and prior stay 
 
 Inference pipelines are invertible: ``invert_prediction`` puts a prediction made on the transformed
 grid back on the input file's exact grid (shape and affine), RAS and LPS inputs alike.
+
+Air outside the head: ``SuppressBackgroundd`` (right after loading, on the file's grid, in the training and
+the evaluation pipeline alike) removes a constant background offset per modality and zeroes noisy air, so
+that the foreground crop is the head's box and normalisation statistics come from the head only; see
+``head_mask`` for the exact definition. It changes intensities only, so it needs no inverse.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -32,10 +38,34 @@ from monai.transforms import (
     Spacingd,
 )
 
+from medseg_diff.data.check import background_offset
 from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention
 from medseg_diff.data.io import MedsegReader
 
 IMAGE, LABEL, PRIOR, PRED = "image", "label", "prior", "pred"
+#: Key under which ``eval_transforms(head_mask_key=HEAD)`` keeps the head mask on the input file's grid.
+HEAD = "head"
+
+#: Relative tolerance of a constant background (of the volume's max - min); passed to ``background_offset``,
+#: and voxels within it of the offset become exactly 0 when the offset is removed.
+OFFSET_REL_TOL = 1e-4
+#: Noisy air: threshold = this many times the air level, the 25th percentile of the (offset-free) border
+#: shell (robust to head touching up to 3/4 of the border). For Rician (Rayleigh) air noise of scale σ that
+#: percentile is 0.76σ, so the threshold is 9.1σ: not one of the ~10⁷ air voxels of a 240x240x155 volume
+#: exceeds it by chance.
+HEAD_NOISE_FACTOR = 12.0
+#: ... kept within these fractions of the head's 99th percentile (of the channel's voxels above 4.5 × the air
+#: level, i.e. without the air): the upper bound for a head that fills most of the border (whose 25th
+#: percentile is then tissue, not air).
+HEAD_MIN_FRACTION = 0.01
+HEAD_MAX_FRACTION = 0.25
+#: A channel that is exactly 0 (or below) in at least this fraction of its voxels has a clean background even
+#: when the head touches most of the border: a skull-stripped brain leaves ~40% of even its own bounding box
+#: at 0, whereas noisy air is almost never exactly 0.
+HEAD_CLEAN_ZEROS = 0.2
+#: With a threshold > 0, pieces of the mask smaller than this fraction of its largest piece are air
+#: (isolated noise voxels above the threshold), not head.
+HEAD_MIN_PIECE = 1e-3
 
 
 class ReorderMSDChannelsd(MapTransform):
@@ -86,6 +116,128 @@ class LabelsToRegionsd(MapTransform):
         return d
 
 
+def remove_background_offset(channel: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """``(channel without its constant background, offset)``; ``(channel, None)`` unchanged when
+    ``background_offset`` finds none (BraTS: the background is exactly 0).
+
+    ``value - offset`` where that is above ``OFFSET_REL_TOL`` × (max - min of the channel), else exactly 0 (so a
+    near-constant background and everything below it become 0). NaN/Inf stay as they are (reported later).
+    """
+    channel = np.asarray(channel)
+    offset = background_offset(channel, rel_tol=OFFSET_REL_TOL)
+    if offset is None:
+        return channel, None
+    finite = np.isfinite(channel)
+    values = channel[finite] if not finite.all() else channel
+    tol = OFFSET_REL_TOL * (float(values.max()) - float(values.min()))
+    shifted = channel.astype(np.float32, copy=True) - np.float32(offset)
+    shifted[shifted <= tol] = 0.0  # NaN compares False: kept
+    return shifted, offset
+
+
+def _border_values(volume: np.ndarray) -> np.ndarray:
+    """The voxels of the border shell (as ``background_offset``: 2% of the smallest side thick, at least 1)."""
+    w = max(1, int(round(0.02 * min(volume.shape))))
+    w = max(1, min(w, min(volume.shape) // 2))
+    faces = [volume[:w], volume[-w:], volume[w:-w, :w], volume[w:-w, -w:], volume[w:-w, w:-w, :w],
+             volume[w:-w, w:-w, -w:]]
+    values = np.concatenate([f.ravel() for f in faces])
+    return values[np.isfinite(values)]
+
+
+def head_threshold(channel: np.ndarray) -> float:
+    """Intensity above which a voxel of an offset-free ``channel`` is head rather than air.
+
+    0 when the background is clean, i.e. the air level (25th percentile of the border shell) is 0 -- at least a
+    quarter of the border is exactly 0 -- or at least ``HEAD_CLEAN_ZEROS`` of the channel is <= 0 (skull-stripped
+    BraTS, tightly cropped or not, or a removed constant offset); then the head is exactly ``channel > 0``, as
+    before. Otherwise (noisy air, a bias field in the air) ``HEAD_NOISE_FACTOR``
+    × the air level, kept within [``HEAD_MIN_FRACTION``, ``HEAD_MAX_FRACTION``] × the 99th percentile of the
+    channel's voxels above 4.5 × the air level.
+    """
+    channel = np.asarray(channel)
+    border = _border_values(channel)
+    air = float(np.percentile(border, 25)) if border.size else 0.0
+    if not air > 0 or np.count_nonzero(channel <= 0) >= HEAD_CLEAN_ZEROS * channel.size:
+        return 0.0
+    above = channel[channel > 4.5 * air]
+    if above.size == 0:
+        above = channel[channel > 0]
+    p99 = float(np.percentile(above, 99))
+    return float(np.clip(HEAD_NOISE_FACTOR * air, HEAD_MIN_FRACTION * p99, HEAD_MAX_FRACTION * p99))
+
+
+def head_mask(channels: np.ndarray, thresholds: Sequence[float] | None = None,
+              fill: bool = True) -> np.ndarray:
+    """``[X, Y, Z]`` bool: the head of offset-free ``channels [C, X, Y, Z]`` (``remove_background_offset``).
+
+    A voxel is head when **any** channel exceeds its ``head_threshold`` (``thresholds``, computed when not
+    given): ``> 0`` for a clean background, so for skull-stripped BraTS this is exactly "any modality > 0"
+    (plus filled cavities). When some threshold is > 0 (noisy air), pieces smaller than ``HEAD_MIN_PIECE`` of
+    the largest (26-connected) are dropped as noise. Cavities the head encloses are filled (``fill``): a dark
+    ventricle or resection cavity is not air.
+    """
+    if thresholds is None:
+        thresholds = [head_threshold(c) for c in channels]
+    mask = np.zeros(channels.shape[1:], dtype=bool)
+    for c, t in zip(channels, thresholds):
+        mask |= c > t
+    if any(t > 0 for t in thresholds) and mask.any():
+        pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        if n > 1:
+            sizes = np.bincount(pieces.ravel())
+            sizes[0] = 0
+            keep = sizes >= HEAD_MIN_PIECE * sizes.max()
+            keep[0] = False
+            mask = keep[pieces]
+    if fill and mask.any():
+        mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+class SuppressBackgroundd(MapTransform):
+    """Air outside the head becomes background (0), per image key ``[C, X, Y, Z]``:
+
+    1. per channel, a constant background offset is removed (``remove_background_offset``);
+    2. channels whose air is not clean (``head_threshold`` > 0: noise, a bias field) are set to 0 outside
+       ``head_mask``; clean channels (BraTS) are left exactly as they are.
+
+    Afterwards "any channel > 0" — what ``CropForegroundd`` crops to and ``NormalizeIntensityd(nonzero=True)``
+    takes its statistics from — is the head (without its filled cavities), never the whole frame. A case with
+    neither offset nor noisy air passes through untouched. Intensities only: not invertible and needing no
+    inverse (``invert_prediction`` undoes the geometric steps). With ``mask_key``, the ``head_mask`` (on this
+    grid, i.e. the input file's when the transform runs before any geometric step) is kept under that key.
+    """
+
+    def __init__(self, keys=(IMAGE,), mask_key: str | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            removed = [remove_background_offset(c) for c in arr]
+            channels = [c for c, _ in removed]
+            thresholds = [head_threshold(c) for c in channels]
+            noisy = [c for c, t in enumerate(thresholds) if t > 0]
+            changed = bool(noisy) or any(offset is not None for _, offset in removed)
+            mask = None
+            if noisy or self.mask_key is not None:
+                mask = head_mask(np.stack(channels), thresholds)
+            if changed:
+                dtype = arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float32
+                stacked = np.stack(channels).astype(dtype, copy=False)
+                for c in noisy:
+                    stacked[c][~mask & np.isfinite(stacked[c])] = 0  # NaN/Inf stay, to be reported
+                out = torch.as_tensor(stacked)
+                d[key] = _with_meta(out, x) if hasattr(x, "meta") else out
+            if self.mask_key is not None:
+                d[self.mask_key] = mask
+        return d
+
+
 def _is_segmentation_file(x) -> bool:
     """True when the MetaTensor was loaded from a BraTS-style segmentation file (``*_seg`` / ``*-seg``)."""
     name = str(getattr(x, "meta", {}).get("filename_or_obj", "")).lower()
@@ -127,11 +279,12 @@ def train_transforms(
     flip_prob: float = 0.5,
     intensity_prob: float = 1.0,
 ) -> Compose:
-    """Load → RAS → spacing → regions → foreground crop → normalise → pos/neg crops → flips → intensity."""
+    """Load → regions → air to 0 (``SuppressBackgroundd``) → RAS → spacing → foreground crop → normalise →
+    pos/neg crops → flips → intensity. Images are preprocessed exactly as by ``eval_transforms``."""
     keys = [IMAGE, LABEL]
     return Compose(
         load_transforms(keys, convention)
-        + [LabelsToRegionsd(keys=LABEL, convention=convention)]
+        + [LabelsToRegionsd(keys=LABEL, convention=convention), SuppressBackgroundd(keys=IMAGE)]
         + _geometry(keys, spacing, ("bilinear", "nearest"))
         + [
             CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True),
@@ -157,11 +310,13 @@ def eval_transforms(
     with_label: bool = True,
     with_prior: bool = False,
     crop_foreground: bool = True,
+    head_mask_key: str | None = None,
 ) -> Compose:
     """Deterministic, invertible pipeline for validation and inference on whole volumes.
 
-    Load → RAS → spacing → (regions) → foreground crop → normalise. The metadata that
-    ``invert_prediction`` needs travels on the image MetaTensor.
+    Load → (regions) → air to 0 (``SuppressBackgroundd``) → RAS → spacing → foreground crop → normalise.
+    The metadata that ``invert_prediction`` needs travels on the image MetaTensor. With ``head_mask_key``
+    (e.g. ``HEAD``), the ``head_mask`` on the input file's grid is kept under that key (bool ``[X, Y, Z]``).
     """
     keys = [IMAGE] + ([LABEL] if with_label else []) + ([PRIOR] if with_prior else [])
     modes = ["bilinear"] + (["nearest"] if with_label else []) + (["bilinear"] if with_prior else [])
@@ -169,6 +324,7 @@ def eval_transforms(
     steps = load_transforms(keys, convention)
     if region_keys:
         steps.append(LabelsToRegionsd(keys=region_keys, convention=convention, outline_keys=(PRIOR,)))
+    steps.append(SuppressBackgroundd(keys=IMAGE, mask_key=head_mask_key))
     steps += _geometry(keys, spacing, modes)
     if crop_foreground:
         steps.append(CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True))

@@ -95,11 +95,15 @@ class CaseOverlay:
 
     @cached_property
     def brain_mask(self) -> np.ndarray:
-        """``[X, Y, Z]`` bool: voxels where any modality is non-zero (skull-stripped BraTS: the brain)."""
-        mask = np.zeros(self.labels.shape, dtype=bool)
-        for image in self.images.values():
-            mask |= np.asarray(image) != 0
-        return mask if mask.any() else np.ones_like(mask)
+        """``[X, Y, Z]`` bool: the head, as preprocessing sees it (``data.transforms.head_mask`` of the modalities
+        without their constant background offset): for skull-stripped BraTS any modality non-zero, but a constant
+        background or noisy air does not make the whole frame "brain" for the montage and the attention scale."""
+        from medseg_diff.data.transforms import head_mask, remove_background_offset
+
+        channels = np.stack([remove_background_offset(np.asarray(image, dtype=np.float32))[0]
+                             for image in self.images.values()])
+        mask = head_mask(channels)
+        return mask if mask.any() else np.ones(self.labels.shape, dtype=bool)
 
     def normalised_attention(self, name: str) -> np.ndarray:
         """Attention map ``name`` scaled to [0, 1], float32 ``[X, Y, Z]``.

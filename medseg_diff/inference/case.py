@@ -3,7 +3,10 @@
 1. load the case through the invertible eval pipeline (RAS, spacing, foreground crop, normalise)
 2. sliding-window inference (``infer_volume``) on the transformed grid
 3. invert every map (probabilities, uncertainty, attention) back onto the input file's grid
-4. threshold the regions and write BraTS labels in the input's convention
+4. outside the head (``data.transforms.head_mask`` on the input's grid: where every modality is background,
+   i.e. 0 once a constant background offset is removed), probabilities, entropy and variance are set to 0:
+   the prediction there is "no tumour", with certainty. Attention maps are left as the network made them.
+5. threshold the regions and write BraTS labels in the input's convention
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from monai.data import MetaTensor
 
 from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention
 from medseg_diff.data.dataset import CASE_ID
-from medseg_diff.data.transforms import IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
+from medseg_diff.data.transforms import HEAD, IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
 from medseg_diff.inference.sliding_window import VolumePrediction, infer_volume
 from medseg_diff.inference.loading import LoadedModel
 from medseg_diff.errors import DataError
@@ -50,8 +53,10 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
     # a prior the model does not take would reach the network as 3 extra input channels
     model.adapter.check_prior(has_prior, record.get(PRIOR, model.checkpoint), case=case_id)
     # 1. load and transform (label kept only for metrics, on the original grid)
-    transform = eval_transforms(convention, cfg.data.spacing, with_label=False, with_prior=has_prior)
+    transform = eval_transforms(convention, cfg.data.spacing, with_label=False, with_prior=has_prior,
+                                head_mask_key=HEAD)
     check_grid(record, case_id)
+    truth = _read_truth(record, convention, case_id)  # before the inference: a bad label fails at once
     record_in = {k: v for k, v in record.items() if k != LABEL}
     try:
         data = transform(record_in)
@@ -61,6 +66,7 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
             raise DataError(root.path, root.problem, case=case_id) from err
         raise _unreadable_input(record, root, case_id) from err
     check_values(data, record, case_id)
+    head = data.pop(HEAD)  # [X, Y, Z] bool on the input's grid
     image = data[IMAGE].unsqueeze(0).to(device)
     prior = data[PRIOR].unsqueeze(0).to(device) if has_prior else None
     # 2. whole-volume inference on the transformed grid
@@ -74,10 +80,11 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
     original = invert_prediction(data, transform, nearest=False)[PRED].numpy()
     split = {name: original[i] for i, name in enumerate(names)}
     probs = np.stack([split.pop(f"prob_{r}") for r in range(3)]).clip(0.0, 1.0)
-    # 4. labels in the input's convention
+    # 4. nothing outside the head
+    suppress_outside_head(head, probs, split)
+    # 5. labels in the input's convention
     labels = convention.from_regions(probs > cfg.infer.threshold)
     reference = Path(_first_path(record))
-    truth = _read_truth(record)
     return CasePrediction(
         case_id=case_id, reference=reference, labels=labels, probs=probs.astype(np.float32),
         entropy=split.pop("entropy").astype(np.float32),
@@ -85,6 +92,21 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
         attention={k[len("attn_"):]: np.clip(v, 0, None).astype(np.float32) for k, v in split.items()},
         ground_truth=truth, spacing=_spacing(reference), seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb,
     )
+
+
+def suppress_outside_head(head: np.ndarray, probs: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+    """In place: ``probs [3, X, Y, Z]`` and the ``entropy`` / ``variance`` of ``maps`` become 0 where ``head``
+    ``[X, Y, Z]`` is False (every modality background). Attention maps are left alone."""
+    if head.shape != probs.shape[1:]:
+        raise RuntimeError(f"head mask {head.shape} and inverted prediction {probs.shape[1:]} differ in grid")
+    outside = ~head
+    if not outside.any():
+        return
+    for r in range(probs.shape[0]):
+        probs[r][outside] = 0.0
+    for name in ("entropy", "variance"):
+        if name in maps:
+            maps[name][outside] = 0.0
 
 
 def _stack_maps(pred: VolumePrediction) -> tuple[torch.Tensor, list[str]]:
@@ -120,6 +142,8 @@ def check_grid(record: dict, case_id: str) -> None:
     ref = read_image(images[0])
     for path in list(images[1:]) + others:
         img = read_image(path)
+        if path == record.get(LABEL) and len(img.shape) != 3:
+            raise DataError(path, f"a label map must be 3D, this one has shape {tuple(img.shape)}", case=case_id)
         problems = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, images[0])
         if problems:
             raise DataError(path, problems[0], case=case_id)
@@ -179,13 +203,22 @@ def _value_problem(path: str | Path, channel: int | None) -> str:
     return "is empty inside the head (no non-zero voxel left after preprocessing)"
 
 
-def _read_truth(record: dict) -> np.ndarray | None:
+def _read_truth(record: dict, convention: LabelConvention, case_id: str | None = None) -> np.ndarray | None:
+    """The case's label map (uint8), or None without one. Labels that are not integers (e.g. 1.5 from linear
+    resampling) or not of ``convention`` (e.g. 7) raise ``DataError`` naming the file: never rounded."""
     if LABEL not in record:
         return None
+    from medseg_diff.data.check import label_value_problems
     from medseg_diff.data.io import read_array
 
-    label, _ = read_array(record[LABEL])
-    return np.rint(label).astype(np.uint8)
+    try:
+        label, _ = read_array(record[LABEL], dtype=np.float64)  # float32 would round 1.0000001 to 1
+    except DataError as err:
+        raise DataError(err.path, err.problem, case=case_id) from err
+    problems = label_value_problems(label, convention)
+    if problems:
+        raise DataError(record[LABEL], "; ".join(problems), case=case_id)
+    return label.astype(np.uint8)
 
 
 def _spacing(path: Path) -> tuple[float, float, float]:
