@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from medseg_diff.errors import MedsegError
+from medseg_diff.errors import MedsegError, ServiceError
 
 # name -> (help, add_arguments, run)
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -304,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"medseg-diff {args.command}"
     try:
         return int(run(args) or 0)
-    except MedsegError as err:  # bad input: data, config, manifest, checkpoint
+    except MedsegError as err:  # bad input (data, config, manifest, checkpoint): 2; an outside service down: 1
         if args.debug:
             raise
         print(f"{prefix}: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, ServiceError) else 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130

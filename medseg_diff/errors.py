@@ -42,3 +42,7 @@ class ConfigError(MedsegError):
 
 class TrainingError(MedsegError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class ServiceError(MedsegError):
+    """An outside service (the MLflow tracking server) did not answer: a runtime fault, not bad input (status 1)."""

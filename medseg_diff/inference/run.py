@@ -111,11 +111,12 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
                 shutil.rmtree(staging, ignore_errors=True)
             report.written.append(folder)
             log.info("ok   %s  (%.1f s)", case, pred.seconds)
-        except MedsegError as err:
+        except (MedsegError, OSError) as err:  # bad input, or a fault writing this case (full disk): staged, not kept
             if not continue_on_error:
                 raise
-            report.failed[case] = str(err)
-            log.warning("FAIL %s: %s", case, err)
+            text = str(err) if isinstance(err, MedsegError) else f"{err.filename or out_dir}: {err.strerror or err}"
+            report.failed[case] = text
+            log.warning("FAIL %s: %s", case, text)
     return report
 
 

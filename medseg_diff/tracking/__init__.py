@@ -89,6 +89,7 @@ class MlflowTracker:
         db = _sqlite_file(uri)
         if db is not None and db.exists():
             relocate_store(db)
+        _check_server(uri)
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, experiment, uri)
         if run_id is not None:
@@ -275,6 +276,30 @@ def runs_table_url(base_url: str, experiment_id: str) -> str:
 
     experiment = urllib.parse.quote(str(experiment_id), safe="")
     return f"{base_url.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def _check_server(uri: str) -> None:
+    """An http(s) tracking server must answer within 5 s (MLflow itself would retry for minutes)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered (a proxy may refuse /health)
+    except ValueError:
+        pass  # a URI urllib cannot open (credentials in it): MLflow's own client will say
+    except OSError as err:
+        from medseg_diff.errors import ServiceError
+
+        parts = urllib.parse.urlsplit(uri)  # shown without any credentials
+        host = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        raise ServiceError(f"tracking.uri: the MLflow server {host} does not answer ({getattr(err, 'reason', err)}); "
+                           "start it, or use tracking.uri=sqlite:///mlflow.db, or tracking.enabled=false") from None
 
 
 def source_tags(commit: str | None = None) -> dict[str, str]:

@@ -252,7 +252,9 @@ class Trainer:
             pred = infer_volume(segmenter, image, roi, overlap=self.cfg.infer.overlap, prior=prior,
                                 sw_batch_size=self.cfg.infer.sw_batch_size, mode=self.cfg.infer.mode,
                                 amp=self.cfg.train.amp)
-            mask = (pred.probs > self.cfg.infer.threshold).cpu().numpy()
+            # as predict does: no tumour where every (preprocessed) modality is background
+            head = (torch.as_tensor(item[IMAGE]) != 0).any(dim=0).numpy()
+            mask = (pred.probs > self.cfg.infer.threshold).cpu().numpy() & head
             gt = np.asarray(item[LABEL]) > 0.5
             for r, name in enumerate(REGIONS):
                 scores[name].append(dice(mask[r], gt[r]))
