@@ -144,6 +144,9 @@ class Trainer:
 
     def fit(self, resume: bool = True) -> TrainState:
         """Train to ``train.epochs``, resuming from ``output_dir/last.pt`` when it exists and ``resume``."""
+        if self.dist.is_main and self.out_dir.is_dir():  # a checkpoint being written when a run was killed
+            for leftover in self.out_dir.glob(".*.pt.tmp"):
+                leftover.unlink(missing_ok=True)
         if resume and (self.out_dir / LAST).exists():
             self.load(self.out_dir / LAST)
         status = "FAILED"

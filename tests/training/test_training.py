@@ -125,6 +125,15 @@ def test_with_the_check_skipped_a_nan_case_stops_training_naming_the_batch_cases
         train(cfg, check_data=False)
 
 
+def test_a_checkpoint_temporary_left_by_a_killed_run_is_removed(phantoms, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".last.pt.tmp").write_bytes(b"half a checkpoint")
+    (out / "notes.txt").write_text("kept")
+    train(tiny_config(phantoms, out, "unet", train={"epochs": 1, "steps_per_epoch": 1}))
+    assert sorted(p.name for p in out.iterdir() if p.name != ".data_check") == ["best.pt", "last.pt", "notes.txt"]
+
+
 def test_roi_not_multiple_of_stride_is_rejected_before_work(phantoms, tmp_path):
     from medseg_diff.errors import ConfigError
 
