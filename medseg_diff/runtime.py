@@ -51,6 +51,8 @@ def configure_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
+    if not sys.stderr.isatty():  # MLflow's artifact download bars would fill log files with carriage returns
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def show_progress(enabled: bool = True) -> bool:
