@@ -60,7 +60,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
-        raise DataError(path, f"not a readable checkpoint ({type(err).__name__}: {err})") from err
+        # torch's own text suggests weights_only=False, which could run code from an untrusted file: not repeated
+        raise DataError(path, f"not a medseg-diff checkpoint, or a damaged one ({type(err).__name__} while reading "
+                              "it with the safe, weights-only loader)") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,16 +31,38 @@ def command(name: str, help: str):
 # --- synth -------------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (1 for realism, 2-3 for CPU demos)")
+    p.add_argument("--cases", type=_positive_int, default=20)
+    p.add_argument("--spacing", type=_positive_float, default=2.0,
+                   help="voxel size in mm (1 for realism, 2-3 for CPU demos)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("brats2021", "brats2023"), default="brats2021")
-    p.add_argument("--workers", type=int, default=1, help="processes")
+    p.add_argument("--workers", type=_positive_int, default=1, help="processes")
     p.add_argument("--manifest", type=Path, default=None, help="manifest path (default OUT/manifest.json)")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=_fraction, default=0.2)
 
 
 @command("synth", "write synthetic BraTS-like phantoms (MNI152 anatomy + grown tumour) and their manifest")(add_synth_args)
@@ -48,6 +70,11 @@ def run_synth(args: argparse.Namespace) -> int:
     from medseg_diff.data.manifest import build_manifest, write_manifest
     from medseg_diff.data.synth import synthesize
 
+    from medseg_diff.errors import DataError
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise DataError(args.out, "is a file" if not args.out.is_dir() else
+                        "already holds files; synthesise into a new or empty folder (nothing was overwritten)")
     folders = synthesize(args.out, cases=args.cases, spacing=args.spacing, seed=args.seed,
                          layout=args.layout, workers=args.workers, progress=True)
     manifest = build_manifest(args.out, name=args.out.name, convention=args.layout, folds=args.folds,
@@ -67,7 +94,7 @@ def add_manifest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convention", choices=("brats2021", "brats2023", "msd"), default=None,
                    help="force the layout / label convention instead of detecting it")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--test-fraction", type=_fraction, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--follow-symlinks", action="store_true",
                    help="accept symlinks that resolve outside the data folder (refused by default)")
@@ -114,6 +141,9 @@ def run_check(args: argparse.Namespace) -> int:
     if problems:
         print(f"{len(problems)} problem(s) in {args.manifest}", file=sys.stderr)
         return 1
+    if not manifest.cases:
+        print(f"medseg-diff check: error: {args.manifest}: the manifest lists no cases", file=sys.stderr)
+        return 2
     print(f"{len(manifest.cases)} cases ok ({args.manifest})")
     return 0
 

@@ -15,17 +15,22 @@ import torch
 LOGGER = "medseg_diff"
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
     """``auto``: the local GPU when there is one, else the CPU. ``cuda`` without a GPU is refused by name."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         from medseg_diff.errors import ConfigError
 
-        raise ConfigError("train.device", f"'{name}' asked for, but torch sees no CUDA GPU here; use auto or cpu")
+        raise ConfigError(key, f"'{name}' asked for, but torch sees no CUDA GPU here; use auto or cpu")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        from medseg_diff.errors import ConfigError
+
+        raise ConfigError(key, f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 class _StderrHandler(logging.StreamHandler):

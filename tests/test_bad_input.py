@@ -338,3 +338,65 @@ def test_an_unreachable_tracking_server_is_one_line_and_status_1(tmp_path, capsy
                                                                              "uri": f"http://127.0.0.1:{port}"})
     rc, err = run(capsys, "train", "--config", cfg)
     assert rc == 1 and f"127.0.0.1:{port} does not answer" in err and "tracking.uri" in err
+
+
+# --- found by replaying bad inputs through the CLI -------------------------------------------------------------
+
+
+def test_a_conflicting_folder_is_refused_before_any_case_is_written(model, tmp_path, capsys):
+    checkpoint, manifest = model
+    out = tmp_path / "out"
+    assert run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--subset", "test", "--out", out,
+               "--device", "cpu")[0] == 0
+    other = save_checkpoint({**load_checkpoint(checkpoint), "run_id": "another-run"}, tmp_path / "other.pt")
+    before = sorted(p.name for p in out.iterdir())
+    rc, err = run(capsys, "predict", "--checkpoint", other, "--input", manifest, "--out", out, "--device", "cpu")
+    assert rc == 2 and "already holds a prediction" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # no case of the other model was written first
+
+
+@pytest.mark.parametrize("flag, value, text", [("--steps", "0", "'--steps': must be >= 1"),
+                                               ("--overlap", "1.5", "'--overlap': must be in [0, 1)"),
+                                               ("--device", "banana", "'--device': unknown device 'banana'")])
+def test_predict_flags_are_named(model, tmp_path, capsys, flag, value, text):
+    checkpoint, manifest = model
+    rc, err = run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--out", tmp_path / "out",
+                  flag, value)
+    assert rc == 2 and text in err and not (tmp_path / "out").exists()
+
+
+def test_export_blames_a_bad_label_on_the_prediction_not_the_input(model, tmp_path, capsys):
+    checkpoint, manifest = model
+    out = tmp_path / "preds"
+    assert run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--subset", "test", "--out", out,
+               "--device", "cpu")[0] == 0
+    seg = next(out.glob("*/*_seg.nii.gz"))
+    img = nib.load(str(seg))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(seg))
+    rc, err = run(capsys, "export", "--predictions", out, "--out", tmp_path / "ex")
+    assert rc == 2 and str(seg) in err and "[7]" in err
+
+
+def test_evaluate_names_a_test_case_without_a_label(model, tmp_path, capsys):
+    _, manifest = model
+    doc = __import__("json").loads(manifest.read_text(encoding="utf-8"))
+    case = next(c for c in doc["cases"] if c["subset"] == "test")
+    case["label"] = None
+    edited = tmp_path / "m.json"
+    doc["root"] = str(manifest.parent)
+    edited.write_text(__import__("json").dumps(doc), encoding="utf-8")
+    rc, err = run(capsys, "evaluate", "--manifest", edited, "--predictions", f"x={tmp_path}", "--out",
+                  tmp_path / "ev", "--no-tracking")
+    assert rc == 2 and case["id"] in err and "no label" in err
+
+
+def test_synth_never_overwrites_and_checks_its_values_first(tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keep.txt").write_text("kept")
+    rc, err = run(capsys, "synth", "--out", tmp_path / "s", "--cases", "1", "--spacing", "5")
+    assert rc == 2 and "already holds files" in err and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["keep.txt"]
+    with pytest.raises(SystemExit) as exit_:  # argparse: status 2, names the option
+        main(["synth", "--out", str(tmp_path / "t"), "--cases", "1", "--test-fraction", "2"])
+    assert exit_.value.code == 2 and "--test-fraction" in capsys.readouterr().err and not (tmp_path / "t").exists()

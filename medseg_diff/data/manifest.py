@@ -218,6 +218,8 @@ def _assign_splits(cases: list[ManifestCase], folds: int, test_fraction: float, 
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     """Write ``manifest`` as JSON (atomically); ``root`` is stored relative to the file when possible."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(path, "is a folder; give the manifest's file name (e.g. manifest.json)")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         root = Path(os.path.relpath(manifest.root, path.parent.resolve())).as_posix()
@@ -236,8 +238,12 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
         "cases": [asdict(c) for c in manifest.cases],
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:  # the previous manifest stays; no temporary is left
+        tmp.unlink(missing_ok=True)
+        raise ManifestError(path, f"cannot be written ({err.strerror or err})") from None
     return path
 
 

@@ -81,6 +81,10 @@ def select_cases(manifest: Manifest, subset: str, fold: int = 0):
     """Labelled cases of ``subset``: test (held out), val (the fold's validation cases) or all."""
     train, val, test = manifest.split(fold)
     chosen = {"test": test, "val": val, "all": train + val + test}[subset]
+    unlabelled = [c.id for c in chosen if not c.label]
+    if unlabelled:
+        raise DataError(manifest.source, f"case(s) {', '.join(unlabelled)} of subset '{subset}' have no label to "
+                                         "score against; give them a label, or mark them \"subset\": \"unlabelled\"")
     if not chosen:
         counts = {"train": len(train), "val": len(val), "test": len(test)}
         hint = ("; build the manifest with --test-fraction > 0 to hold cases out, or pass --subset val/all"
@@ -128,6 +132,8 @@ def evaluate(
     manifest = load_manifest(manifest_path, root=root)
     conv = get_convention(manifest.convention)
     cases = select_cases(manifest, subset, fold)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "the output folder is a file")
     out.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
     # 2. models are predicted into folders first; then every folder is scored the same way
@@ -209,7 +215,7 @@ def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble,
     from medseg_diff.runtime import resolve_device
 
     folder = out / "predictions" / name
-    model = load_model(source, resolve_device(device), sample_steps, ensemble, overlap=overlap,
+    model = load_model(source, resolve_device(device, key="--device"), sample_steps, ensemble, overlap=overlap,
                        tracking_uri=tracking_uri)
     report = predict_cases(source, manifest.source, folder, root=manifest.root, prior_dir=prior_dir, device=device,
                            continue_on_error=continue_on_error, case_ids=[c.id for c in cases], model=model,

@@ -43,10 +43,15 @@ class ScoredInputs:
 
 def find_segmentation(folder: Path, case_id: str) -> Path:
     """The label map of ``case_id`` in a prediction folder (see the module docstring for the layouts)."""
-    for candidate in (folder / case_id / f"{case_id}_seg.nii.gz", folder / f"{case_id}.nii.gz",
-                      folder / f"{case_id}_seg.nii.gz"):
-        if candidate.is_file():
-            return candidate
+    if not folder.is_dir():
+        raise DataError(folder, "prediction folder does not exist" if not folder.exists() else "is not a folder")
+    found = [c for c in (folder / case_id / f"{case_id}_seg.nii.gz", folder / f"{case_id}.nii.gz",
+                         folder / f"{case_id}_seg.nii.gz") if c.is_file()]
+    if len(found) > 1:
+        raise DataError(folder, f"two predictions for this case ({', '.join(p.name for p in found)}); keep one",
+                        case=case_id)
+    if found:
+        return found[0]
     raise DataError(folder, f"no prediction for this case (looked for {case_id}/{case_id}_seg.nii.gz, "
                             f"{case_id}.nii.gz, {case_id}_seg.nii.gz)", case=case_id)
 

@@ -16,7 +16,7 @@ import torch
 
 from medseg_diff.checkpoint import load_checkpoint, upgrade_config
 from medseg_diff.config import Config, config_from_dict
-from medseg_diff.errors import DataError
+from medseg_diff.errors import ConfigError, DataError
 from medseg_diff.inference.adapters import ADAPTERS, ModelAdapter, build_adapter, build_network
 
 
@@ -49,6 +49,11 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
     ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
     sliding-window overlap (``infer.overlap``).
     """
+    for flag, value, ok, rule in (("--steps", sample_steps, lambda v: v >= 1, ">= 1"),
+                                  ("--ensemble", ensemble, lambda v: v >= 1, ">= 1"),
+                                  ("--overlap", overlap, lambda v: 0 <= v < 1, "in [0, 1)")):
+        if value is not None and not ok(value):
+            raise ConfigError(flag, f"must be {rule}, got {value}")
     uri = str(source) if is_model_uri(source) else None
     if uri is not None:
         from medseg_diff.tracking.registry import checkpoint_of_model

@@ -75,11 +75,20 @@ def read_prediction(folder: Path) -> tuple[CaseOverlay, dict]:
         raise DataError(folder / META, "not a prediction folder (no prediction.json); run predict first") from None
     except json.JSONDecodeError as err:
         raise DataError(folder / META, f"unreadable ({err})") from err
-    case, conv = meta["case_id"], get_convention(meta["convention"])
+    if not isinstance(meta, dict):
+        raise DataError(folder / META, "is not a prediction record (expected a JSON object)")
+    missing = [k for k in ("case_id", "convention", "reference", "model", "inputs") if k not in meta]
+    if missing:
+        raise DataError(folder / META, f"lacks {', '.join(repr(k) for k in missing)}; predict the case again")
+    case = str(meta["case_id"])
+    try:
+        conv = get_convention(meta["convention"])
+    except ValueError as err:
+        raise DataError(folder / META, str(err), case=case) from None
     record = meta.get("inputs")
-    if not record:
+    if not isinstance(record, dict) or not record.get(IMAGE):
         raise DataError(folder / META, "does not list the input files", case=case)
-    labels = np.rint(read_array(folder / f"{case}_seg.nii.gz")[0]).astype(np.uint8)
+    labels = _checked_labels(folder / f"{case}_seg.nii.gz", Path(meta["reference"]), conv, case)
     probs_path = folder / f"{case}_probabilities.nii.gz"
     probs = np.moveaxis(read_array(probs_path)[0], -1, 0) if probs_path.exists() else None
     unc_path = folder / f"{case}_uncertainty.nii.gz"
@@ -96,6 +105,25 @@ def read_prediction(folder: Path) -> tuple[CaseOverlay, dict]:
         attention=attention, model_name=meta["model"], run_id=meta.get("run_id"), ground_truth=truth, dice=dice,
     )
     return overlay, meta
+
+
+def _checked_labels(path: Path, reference: Path, conv: LabelConvention, case: str) -> np.ndarray:
+    """The label map of a prediction folder, refused by name unless it is 3D, on the reference's grid and holds
+    only the convention's integral labels."""
+    from medseg_diff.data.check import grid_mismatch
+    from medseg_diff.data.io import read_image
+
+    img, ref = read_image(path), read_image(reference)
+    if len(img.shape) != 3:
+        raise DataError(path, f"a label map must be 3D, this one has shape {tuple(img.shape)}", case=case)
+    problems = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, reference)
+    if problems:
+        raise DataError(path, f"not on the case's grid: {problems[0]}", case=case)
+    data, _ = read_array(path)
+    bad = conv.unknown_labels(data)
+    if bad:
+        raise DataError(path, f"label values {bad} are not {conv.name} labels {list(conv.labels)}", case=case)
+    return data.astype(np.uint8)
 
 
 def prior_file(prior_dir: Path, case: str) -> Path:

@@ -73,7 +73,7 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
     """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``inference.prediction_folder``).
     ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``)."""
     pin_reproducibility()
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     if model is None:
         model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap, tracking_uri=tracking_uri)
     _check_prior_use(model, prior_dir)  # a model-wide mistake: fail once, before any case
@@ -88,7 +88,16 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(out_dir, "the output folder is a file")
+    if not records:
+        raise DataError(source, f"no cases to predict (subset '{subset}')")
     remove_stale_staging(out_dir)
+    for record in records:  # refuse a conflicting folder before any case is written, so outputs never mix
+        if "missing" not in record:
+            try:
+                claim_case_folder(out_dir / record["case_id"], model, record, overwrite)
+            except DataError:
+                if not continue_on_error:
+                    raise
     report = RunReport()
     for record in records:
         case = record["case_id"]

@@ -47,7 +47,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from medseg_diff.errors import DataError
+from medseg_diff.errors import DataError, ServiceError
 from medseg_diff.tracking import _sqlite_file, git_commit, relocate_store, resolve_uri, runs_table_url
 
 __all__ = ["checkpoint_of_model", "log_model", "model_signature", "runs_table_url"]
@@ -249,7 +249,7 @@ def _check_store(uri: str, tracking_uri: str) -> None:
             pass  # a URI urllib cannot open (credentials in it): MLflow's own client will say
         except OSError as err:
             reason = getattr(err, "reason", err)
-            raise DataError(uri, f"the tracking server {_safe(tracking_uri)} does not answer ({reason})") from None
+            raise ServiceError(f"{uri}: the tracking server {_safe(tracking_uri)} does not answer ({reason})") from None
     elif scheme == "sqlite":
         db = _sqlite_file(tracking_uri)
         if db is not None and not db.exists():
