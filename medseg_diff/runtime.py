@@ -65,17 +65,25 @@ def show_progress(enabled: bool = True) -> bool:
     return enabled and sys.stderr.isatty()
 
 
-#: CPU threads every run uses unless ``MEDSEG_DIFF_THREADS`` says otherwise. Float reductions split over a
-#: different number of threads round differently, so the same seed only gives the same numbers to the last
-#: decimal with the same thread count, whatever the machine's load or core count.
-DEFAULT_THREADS = 2
+def default_threads() -> int:
+    """CPU threads every run uses unless ``MEDSEG_DIFF_THREADS`` says otherwise: the CPUs this process may run on.
+
+    Float reductions split over a different number of threads round differently, so the same seed gives the same
+    numbers to the last decimal only with the same thread count. The CPUs a process may use are fixed for a machine
+    kind and do not change with its load (torch's own default can follow ``OMP_NUM_THREADS`` and physical cores);
+    set ``MEDSEG_DIFF_THREADS`` to the same value to compare machines with different core counts.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def pin_reproducibility(deterministic: bool = True) -> int:
     """Fix what would otherwise vary between runs on the same machine kind: torch's intra-op thread count
-    (``MEDSEG_DIFF_THREADS``, default 2) and, when ``deterministic``, deterministic algorithms (cuDNN
-    included; ``CUBLAS_WORKSPACE_CONFIG`` is set for cuBLAS). Returns the thread count."""
-    threads = int(os.environ.get("MEDSEG_DIFF_THREADS", DEFAULT_THREADS))
+    (``MEDSEG_DIFF_THREADS``, default ``default_threads()``) and, when ``deterministic``, deterministic algorithms
+    (cuDNN included; ``CUBLAS_WORKSPACE_CONFIG`` is set for cuBLAS). Returns the thread count."""
+    threads = int(os.environ.get("MEDSEG_DIFF_THREADS") or default_threads())
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if deterministic:

@@ -95,6 +95,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg_diff.data.conventions import REGIONS
+from medseg_diff.evaluation.metrics import as_mask
 
 if TYPE_CHECKING:  # panoptica is imported lazily: importing it costs seconds
     from panoptica import Panoptica_Evaluator, PanopticaResult
@@ -377,7 +378,7 @@ def _both_empty(as_nan: bool) -> LesionMetrics:
 
 def _check_regions(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> tuple[np.ndarray, np.ndarray]:
     """Boolean ``[3, X, Y, Z]`` pred and gt of one shape, and 3 positive spacings; ValueError otherwise."""
-    pred, gt = _as_mask(pred, "pred_regions"), _as_mask(gt, "gt_regions")
+    pred, gt = as_mask(pred, "pred_regions"), as_mask(gt, "gt_regions")
     expected = len(REGIONS)
     if pred.ndim != 4 or pred.shape[0] != expected or pred.shape != gt.shape:
         shapes = f"{pred.shape} and {gt.shape}"
@@ -386,12 +387,3 @@ def _check_regions(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> tuple[
         raise ValueError(f"spacing must hold 3 positive values (mm), got {tuple(spacing)}")
     return pred, gt
 
-
-def _as_mask(x: np.ndarray, name: str) -> np.ndarray:
-    """``x`` as a bool array; integer/float input must hold only 0 and 1 (probabilities are refused)."""
-    x = np.asarray(x)
-    if x.dtype == bool:
-        return x
-    if x.size and not np.isin(x, (0, 1)).all():
-        raise ValueError(f"{name} must be binary masks (bool or 0/1); threshold probabilities first")
-    return x.astype(bool)

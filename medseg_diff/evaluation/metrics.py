@@ -105,7 +105,7 @@ def hausdorff_distance_mm(pred: np.ndarray, gt: np.ndarray, spacing: Spacing, pe
     ``percentile=None`` gives the maximum (classic Hausdorff). Empty masks follow the BraTS rules of
     the module docstring (both empty → 0, one empty → volume diagonal).
     """
-    pred, gt = _as_mask(pred, "pred"), _as_mask(gt, "gt")
+    pred, gt = as_mask(pred, "pred"), as_mask(gt, "gt")
     _check_pair(pred, gt, spacing)
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt:
@@ -127,7 +127,7 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
     The one Dice of the package: training's validation, evaluation and the clinician report all call it.
     """
-    pred, gt = _as_mask(pred, "pred"), _as_mask(gt, "gt")
+    pred, gt = as_mask(pred, "pred"), as_mask(gt, "gt")
     if pred.shape != gt.shape:
         raise ValueError(f"pred and gt shapes differ: {pred.shape} vs {gt.shape}")
     n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
@@ -144,7 +144,7 @@ def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> Region
 
     ``spacing`` is the voxel size in mm along the array axes (X, Y, Z).
     """
-    pred, gt = _as_mask(pred, "pred"), _as_mask(gt, "gt")
+    pred, gt = as_mask(pred, "pred"), as_mask(gt, "gt")
     _check_pair(pred, gt, spacing)
     tp = int(np.count_nonzero(pred & gt))
     n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
@@ -218,7 +218,7 @@ def evaluation_mask(pred: np.ndarray, gt: np.ndarray, iterations: int = 3) -> np
     Restricts uncertainty metrics to the tumour neighbourhood, so that the easy background does not
     dominate AUROC/ECE. Empty union → an empty mask.
     """
-    union = _as_mask(pred, "pred") | _as_mask(gt, "gt")
+    union = as_mask(pred, "pred") | as_mask(gt, "gt")
     if iterations <= 0 or not union.any():
         return union
     return binary_dilation(union, iterations=iterations)
@@ -285,7 +285,7 @@ def expected_calibration_error(
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_mask(x: np.ndarray, name: str) -> np.ndarray:
+def as_mask(x: np.ndarray, name: str) -> np.ndarray:
     """``x`` as a bool array; integer/float input must hold only 0 and 1 (probabilities are refused)."""
     x = np.asarray(x)
     if x.dtype == bool:
@@ -312,12 +312,12 @@ def _flat_pair(
     values: np.ndarray, labels: np.ndarray, mask: np.ndarray | None, values_name: str, labels_name: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flatten ``values`` and boolean ``labels`` (same shape) to [N], keeping voxels where ``mask`` is set."""
-    values, labels = np.asarray(values), _as_mask(labels, labels_name)
+    values, labels = np.asarray(values), as_mask(labels, labels_name)
     if values.shape != labels.shape:
         raise ValueError(f"{values_name} and {labels_name} shapes differ: {values.shape} vs {labels.shape}")
     if mask is None:
         return values.reshape(-1), labels.reshape(-1)
-    mask = _as_mask(mask, "mask")
+    mask = as_mask(mask, "mask")
     if mask.shape != values.shape:
         raise ValueError(f"mask shape {mask.shape} differs from {values_name} shape {values.shape}")
     return values[mask], labels[mask]

@@ -15,6 +15,7 @@ The trainer, inference and evaluation are generic; training adds only the loss (
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def build_network(spec: dict[str, Any], source: str | Path | None = None) -> nn.
                                 f"arguments ({type(err).__name__}: {err})") from err
 
 
-class ModelAdapter:
+class ModelAdapter(ABC):
     """What the generic stages ask of a model kind. Subclasses set ``kind``, ``uses_ema`` and ``network_spec``."""
 
     kind: str = ""
@@ -57,16 +58,18 @@ class ModelAdapter:
         self.net = net if net is not None else build_network(self.spec)
 
     @staticmethod
+    @abstractmethod
     def network_spec(cfg: Config) -> dict[str, Any]:
-        raise NotImplementedError
+        """The network's constructor arguments ``{"name", "kwargs"}`` (stored in checkpoints)."""
 
     @property
     def stride(self) -> int:
         """Every spatial size the network sees must be a multiple of this."""
         return int(self.net.stride)
 
+    @abstractmethod
     def segmenter(self, net: nn.Module, validation: bool = False, seed: int = 0) -> Segmenter:
-        raise NotImplementedError
+        """Windows → probabilities, uncertainty (and attention) for whole-volume inference."""
 
     def training_prior(self, regions: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
         """The prior input during training and validation: None unless the network takes an external prior."""

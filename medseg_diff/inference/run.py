@@ -108,7 +108,7 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
             if manifest is not None:  # the bytes the manifest (and its hash) describe
                 ensure_checksums(manifest, [c for c in manifest.cases if c.id == case])
             folder = out_dir / case
-            claim_case_folder(folder, model, record, overwrite)
+            claim_case_folder(folder, model, record, overwrite)  # records a conflict the pre-pass let through
             if prior_dir is not None:
                 record = record | {"prior": str(prior_file(Path(prior_dir), case))}
             pred = predict_case(model, record, conv, dev)
