@@ -4,6 +4,12 @@ Layouts recognised (the convention can always be forced):
 - brats2021: ``CASE/CASE_{t1,t1ce,t2,flair}[.nii.gz|.nii|.mha|.nrrd|/ (DICOM)]`` + optional ``CASE_seg``
 - brats2023: ``CASE/CASE-{t1n,t1c,t2w,t2f}...`` + optional ``CASE-seg`` (ET = 3)
 - msd:       ``imagesTr/NAME.nii.gz`` (4D: FLAIR, T1w, t1gd, T2w) + ``labelsTr/NAME.nii.gz``; also ``imagesTs``
+- DICOM studies: the root is a study folder as a scanner / PACS exports it, or holds study folders at any depth
+  (``medseg_diff.dicom.study``); series are mapped to modalities by a ``SeriesRule`` on their SeriesDescription.
+  A case's image entries are the series' reference files (``data.io`` reads a DICOM file as its whole series);
+  the case id is ``PATIENT_DATE_HASH``; the convention is brats2021 unless forced (it sets the output labels).
+  Tried when the BraTS layouts give no complete case, so a BraTS case folder of DICOM series folders
+  (``CASE/CASE_t1/`` ...) is still read by its names.
 Case folders may sit up to ``MAX_DEPTH`` levels below the root (e.g. ``root/TrainingData/CASE``).
 """
 
@@ -11,10 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medseg_diff.data.conventions import BRATS2021, BRATS2023, MODALITIES, LabelConvention, get_convention
 from medseg_diff.data.io import image_suffix, is_image_path
 from medseg_diff.errors import DataError
+
+if TYPE_CHECKING:
+    from medseg_diff.dicom.rules import SeriesRule
+    from medseg_diff.dicom.study import DicomStudy
 
 MAX_DEPTH = 3
 
@@ -36,14 +47,16 @@ class CaseFiles:
     #: why the case cannot be used as found (two folders, two files for one modality, a symlink leaving the
     #: root); ``discover`` raises it
     conflict: DataError | None = None
+    #: the DICOM study the case was read from (its series, headers and UIDs for DICOM outputs); None for files
+    dicom: DicomStudy | None = None
 
     @property
     def files(self) -> list[Path]:
         return list(self.images.values()) + ([self.label] if self.label else [])
 
 
-def discover(root: str | Path, convention: str | None = None,
-             follow_symlinks: bool = False) -> tuple[LabelConvention, list[CaseFiles]]:
+def discover(root: str | Path, convention: str | None = None, follow_symlinks: bool = False,
+             series_rule: SeriesRule | None = None) -> tuple[LabelConvention, list[CaseFiles]]:
     """``(convention, cases)`` of the data set under ``root``, cases sorted by id.
 
     ``convention`` forces the layout; otherwise it is detected. A case folder that has some but not all
@@ -53,6 +66,10 @@ def discover(root: str | Path, convention: str | None = None,
     patients' modalities would be mixed), two files for one modality of a case, and symlinks (files or
     folders) that resolve outside ``root`` unless ``follow_symlinks`` (then the path under ``root`` is kept,
     not the target).
+
+    DICOM study folders (see the module's docstring) are read when the BraTS layouts give no complete case;
+    ``series_rule`` maps their series to modalities (default ``SeriesRule.default()``). A study whose series
+    cannot be mapped (a modality missing or matched twice) is refused listing its series.
     """
     root = Path(root)
     if not root.is_dir():
@@ -61,8 +78,10 @@ def discover(root: str | Path, convention: str | None = None,
     if convention is not None:
         conv = get_convention(convention)
         cases = _msd_cases(walk) if conv.name == "msd" else _brats_cases(walk, conv)
+        if conv.name != "msd" and not any(not c.missing for c in cases):
+            cases = _dicom_cases(walk, series_rule) or cases
     else:
-        conv, cases = _detect(walk)
+        conv, cases = _detect(walk, series_rule)
     if not cases:
         raise DataError(root, f"no {conv.name} cases found (expected {_layout_hint(conv)})")
     for case in cases:
@@ -94,7 +113,7 @@ class _Walk:
         )
 
 
-def _detect(walk: _Walk) -> tuple[LabelConvention, list[CaseFiles]]:
+def _detect(walk: _Walk, series_rule: SeriesRule | None = None) -> tuple[LabelConvention, list[CaseFiles]]:
     root = walk.root
     if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
         return get_convention("msd"), _msd_cases(walk)
@@ -108,20 +127,44 @@ def _detect(walk: _Walk) -> tuple[LabelConvention, list[CaseFiles]]:
             "BraTS 2023 cases; split the folder or force one with --convention",
         )
     best = max(found, key=lambda name: (counts[name], len(found[name])))
+    if not counts[best]:  # no complete BraTS case: series folders named like "AX_T1" are no BraTS case
+        dicom = _dicom_cases(walk, series_rule)
+        if dicom:
+            return BRATS2021, dicom
     if not found[best]:
         raise DataError(
             root,
             "no BraTS or MSD cases found (expected CASE/CASE_t1.nii.gz ... (BraTS 2018-2021), "
-            "CASE/CASE-t1n.nii.gz ... (BraTS 2023+) or imagesTr/ + labelsTr/ (MSD Task01))",
+            "CASE/CASE-t1n.nii.gz ... (BraTS 2023+), imagesTr/ + labelsTr/ (MSD Task01)) and no DICOM study",
         )
     return get_convention(best), found[best]
+
+
+def _dicom_cases(walk: _Walk, series_rule: SeriesRule | None) -> list[CaseFiles]:
+    """A case per DICOM study under the root (none when it holds no DICOM images)."""
+    from medseg_diff.dicom.study import find_studies
+
+    cases = []
+    for study in find_studies(walk.root, series_rule):
+        case = CaseFiles(case_id=study.case_id, images={}, folder=study.folder, dicom=study)
+        try:
+            for modality, series in study.series.items():
+                for path in series.files:
+                    if path.is_symlink():
+                        walk.place(path)  # refuses a file leaving the root; the path itself is kept
+                case.images[modality] = series.reference  # read as the whole series (data.io)
+        except DataError as err:
+            case.conflict = DataError(err.path, err.problem, case=study.case_id)
+        cases.append(case)
+    return cases
 
 
 def _layout_hint(conv: LabelConvention) -> str:
     if conv.name == "msd":
         return "imagesTr/*.nii.gz and labelsTr/*.nii.gz"
     sep = conv.separator
-    return f"CASE/CASE{sep}" + f", CASE{sep}".join(conv.modality_suffixes) + f" (+ CASE{sep}{conv.seg_suffix})"
+    return (f"CASE/CASE{sep}" + f", CASE{sep}".join(conv.modality_suffixes) + f" (+ CASE{sep}{conv.seg_suffix}) "
+            "or a DICOM study folder")
 
 
 def _split_name(path: Path, conv: LabelConvention) -> tuple[str, str] | None:

@@ -1,5 +1,10 @@
 """Reading volumes: NIfTI through nibabel; MHA/MHD/NRRD and DICOM series through SimpleITK.
 
+A DICOM series is given as a folder (its first series) or as **one file of the series** (any name, ``.dcm`` or
+none): the file stands for the whole series, read from the files with its SeriesInstanceUID under the file's
+folder (subfolders included). That is how a case of a DICOM study folder (``medseg_diff.dicom``) names its
+modalities, whose series may share one folder.
+
 Every reader returns a ``nibabel.Nifti1Image`` whose affine maps voxel indices to RAS+ world
 coordinates (the NIfTI convention), so the rest of the package sees one kind of image. SimpleITK
 images (LPS world, z-y-x arrays) are converted with their geometry kept: the array is transposed
@@ -56,7 +61,8 @@ def image_suffix(path: str | Path) -> str:
 
 
 def is_image_path(path: Path) -> bool:
-    """True for a file of a supported format or a folder that holds a DICOM series."""
+    """True for a file of a supported format or a folder that holds a DICOM series (a DICOM file without a known
+    suffix is not counted here: discovery finds those through ``medseg_diff.dicom``)."""
     if path.is_dir():
         return _dicom_series_files(path) is not None
     return image_suffix(path) != "" and not path.name.startswith("._")
@@ -81,9 +87,12 @@ def read_image(path: str | Path) -> nib.Nifti1Image:
                 img = _read_nifti(path)
             elif suffix in SITK_SUFFIXES:
                 img = _read_sitk_file(path)
+            elif is_dicom_file(path):
+                img = _read_dicom_file_series(path)
             else:
                 raise DataError(
-                    path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} or a DICOM folder"
+                    path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}, a DICOM file "
+                          "or a DICOM folder"
                 )
     except DataError:
         raise
@@ -283,6 +292,41 @@ def _read_dicom_series(folder: Path) -> nib.Nifti1Image:
     return _sitk_to_nifti(reader.Execute())
 
 
+def is_dicom_file(path: str | Path) -> bool:
+    """True for a file that starts with the DICOM preamble (``DICM`` at byte 128)."""
+    from medseg_diff.dicom.study import is_dicom_file as _is_dicom_file
+
+    return _is_dicom_file(path)
+
+
+def dicom_series_files(path: str | Path) -> list[Path]:
+    """The files of the DICOM series ``path`` (one of its files) stands for, in slice order: those with its
+    SeriesInstanceUID under its folder (GDCM's scan, as SimpleITK reads them). What a manifest should hash."""
+    import pydicom
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                  .get("SeriesInstanceUID", "") or "")
+    except Exception as err:  # pydicom raises many types for a damaged header
+        raise DataError(path, f"unreadable DICOM file ({type(err).__name__}: {err})") from None
+    if not uid:
+        raise DataError(path, "DICOM file without a SeriesInstanceUID")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), uid, False, True)
+    if str(path) not in files and path.resolve() not in {Path(f).resolve() for f in files}:
+        raise DataError(path, f"is not an image of series {uid} (not a single-frame image with a position?)")
+    return [Path(f) for f in files]
+
+
+def _read_dicom_file_series(path: Path) -> nib.Nifti1Image:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in dicom_series_files(path)])
+    return _sitk_to_nifti(reader.Execute())
+
+
 def n4_bias_correct(path: str | Path, shrink: int = 2, iterations: Sequence[int] = (50, 50, 30)) -> nib.Nifti1Image:
     """N4 bias-field correction (SimpleITK) of one modality; returns a NIfTI image on the same grid.
 
@@ -329,7 +373,7 @@ class MedsegReader(NibabelReader):
 
     def verify_suffix(self, filename) -> bool:
         names = filename if isinstance(filename, (list, tuple)) else [filename]
-        return all(image_suffix(n) or Path(n).is_dir() for n in names)
+        return all(image_suffix(n) or Path(n).is_dir() or is_dicom_file(n) for n in names)
 
     def read(self, data, **kwargs):
         names = data if isinstance(data, (list, tuple)) else [data]
