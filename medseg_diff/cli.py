@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from medseg_diff.errors import MedsegError, ServiceError
+from medseg_diff.errors import DataError, MedsegError, ServiceError
 
 # name -> (help, add_arguments, run)
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -69,8 +69,6 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from medseg_diff.data.manifest import build_manifest, write_manifest
     from medseg_diff.data.synth import synthesize
-
-    from medseg_diff.errors import DataError
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise DataError(args.out, "is a file" if not args.out.is_dir() else
@@ -254,7 +252,8 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file or an MLflow model URI (models:/NAME/VERSION, runs:/RUN_ID/model)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server or store of a model URI")
-    p.add_argument("--input", type=Path, required=True, help="a manifest JSON, a data folder or a case folder")
+    p.add_argument("--input", type=Path, default=None,
+                   help="a manifest JSON, a data folder, a case folder, or a DICOM study folder (or a folder of them)")
     p.add_argument("--out", type=Path, required=True, help="one sub-folder per case is written here")
     p.add_argument("--subset", choices=("all", "train", "test", "unlabelled"), default="all",
                    help="manifest subset to predict")
@@ -273,18 +272,44 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="replace case folders that hold another model's or run's prediction (whole folders)")
     p.add_argument("--no-checksums", action="store_true",
                    help="with a manifest input: do not verify the files' SHA-256 against it")
+    dicom = p.add_argument_group("DICOM", "DICOM study inputs get a DICOM Segmentation and Parametric Maps in CASE/dicom/")
+    dicom.add_argument("--series-rule", type=Path, default=None, metavar="FILE",
+                       help="JSON/YAML: modality -> regexes on SeriesDescription (default: the usual descriptions, "
+                            "e.g. 'AX T1', 'T1 POST GD', 'AX T2', 'T2 FLAIR')")
+    dicom.add_argument("--dicomweb", default=None, metavar="URL",
+                       help="instead of --input: the DICOMweb root of a PACS (e.g. http://pacs:8042/dicom-web); the "
+                            "study is fetched (WADO-RS), predicted, and its SEG and maps stored back (STOW-RS). "
+                            "Credentials: MEDSEG_DICOMWEB_TOKEN or MEDSEG_DICOMWEB_USER/MEDSEG_DICOMWEB_PASSWORD")
+    dicom.add_argument("--study", default=None, metavar="STUDY_UID", help="with --dicomweb: the Study Instance UID")
+    dicom.add_argument("--no-store", action="store_true", help="with --dicomweb: do not store the results back")
 
 
 @command("predict", "segment cases: BraTS labels, probabilities, uncertainty and attention on the input grid")(
     add_predict_args)
 def run_predict(args: argparse.Namespace) -> int:
+    from medseg_diff.dicom.rules import SeriesRule
     from medseg_diff.inference.run import predict_cases
 
+    if (args.input is None) == (args.dicomweb is None):
+        raise DataError(None, "give either --input (files) or --dicomweb URL --study UID (a PACS)")
+    if (args.study is not None or args.no_store) and args.dicomweb is None:
+        raise DataError(None, "--study and --no-store go with --dicomweb")
+    rule = SeriesRule.from_file(args.series_rule) if args.series_rule is not None else None
+    common = dict(convention=args.convention, prior_dir=args.prior_dir, device=args.device,
+                  sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed, overlap=args.overlap,
+                  continue_on_error=args.continue_on_error, tracking_uri=args.tracking_uri,
+                  overwrite=args.overwrite, series_rule=rule)
+    if args.dicomweb is not None:
+        from medseg_diff.inference.dicomweb import predict_dicomweb
+
+        if args.study is None:
+            raise DataError(None, "--dicomweb needs --study STUDY_UID")
+        result = predict_dicomweb(args.checkpoint, args.dicomweb, args.study, args.out,
+                                  store=not args.no_store, **common)
+        print(result.summary(args.dicomweb))
+        return 1 if result.predictions.failed else 0
     report = predict_cases(args.checkpoint, args.input, args.out, subset=args.subset, root=args.root,
-                           convention=args.convention, prior_dir=args.prior_dir, device=args.device,
-                           sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed, overlap=args.overlap,
-                           continue_on_error=args.continue_on_error, tracking_uri=args.tracking_uri,
-                           overwrite=args.overwrite, verify_checksums=not args.no_checksums)
+                           verify_checksums=not args.no_checksums, **common)
     print(report.summary())
     return 1 if report.failed else 0
 

@@ -23,6 +23,9 @@ from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record, files_record
 from medseg_diff.data.discovery import discover
 from medseg_diff.data.manifest import load_manifest
+from medseg_diff.dicom.rules import SeriesRule
+from medseg_diff.dicom.outputs import write_dicom_outputs
+from medseg_diff.dicom.study import read_study
 from medseg_diff.errors import DataError, MedsegError
 from medseg_diff.inference.case import predict_case
 from medseg_diff.inference.loading import LoadedModel, load_model
@@ -44,20 +47,28 @@ class RunReport:
         return "\n".join(lines)
 
 
+#: record key of a case read from a DICOM study: the study folder (its outputs are also written as DICOM)
+DICOM_STUDY = "dicom_study"
+
+
 def input_records(source: str | Path, subset: str = "all", root: str | Path | None = None,
-                  convention: str | None = None) -> tuple[LabelConvention, list[dict]]:
-    """Records of the cases to predict: from a manifest JSON, or a data folder / single case folder."""
+                  convention: str | None = None, series_rule: SeriesRule | None = None
+                  ) -> tuple[LabelConvention, list[dict]]:
+    """Records of the cases to predict: from a manifest JSON, or a data folder / single case folder, or a DICOM
+    study folder (or a folder of them; ``series_rule`` maps their series to modalities)."""
     source = Path(source)
     if source.suffix == ".json":
         manifest = load_manifest(source, root=root)
         cases = manifest.cases if subset == "all" else [c for c in manifest.cases if c.subset == subset]
         return get_convention(manifest.convention), [case_record(manifest, c) for c in cases]
-    conv, cases = discover(source, convention)
+    conv, cases = discover(source, convention, series_rule=series_rule)
     records = []
     for case in cases:
         if case.missing:  # reported by name when its turn comes (predict_cases), not silently dropped
             folder = next(iter(case.images.values())).parent if case.images else source
             records.append({"case_id": case.case_id, "missing": case.missing, "folder": str(folder)})
+        elif case.dicom is not None:
+            records.append(files_record(case) | {DICOM_STUDY: str(case.dicom.folder)})
         else:
             records.append(files_record(case))
     return conv, records
@@ -69,15 +80,17 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
                   seed: int | None = None, continue_on_error: bool = False, overlap: float | None = None,
                   case_ids: Sequence[str] | None = None, tracking_uri: str | None = None,
                   model: LoadedModel | None = None, name: str | None = None, overwrite: bool = False,
-                  verify_checksums: bool = True) -> RunReport:
+                  verify_checksums: bool = True, series_rule: SeriesRule | None = None) -> RunReport:
     """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``inference.prediction_folder``).
-    ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``)."""
+    ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``).
+    A case read from a DICOM study also gets ``CASE/dicom/``: a DICOM Segmentation and Parametric Maps that
+    reference its source series (``dicom.write_dicom_outputs``), written in the same staged step."""
     pin_reproducibility()
     dev = resolve_device(device, key="--device")
     if model is None:
         model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap, tracking_uri=tracking_uri)
     _check_prior_use(model, prior_dir)  # a model-wide mistake: fail once, before any case
-    conv, records = input_records(source, subset, root, convention)
+    conv, records = input_records(source, subset, root, convention, series_rule)
     if case_ids is not None:  # only these, in this order
         by_id = {r["case_id"]: r for r in records}
         unknown = [c for c in case_ids if c not in by_id]
@@ -115,6 +128,9 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
             staging = out_dir / f".{case}.partial-{secrets.token_hex(4)}"
             try:
                 write_prediction(pred, staging, name or model.kind, model, conv, record)
+                if record.get(DICOM_STUDY):
+                    written = write_dicom_outputs(staging, read_study(record[DICOM_STUDY], series_rule), conv)
+                    log.info("     %s: %d DICOM object(s) (SEG, parametric maps)", case, len(written))
                 install_folder(staging, folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""Prediction of a study held in a PACS: fetched over DICOMweb, segmented, and the results stored back.
+
+``predict_dicomweb(checkpoint, url, study_uid, out_dir)``:
+
+1. WADO-RS: the study's image series are fetched into ``out_dir/.dicomweb/STUDY_UID/`` (``dicom.web.fetch_study``:
+   staged, counted against the server's own counts; kept, because ``prediction.json`` and ``export`` read the
+   images back from there);
+2. the study is predicted like a local DICOM study folder (``inference.run.predict_cases``): ``out_dir/CASE/``
+   holds the NIfTI prediction and ``CASE/dicom/`` the DICOM Segmentation and Parametric Maps, which reference the
+   fetched series' instances and share their Frame of Reference;
+3. STOW-RS: those DICOM objects are stored back into the same study on the same server (unless ``store=False``);
+   the server's answer is checked instance by instance (``dicom.web.store_instances``).
+
+Storing is deterministic: the objects' UIDs derive from the study and their content, so running it twice stores
+the same instances again instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medseg_diff.dicom.outputs import DICOM_FOLDER
+from medseg_diff.dicom.rules import SeriesRule
+from medseg_diff.dicom.web import connect, fetch_study, store_instances
+from medseg_diff.inference.run import RunReport, predict_cases
+
+log = logging.getLogger(__name__)
+
+#: hidden folder of ``out_dir`` that holds the fetched studies
+FETCHED = ".dicomweb"
+
+
+@dataclass
+class DicomwebReport:
+    predictions: RunReport
+    study_folder: Path
+    stored: dict[str, list[str]] = field(default_factory=dict)  # case -> SOP Instance UIDs stored back
+
+    def summary(self, url: str) -> str:
+        lines = [self.predictions.summary()]
+        for case, uids in self.stored.items():
+            lines.append(f"  stored {len(uids)} DICOM object(s) of {case} (SEG, parametric maps) to {url}")
+        return "\n".join(lines)
+
+
+def predict_dicomweb(checkpoint: str | Path, url: str, study_uid: str, out_dir: str | Path, *,
+                     series_rule: SeriesRule | None = None, store: bool = True, **predict_kwargs) -> DicomwebReport:
+    """Fetch ``study_uid`` from the DICOMweb root ``url``, predict it into ``out_dir``, store the results back.
+    ``predict_kwargs`` go to ``predict_cases`` (device, steps, ensemble, seed, overwrite, ...)."""
+    client = connect(url)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        from medseg_diff.errors import DataError
+
+        raise DataError(out_dir, "the output folder is a file")
+    study_folder = fetch_study(client, study_uid, out_dir / FETCHED / str(study_uid).strip())
+    predictions = predict_cases(checkpoint, study_folder, out_dir, series_rule=series_rule, **predict_kwargs)
+    report = DicomwebReport(predictions, study_folder)
+    if store:
+        for folder in predictions.written:
+            paths = sorted((folder / DICOM_FOLDER).glob("*.dcm"))
+            report.stored[folder.name] = store_instances(client, paths)
+            log.info("dicomweb: stored %d object(s) of %s to %s", len(paths), folder.name, client.base_url)
+    return report
