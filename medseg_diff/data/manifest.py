@@ -101,12 +101,23 @@ class Manifest:
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, or of a DICOM folder (its files' names and bytes, in sorted order)."""
+    """SHA-256 of a file, or of a DICOM folder (its files' names and bytes, in sorted order), or of the whole
+    series a DICOM file stands for (a study's case entries are one file of each series: ``data.io``)."""
+    from medseg_diff.data.io import dicom_series_files, is_dicom_file
+
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    series = not path.is_dir() and is_dicom_file(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif series:
+        files = sorted(dicom_series_files(path))
+    else:
+        files = [path]
     for f in files:
         if path.is_dir():
             digest.update(str(f.relative_to(path)).encode())
+        elif series:
+            digest.update(str(f.relative_to(path.parent)).encode())
         with open(f, "rb") as fh:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)

@@ -208,6 +208,19 @@ def test_a_manifest_of_dicom_studies_builds_and_checks(tmp_path):
     write_manifest(manifest, root / "manifest.json")
     assert check_manifest(load_manifest(root / "manifest.json")) == []
 
+    # the checksum covers every slice of a series, not only the file the manifest names for it
+    from medseg_diff.data.check import verify_checksums
+    from medseg_diff.data.io import dicom_series_files
+
+    case = manifest.cases[0]
+    named = root / case.images["flair"]
+    other = next(f for f in dicom_series_files(named) if f != named)
+    ds = pydicom.dcmread(other)
+    ds.PixelData = bytes(b ^ 1 for b in ds.PixelData)  # one changed slice, not the named file
+    ds.save_as(other)
+    problems = verify_checksums(load_manifest(root / "manifest.json"))
+    assert [(p.case, p.file) for p in problems] == [(case.id, str(named))]
+
 
 def test_bad_files_and_folders_are_named(tmp_path):
     with pytest.raises(DataError, match="holds no DICOM image files"):
