@@ -59,3 +59,27 @@ def test_bad_rule_files_are_named(tmp_path, text, problem):
 def test_missing_rule_file(tmp_path):
     with pytest.raises(DataError, match="cannot read the series rule"):
         SeriesRule.from_file(tmp_path / "nope.yaml")
+
+
+def test_predict_takes_a_series_rule_for_unusual_descriptions(tmp_path, capsys):
+    """A site's own descriptions: the default rule refuses the study listing its series; ``--series-rule`` maps it
+    (the records ``predict`` would segment); a bad rule file is refused by the CLI before any model is loaded."""
+    from dicom_support import study_volumes
+    from medseg_diff.cli import main
+    from medseg_diff.dicom import write_phantom_study
+    from medseg_diff.inference.run import input_records
+
+    site = {"t1": "SEQ A", "t1ce": "SEQ B", "t2": "SEQ C", "flair": "SEQ D"}
+    folder = write_phantom_study(study_volumes(), tmp_path / "study", descriptions=site)
+    with pytest.raises(DataError, match="SEQ A"):
+        input_records(folder)
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps({m: [f"^{d}$"] for m, d in site.items()}))
+    _, [record] = input_records(folder, series_rule=SeriesRule.from_file(rule))
+    assert record["dicom_study"] == str(folder) and len(record["image"]) == 4
+
+    rule.write_text("{not json")
+    assert main(["predict", "--checkpoint", "none.pt", "--input", str(folder), "--out", str(tmp_path / "o"),
+                 "--series-rule", str(rule)]) == 2
+    assert str(rule) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
