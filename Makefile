@@ -9,6 +9,8 @@ TORCH_CPU_VERSION ?= 2.13.0
 .PHONY: setup demo test test-slow bench clean
 
 setup: $(VENV)/.installed
+	@# NiiVue viewer for report.html, from npm (prints why and carries on when npm is absent or offline)
+	@sh tools/fetch_niivue.sh
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)

@@ -1,0 +1,521 @@
+"""Interactive NiiVue viewer for report.html: an HTML fragment that stays one offline file.
+
+The NiiVue library (https://github.com/niivue/niivue, BSD-2-Clause) is vendored at install time by
+``tools/fetch_niivue.sh`` (``make setup``): the single-file browser build ``dist/niivue.umd.js`` of a pinned
+npm release, checked against a pinned SHA-256 and recorded in ``vendor/niivue.json``. :func:`viewer_section`
+inlines it, with the case's volumes as base64 gzip-compressed NIfTI, so the page loads nothing at view time.
+Without the bundle it returns a short note instead (the report keeps its static montage either way).
+
+Display copies, not the analysis data: grey images are quantised to 8 bits over a robust intensity window,
+heat maps to 8 bits over the caller's ``[vmin, vmax]``; the NIfTI ``scl_slope``/``scl_inter`` of each copy
+give back values in the original units (to within half a step), which the viewer's read-out shows. The
+segmentation is stored exactly (uint8).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+VENDOR_DIR = Path(__file__).resolve().parent / "vendor"
+#: The vendored NiiVue bundle and its record (written by tools/fetch_niivue.sh, git-ignored).
+BUNDLE_PATH = VENDOR_DIR / "niivue.umd.js"
+BUNDLE_INFO = VENDOR_DIR / "niivue.json"
+INSTALL_HINT = (
+    "run <code>make setup</code> (or <code>sh tools/fetch_niivue.sh</code>) on a machine with Node.js/npm "
+    "and network access, then export the case again"
+)
+#: Grey images: stored in 8 bits from 0 (from this low percentile of the non-zero voxels when the image has
+#: negative values) to this high percentile (brighter voxels clipped); first shown with the window's top at
+#: the 99.5th percentile (right-drag in the viewer changes the window).
+GREY_LOW_PERCENTILE, GREY_WINDOW_PERCENTILE, GREY_HIGH_PERCENTILE = 0.5, 99.5, 99.9
+#: The grey image shown first (canonical and BraTS-2023 names), as the montage picks it.
+_GREY_ORDER = ("flair", "t2f", "t1ce", "t1c", "t2", "t2w", "t1", "t1n")
+_DISPLAY_NAMES = {
+    "flair": "FLAIR", "t2f": "T2-FLAIR", "t1ce": "T1ce", "t1c": "T1c (contrast)", "t2": "T2", "t2w": "T2w",
+    "t1": "T1", "t1n": "T1 (native)",
+}
+#: NiiVue colour maps a heat map may name (a subset of NiiVue's built-in ones).
+HEAT_COLORMAPS = ("inferno", "viridis", "plasma", "magma", "hot", "warm", "cool", "turbo")
+DEFAULT_HEAT_COLORMAP = "inferno"
+_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """One continuous map shown as a heat overlay: ``array`` clipped to ``[vmin, vmax]`` (in ``units``)."""
+
+    name: str
+    array: np.ndarray
+    vmin: float
+    vmax: float
+    units: str
+    description: str
+    colormap: str = DEFAULT_HEAT_COLORMAP
+
+
+def niivue_status() -> tuple[bool, str]:
+    """``(available, reason)``: whether the vendored NiiVue bundle is installed and intact, and why not."""
+    if not BUNDLE_PATH.is_file():
+        return False, "the NiiVue library was not installed with this copy of medseg-diff"
+    try:
+        info = json.loads(BUNDLE_INFO.read_text(encoding="utf-8"))
+        digest = hashlib.sha256(BUNDLE_PATH.read_bytes()).hexdigest()
+    except (OSError, ValueError) as error:
+        return False, f"the NiiVue library record could not be read ({type(error).__name__})"
+    if digest != info.get("sha256"):
+        return False, "the installed NiiVue library does not match its recorded SHA-256"
+    return True, f"NiiVue {info.get('version', '?')}"
+
+
+def niivue_available() -> bool:
+    """True when :func:`viewer_section` can embed the interactive viewer."""
+    return niivue_status()[0]
+
+
+def niivue_version() -> str | None:
+    """The vendored NiiVue version, or None when it is not available."""
+    if not niivue_available():
+        return None
+    return str(json.loads(BUNDLE_INFO.read_text(encoding="utf-8")).get("version"))
+
+
+def unavailable_note(reason: str, heading: str | None = "Interactive viewer") -> str:
+    """The HTML that stands in for the viewer: why it is missing and how to get it."""
+    head = f"<h2>{html.escape(heading)}</h2>" if heading else ""
+    return (
+        f'<section class="mdv mdv-unavailable">{head}<p class="muted">The interactive viewer is not available '
+        f"in this report: {html.escape(reason)}. To include it, {INSTALL_HINT}. The static slice montage of "
+        "this report (Slices through the tumour) shows the same images and segmentation.</p></section>"
+    )
+
+
+def viewer_section(
+    images: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    label_colours: Sequence[tuple[int, str, tuple[int, int, int]]],
+    maps: Iterable[HeatMap | tuple],
+    affine: np.ndarray,
+    *,
+    grey: str | None = None,
+    heading: str | None = "Interactive viewer",
+    element_id: str = "viewer",
+    label_opacity: float = 0.5,
+    map_opacity: float = 0.7,
+    height_px: int = 620,
+    include_bundle: bool = True,
+) -> str:
+    """HTML fragment with an interactive NiiVue viewer of one case, or a note when NiiVue is not installed.
+
+    ``images``: modality name -> ``[X, Y, Z]`` array (the grey underlay; a selector switches between them;
+    ``grey`` or FLAIR, else T1ce, T2, T1 first). ``labels``: ``[X, Y, Z]`` integer labels, every non-zero value
+    listed in ``label_colours`` as ``(value, name, (r, g, b))``. ``maps``: :class:`HeatMap` or tuples
+    ``(name, array, vmin, vmax, units, description[, colormap])``, shown one at a time as heat overlays (values
+    at or below ``vmin`` transparent). ``affine``: the 4 x 4 voxel-to-world (RAS mm) matrix of every array.
+    ``include_bundle=False`` leaves the NiiVue library out (for a second viewer on a page that has one).
+    Raises ``ValueError`` for inconsistent inputs; text from the inputs is escaped.
+    """
+    available, reason = niivue_status()
+    if not available:
+        return unavailable_note(reason, heading)
+    if not _ID.match(element_id):
+        raise ValueError(f"element_id {element_id!r} is not a plain HTML id")
+    heat = [m if isinstance(m, HeatMap) else HeatMap(*m) for m in maps]
+    labels, affine = np.asarray(labels), np.asarray(affine, dtype=np.float64)
+    _check(images, labels, label_colours, heat, affine)
+    names = _grey_order(images, grey)
+    payload = {
+        "images": [_grey_entry(name, np.asarray(images[name]), affine) for name in names],
+        "labels": {
+            "b64": _encode(labels.astype(np.uint8), affine),
+            "entries": [{"value": int(v), "name": str(n), "rgb": [int(c) for c in rgb]} for v, n, rgb in
+                        sorted(label_colours, key=lambda entry: entry[0])],
+        },
+        "maps": [_map_entry(m, affine) for m in heat],
+        "opacity": {"labels": _unit(label_opacity), "map": _unit(map_opacity)},
+        "start_mm": _start_mm(labels, affine),
+        "shape": [int(n) for n in labels.shape],
+    }
+    bundle = ""
+    if include_bundle:
+        bundle = f"<script>{_script_safe(BUNDLE_PATH.read_text(encoding='utf-8'))}</script>\n"
+    return _render(payload, names, label_colours, heat, heading, element_id, height_px, bundle)
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def encode_nifti_gz(array: np.ndarray, affine: np.ndarray, slope: float = 1.0, inter: float = 0.0,
+                    cal: tuple[float, float] | None = None) -> bytes:
+    """``array`` stored as is (no rescaling) as gzip-compressed single-file NIfTI-1, with ``affine`` as sform
+    and qform (code 1, scanner) and the given ``scl_slope``/``scl_inter`` and display range."""
+    array = np.asarray(array)
+    header = nib.Nifti1Header()
+    header.set_data_shape(array.shape)
+    header.set_data_dtype(array.dtype)
+    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=1)
+    header.set_xyzt_units("mm")
+    header.set_slope_inter(slope, inter)
+    if cal is not None:
+        header["cal_min"], header["cal_max"] = cal
+    header["vox_offset"] = 352  # 348-byte header + 4-byte empty extension flag
+    raw = header.binaryblock + b"\0\0\0\0" + array.astype(array.dtype.newbyteorder("="), copy=False).tobytes("F")
+    return gzip.compress(raw, compresslevel=6, mtime=0)
+
+
+def _encode(array: np.ndarray, affine: np.ndarray, **header) -> str:
+    return base64.b64encode(encode_nifti_gz(array, affine, **header)).decode("ascii")
+
+
+def quantise(values: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, float, float]:
+    """``values`` clipped to ``[lo, hi]`` as uint8 0..255, with the ``(slope, inter)`` that map codes back."""
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=lo, posinf=hi, neginf=lo)
+    if hi <= lo:
+        hi = lo + 1.0
+    slope = (hi - lo) / 255.0
+    codes = np.clip(np.rint((values - lo) / slope), 0, 255).astype(np.uint8)
+    return codes, slope, lo
+
+
+def _grey_entry(name: str, array: np.ndarray, affine: np.ndarray) -> dict:
+    """8-bit display copy: codes over [0 (or the low percentile if negative values exist), high percentile]."""
+    values = np.asarray(array, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    inside = finite[finite != 0]
+    if inside.size == 0:
+        inside = finite if finite.size else np.zeros(1, np.float32)
+    low, window_high, high = (float(v) for v in np.percentile(inside, (GREY_LOW_PERCENTILE, GREY_WINDOW_PERCENTILE,
+                                                                            GREY_HIGH_PERCENTILE)))
+    low = 0.0 if float(finite.min(initial=0.0)) >= 0 else low
+    high = max(high, low + 1e-6)
+    codes, slope, inter = quantise(values, low, high)
+    window = (low, min(max(window_high, low + slope), high))
+    return {"name": name, "label": _DISPLAY_NAMES.get(name.lower(), name), "range": list(window),
+            "step": slope, "b64": _encode(codes, affine, slope=slope, inter=inter, cal=window)}
+
+
+def _map_entry(heat: HeatMap, affine: np.ndarray) -> dict:
+    codes, slope, inter = quantise(heat.array, float(heat.vmin), float(heat.vmax))
+    return {
+        "name": heat.name, "units": heat.units, "description": heat.description, "colormap": heat.colormap,
+        "vmin": float(heat.vmin), "vmax": float(heat.vmax), "step": slope,
+        "b64": _encode(codes, affine, slope=slope, inter=inter, cal=(float(heat.vmin), float(heat.vmax))),
+    }
+
+
+def _start_mm(labels: np.ndarray, affine: np.ndarray) -> list[float]:
+    """World position of the first view: the centre of the segmentation, else of the volume."""
+    where = np.argwhere(labels > 0)
+    centre = where.mean(axis=0) if len(where) else (np.array(labels.shape) - 1) / 2.0
+    return [float(v) for v in (affine @ np.append(np.rint(centre), 1.0))[:3]]
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _check(images, labels, label_colours, heat: list[HeatMap], affine: np.ndarray) -> None:
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D [X, Y, Z], got shape {labels.shape}")
+    if not images:
+        raise ValueError("at least one grey image is needed")
+    for name, array in list(images.items()) + [(f"map {m.name!r}", m.array) for m in heat]:
+        if np.shape(array) != labels.shape:
+            raise ValueError(f"{name} has shape {np.shape(array)}, the labels {labels.shape}")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError("affine must be a finite, invertible 4 x 4 matrix")
+    if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.rint(labels)):
+        raise ValueError("labels must be integers")
+    known = {int(v) for v, _, _ in label_colours}
+    if any(not 0 < v < 256 for v in known):
+        raise ValueError("label values must be 1..255")
+    unknown = sorted({int(v) for v in np.unique(labels)} - known - {0})
+    if unknown:
+        raise ValueError(f"labels {unknown} have no entry in label_colours")
+    for value, _, rgb in label_colours:
+        if len(rgb) != 3 or any(not 0 <= int(c) <= 255 for c in rgb):
+            raise ValueError(f"label {value}: colour {rgb} is not (r, g, b) in 0..255")
+    for m in heat:
+        if not (np.isfinite(m.vmin) and np.isfinite(m.vmax) and m.vmax > m.vmin):
+            raise ValueError(f"map {m.name!r}: need finite vmin < vmax, got {m.vmin}, {m.vmax}")
+        if m.colormap not in HEAT_COLORMAPS:
+            raise ValueError(f"map {m.name!r}: colormap {m.colormap!r} is not one of {HEAT_COLORMAPS}")
+
+
+def _grey_order(images: Mapping[str, np.ndarray], grey: str | None) -> list[str]:
+    names = list(images)
+    if grey is not None and grey not in images:
+        raise ValueError(f"grey image {grey!r} is not one of {names}")
+    first = grey or next((n for n in _GREY_ORDER if n in images), names[0])
+    return [first] + [n for n in names if n != first]
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+
+def _script_safe(text: str) -> str:
+    """Text that cannot end or re-open the <script> element it is inlined in."""
+    return re.sub(r"(?i)</(script)", r"<\\/\1", text).replace("<!--", "<\\!--")
+
+
+def _json_for_script(value) -> str:
+    return json.dumps(value, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace(
+        "&", "\\u0026")
+
+
+def _unit(value: float) -> float:
+    return min(max(float(value), 0.0), 1.0)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _render(payload, names, label_colours, heat: list[HeatMap], heading, element_id, height_px, bundle) -> str:
+    e = html.escape
+    grey_options = "".join(f'<option value="{i}">{e(_DISPLAY_NAMES.get(n.lower(), n))}</option>'
+                           for i, n in enumerate(names))
+    map_options = '<option value="-1">none</option>' + "".join(
+        f'<option value="{i}">{e(m.name)}</option>' for i, m in enumerate(heat))
+    swatches = "".join(
+        f'<li><span class="mdv-swatch" style="background: rgb({int(r)}, {int(g)}, {int(b)})"></span>'
+        f"label {int(v)}: {e(str(n))}</li>"
+        for v, n, (r, g, b) in sorted(label_colours, key=lambda entry: entry[0]))
+    map_items = "".join(
+        f'<li data-map="{i}"><canvas class="mdv-cbar" data-role="cbar" data-map="{i}" width="128" height="10">'
+        f"</canvas> <b>{e(m.name)}</b>: {_fmt(m.vmin)} (transparent) to {_fmt(m.vmax)} {e(m.units)}, "
+        f"colour map {e(m.colormap)}; stored in 8 bits (steps of {_fmt((m.vmax - m.vmin) / 255)} {e(m.units)}). "
+        f"{e(m.description)}</li>"
+        for i, m in enumerate(heat)) or "<li>none for this case</li>"
+    head = f"<h2>{e(heading)}</h2>" if heading else ""
+    return (
+        f'<section class="mdv" id="{element_id}" data-state="loading">{head}<style>{_CSS}</style>\n'
+        '<div class="mdv-controls">'
+        f'<label>Grey image <select data-role="grey">{grey_options}</select></label>'
+        f'<label>Heat map <select data-role="map">{map_options}</select></label>'
+        '<label><input type="checkbox" data-role="seg" checked> Segmentation</label>'
+        f'<label>Segmentation opacity <input type="range" data-role="seg-opacity" min="0" max="100" '
+        f'value="{round(payload["opacity"]["labels"] * 100)}"></label>'
+        f'<label>Heat-map opacity <input type="range" data-role="map-opacity" min="0" max="100" '
+        f'value="{round(payload["opacity"]["map"] * 100)}"></label>'
+        '<label>View <select data-role="layout"><option value="grid">3 planes + 3D</option>'
+        '<option value="axial">axial</option><option value="coronal">coronal</option>'
+        '<option value="sagittal">sagittal</option><option value="render">3D</option></select></label>'
+        '<label>Slice <select data-role="plane"><option value="2">axial</option>'
+        '<option value="1">coronal</option><option value="0">sagittal</option></select> '
+        '<input type="range" data-role="slice" min="0" max="0" value="0"> <output data-role="slice-out">'
+        "</output></label></div>\n"
+        f'<div class="mdv-stage" style="height: {int(height_px)}px"><canvas data-role="canvas" tabindex="0">'
+        "</canvas></div>\n"
+        '<div class="mdv-readout" data-role="status" aria-live="polite">Loading the viewer\u2026 '
+        "(needs JavaScript and WebGL 2)</div>\n"
+        '<div class="mdv-legend"><div><b>Segmentation</b><ul>'
+        f"{swatches}</ul></div><div><b>Heat maps</b> (one at a time)<ul>{map_items}</ul></div></div>\n"
+        '<p class="muted">Mouse wheel over a view, or the slice slider: scroll through slices. Click: move the '
+        "crosshair (and give the viewer the keyboard). Arrow keys / Page Up, Down: step through the slices of the "
+        "plane chosen under Slice. Right-drag: adjust brightness/contrast. Radiological convention: the patient's "
+        f"right is on the image left. Display copies: grey images in 8 bits up to their {GREY_HIGH_PERCENTILE:g}th "
+        "percentile (brighter voxels clipped), heat maps in 8 bits; the read-out shows values in their original "
+        "units.</p>\n"
+        '<noscript><p class="muted">The interactive viewer needs JavaScript; the static slice montage of this '
+        "report shows the same images.</p></noscript>\n"
+        f'<script type="application/json" data-role="data">{_json_for_script(payload)}</script>\n'
+        f"{bundle}<script>{_VIEWER_JS}</script>\n</section>"
+    )
+
+
+_CSS = """
+.mdv-controls { display: flex; flex-wrap: wrap; gap: 6px 18px; margin: 6px 0; font-size: 0.92em; }
+.mdv-controls label { white-space: nowrap; }
+.mdv-controls input[type=range] { vertical-align: middle; width: 110px; }
+.mdv-stage { position: relative; width: 100%; background: #000; border: 1px solid #999; }
+.mdv-stage canvas { position: absolute; inset: 0; width: 100%; height: 100%; outline: none; }
+.mdv-readout { font-family: "DejaVu Sans Mono", monospace; font-size: 0.88em; min-height: 1.4em; margin: 4px 0; }
+.mdv-legend { display: flex; flex-wrap: wrap; gap: 4px 32px; font-size: 0.92em; }
+.mdv-legend ul { list-style: none; padding-left: 0; margin: 4px 0; }
+.mdv-swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #555; margin-right: 6px; }
+.mdv-cbar { vertical-align: middle; border: 1px solid #555; }
+.mdv-legend li.mdv-off { opacity: 0.55; }
+"""
+
+# The viewer's own script: plain ES2017, no globals but window.medsegViewers (for tests and debugging).
+_VIEWER_JS = r"""
+(function () {
+  "use strict";
+  var root = document.currentScript.parentElement;
+  function q(role) { return root.querySelector('[data-role="' + role + '"]'); }
+  var statusBox = q("status");
+  function fail(message) {
+    root.setAttribute("data-state", "error");
+    statusBox.textContent = message + " The static slice montage of this report shows the same images.";
+  }
+  var NV = window.niivue;
+  if (!NV || !NV.Niivue) { fail("The NiiVue library did not load."); return; }
+  if (!document.createElement("canvas").getContext("webgl2")) {
+    fail("This browser has no WebGL 2, which the interactive viewer needs."); return;
+  }
+  var data = JSON.parse(q("data").textContent);
+  var entries = data.labels.entries;
+  var labelNames = {};
+  entries.forEach(function (x) { labelNames[x.value] = x.name; });
+  var cmap = { R: [0], G: [0], B: [0], A: [0], I: [0], labels: ["background"] };
+  entries.forEach(function (x) {
+    cmap.R.push(x.rgb[0]); cmap.G.push(x.rgb[1]); cmap.B.push(x.rgb[2]); cmap.A.push(255);
+    cmap.I.push(x.value); cmap.labels.push(x.name);
+  });
+  var nv = new NV.Niivue({
+    backColor: [0, 0, 0, 1], crosshairColor: [0.1, 1.0, 0.3, 0.6], crosshairWidth: 0.75, crosshairGap: 6,
+    isRadiologicalConvention: true,
+    multiplanarLayout: NV.MULTIPLANAR_TYPE.GRID, multiplanarShowRender: NV.SHOW_RENDER.ALWAYS,
+    show3Dcrosshair: true, dragAndDropEnabled: false, isColorbar: false, isNearestInterpolation: true,
+    logLevel: "error", loadingText: "loading\u2026"
+  });
+  var cache = {};
+  var state = { grey: 0, map: -1, seg: true };
+  function opacity(role) { return Number(q(role).value) / 100; }
+  async function volume(key) {
+    if (cache[key]) return cache[key];
+    var kind = key.charAt(0), i = Number(key.slice(1)), v;
+    if (kind === "g") {
+      var g = data.images[i];
+      v = await NV.NVImage.loadFromBase64({ base64: g.b64, name: "grey" + i + ".nii.gz", colormap: "gray",
+        cal_min: g.range[0], cal_max: g.range[1], colorbarVisible: false });
+      v.medsegName = g.label;
+    } else if (kind === "l") {
+      v = await NV.NVImage.loadFromBase64({ base64: data.labels.b64, name: "labels.nii.gz",
+        colorbarVisible: false });
+      v.setColormapLabel(cmap);
+      v.medsegName = "label";
+    } else {
+      var m = data.maps[i];
+      v = await NV.NVImage.loadFromBase64({ base64: m.b64, name: "map" + i + ".nii.gz", colormap: m.colormap,
+        cal_min: m.vmin + 0.5 * m.step, cal_max: m.vmax, colorbarVisible: true });
+      v.medsegName = m.name; v.medsegUnits = m.units;
+    }
+    cache[key] = v;
+    return v;
+  }
+  async function apply() {
+    var want = [await volume("g" + state.grey)];
+    var seg = await volume("l0");
+    if (state.seg) want.push(seg);
+    if (state.map >= 0) want.push(await volume("m" + state.map));
+    seg.opacity = opacity("seg-opacity");
+    if (state.map >= 0) want[want.length - 1].opacity = opacity("map-opacity");
+    nv.opts.isColorbar = state.map >= 0;
+    var same = want.length === nv.volumes.length && want.every(function (v, i) { return nv.volumes[i] === v; });
+    if (same) {
+      nv.updateGLVolume();  // opacity only
+    } else {  // each of these updates the GPU volumes itself
+      want.forEach(function (v) { if (nv.volumes.indexOf(v) < 0) nv.addVolume(v); });
+      want.forEach(function (v, i) { if (nv.volumes.indexOf(v) !== i) nv.setVolume(v, i); });
+      nv.volumes.slice().forEach(function (v) { if (want.indexOf(v) < 0) nv.removeVolume(v); });
+    }
+    nv.createOnLocationChange();
+    root.querySelectorAll(".mdv-legend li[data-map]").forEach(function (li) {
+      li.classList.toggle("mdv-off", Number(li.getAttribute("data-map")) !== state.map);
+    });
+    syncSlider();
+  }
+  var queue = Promise.resolve(), pending = false;
+  function schedule() {  // one update at a time; requests made while one waits share it
+    if (!pending) {
+      pending = true;
+      queue = queue.then(function () { pending = false; return apply(); })
+        .catch(function (err) { fail("Viewer error: " + err); });
+    }
+    return queue;
+  }
+  function fmt(x) { return Math.abs(x) >= 100 ? x.toFixed(0) : Number(x.toPrecision(3)).toString(); }
+  function syncSlider() {
+    if (!nv.back) return;
+    var axis = Number(q("plane").value), slider = q("slice");
+    var vox = nv.frac2vox(nv.scene.crosshairPos), n = nv.back.dimsRAS[axis + 1];
+    slider.max = String(n - 1);
+    slider.value = String(Math.round(vox[axis]));
+    q("slice-out").textContent = (Math.round(vox[axis]) + 1) + " / " + n;
+  }
+  function readout(loc) {
+    var parts = [];
+    if (loc.vox) parts.push("voxel (" + Array.from(loc.vox).join(", ") + ")");
+    (loc.values || []).forEach(function (val, i) {
+      var v = nv.volumes[i];
+      if (!v) return;
+      if (v.medsegName === "label") {
+        var k = Math.round(val.value);
+        parts.push(k ? "label " + k + ": " + (labelNames[k] || "?") : "no label");
+      } else if (v.medsegUnits !== undefined) {
+        parts.push(v.medsegName + " " + fmt(val.value) + " " + v.medsegUnits);
+      } else {
+        parts.push(v.medsegName + " " + fmt(val.value));
+      }
+    });
+    statusBox.textContent = parts.join(" \u00b7 ");
+  }
+  function layout(value) {
+    var T = NV.SLICE_TYPE;
+    var types = { grid: T.MULTIPLANAR, axial: T.AXIAL, coronal: T.CORONAL, sagittal: T.SAGITTAL, render: T.RENDER };
+    nv.setSliceType(types[value]);
+    var plane = { axial: "2", coronal: "1", sagittal: "0" }[value];
+    if (plane) { q("plane").value = plane; syncSlider(); }
+  }
+  function drawLegendBars() {
+    root.querySelectorAll('canvas[data-role="cbar"]').forEach(function (c) {
+      var m = data.maps[Number(c.getAttribute("data-map"))], lut = nv.colormap(m.colormap);
+      var ctx = c.getContext("2d"), img = ctx.createImageData(c.width, c.height);
+      for (var x = 0; x < c.width; x++) {
+        var k = Math.round(x * 255 / (c.width - 1)) * 4;
+        for (var y = 0; y < c.height; y++) {
+          var o = (y * c.width + x) * 4;
+          img.data[o] = lut[k]; img.data[o + 1] = lut[k + 1]; img.data[o + 2] = lut[k + 2]; img.data[o + 3] = 255;
+        }
+      }
+      ctx.putImageData(img, 0, 0);
+    });
+  }
+  async function start() {
+    await nv.attachToCanvas(q("canvas"));
+    nv.onLocationChange = function (loc) { readout(loc); syncSlider(); };
+    await schedule();
+    nv.scene.crosshairPos = nv.mm2frac(data.start_mm);
+    nv.createOnLocationChange();
+    nv.drawScene();
+    drawLegendBars();
+    q("grey").addEventListener("change", function (ev) { state.grey = Number(ev.target.value); schedule(); });
+    q("map").addEventListener("change", function (ev) { state.map = Number(ev.target.value); schedule(); });
+    q("seg").addEventListener("change", function (ev) { state.seg = ev.target.checked; schedule(); });
+    q("seg-opacity").addEventListener("input", function () { schedule(); });
+    q("map-opacity").addEventListener("input", function () { schedule(); });
+    q("layout").addEventListener("change", function (ev) { layout(ev.target.value); });
+    q("plane").addEventListener("change", syncSlider);
+    q("slice").addEventListener("input", function (ev) {
+      var axis = Number(q("plane").value), vox = nv.frac2vox(nv.scene.crosshairPos), d = [0, 0, 0];
+      d[axis] = Number(ev.target.value) - Math.round(vox[axis]);
+      if (d[axis]) nv.moveCrosshairInVox(d[0], d[1], d[2]);
+    });
+    q("canvas").addEventListener("keydown", function (ev) {  // arrows / page keys: slices of the chosen plane
+      var step = { ArrowUp: 1, ArrowRight: 1, PageUp: 10, ArrowDown: -1, ArrowLeft: -1, PageDown: -10 }[ev.key];
+      if (!step || !nv.back) return;
+      ev.preventDefault();
+      var d = [0, 0, 0];
+      d[Number(q("plane").value)] = step;
+      nv.moveCrosshairInVox(d[0], d[1], d[2]);
+    });
+    root.setAttribute("data-state", "ready");
+  }
+  var api = { root: root, nv: nv, ready: null, apply: schedule };
+  window.medsegViewers = window.medsegViewers || [];
+  window.medsegViewers.push(api);
+  api.ready = start().catch(function (err) { fail("The viewer could not start: " + err); });
+})();
+"""
