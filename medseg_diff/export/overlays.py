@@ -25,8 +25,9 @@ from medseg_diff.data.conventions import REGIONS, LabelConvention
 from medseg_diff.data.io import read_image
 from medseg_diff.errors import DataError
 from medseg_diff.export.montage import render_montage
-from medseg_diff.export.report import REPORT_NAME, ReportContext, case_of_report, render_report
+from medseg_diff.export.report import REPORT_NAME, ReportContext, case_of_report, map_definitions, render_report
 from medseg_diff.export.types import (
+    ATTENTION_PERCENTILE,
     CaseOverlay,
     ExportResult,
     OutputFile,
@@ -97,6 +98,7 @@ def slicer_colour_table(convention: LabelConvention) -> str:
     lines = [
         f"# Color table file for medseg-diff segmentations, {convention.name} labels",
         f"# {len(entries) + 1} values",
+        "# label colours; the montage outlines the nested regions WT/TC/ET in their own colours (ET shares its colour)",
         "0 Background 0 0 0 0",
     ]
     lines += [f"{e.value} {e.short} {e.rgb[0]} {e.rgb[1]} {e.rgb[2]} 255" for e in entries]
@@ -185,20 +187,52 @@ def export_case(overlay: CaseOverlay, out_dir: Path, prefix: str | None = None) 
     # 2. stage every file under a temporary name, then rename them all
     with AtomicBatch(out_dir) as batch:
         paths, files = _stage_volumes(batch, overlay, grid, prefix)
-        png = render_montage(overlay, grid.affine)
-        paths["montage"] = batch.add(f"{prefix}_montage.png", png)
-        files.append(OutputFile(paths["montage"], "PNG montage: axial, coronal, sagittal slices through the tumour"))
+        montage = render_montage(overlay, grid.affine)
+        paths["montage"] = batch.add(f"{prefix}_montage.png", montage.png)
+        files.append(OutputFile(paths["montage"], "PNG montage: axial, coronal and sagittal slices through the "
+                                                  "largest predicted lesion (the picture in this report)"))
         context = ReportContext(
-            montage_png=png,
+            montage_png=montage.png,
             files=files,
             voxel_volume_mm3=grid.voxel_volume_mm3,
             voxel_size_mm=grid.zooms,
             axcodes="".join(nib.aff2axcodes(grid.affine)),
             shape=grid.shape,
+            montage_rows=montage.rows,
+            out_dir=out_dir,
+            viewer_html=viewer_html(overlay, grid.affine),
         )
         paths["report"] = batch.add(REPORT_NAME, render_report(overlay, context).encode("utf-8"))
         batch.commit()
     return ExportResult(out_dir=out_dir, **paths)
+
+
+def viewer_html(overlay: CaseOverlay, affine: np.ndarray) -> str:
+    """The report's interactive NiiVue viewer (``export.viewer``; a note saying why when NiiVue is not installed):
+    every modality as underlay, the labels in their table colours, and the maps on the montage's scales: attention
+    only inside the brain and above the brain mean; entropy and variance on their fixed, absolute scales (values
+    above the top are drawn in the top colour)."""
+    from medseg_diff.export.montage import heat_scale
+    from medseg_diff.export.viewer import HeatMap, viewer_section
+
+    definitions = map_definitions(overlay)
+    brain = overlay.brain_mask
+    maps = []
+    for name in overlay.attention:
+        scale = heat_scale(overlay, "attention", name)
+        values = np.where(brain, overlay.normalised_attention(name), 0.0).astype(np.float32)
+        maps.append(HeatMap(f"attention: {name}", values, scale.low, scale.top, "0-1 scale",
+                            f"{definitions[f'attention_{name}']}; coloured only inside the brain, above the brain "
+                            f"mean ({scale.low:.2f})", "inferno"))
+    for kind, values in (("uncertainty", overlay.uncertainty), ("variance", overlay.variance)):
+        if values is not None:
+            scale = heat_scale(overlay, kind)
+            units = overlay.uncertainty_units if kind == "uncertainty" else "probability\u00b2"
+            maps.append(HeatMap(kind, np.asarray(values, dtype=np.float32), scale.low, scale.top, units,
+                                f"{definitions[kind]}; fixed scale 0 to {scale.top:.3g} for every model and case, "
+                                f"values \u2265 {scale.top:.3g} in the top colour", "viridis"))
+    colours = [(e.value, e.description, e.rgb) for e in label_entries(overlay.convention)]
+    return viewer_section(overlay.images, overlay.labels, colours, maps, affine, grey=overlay.grey_modality)
 
 
 def export_volumes(overlay: CaseOverlay, out_dir: Path, prefix: str | None = None) -> dict:
@@ -254,28 +288,38 @@ def _stage_volumes(
     ctbl = batch.add(f"{prefix}_labels.ctbl", slicer_colour_table(overlay.convention).encode("ascii"))
     snap = batch.add(f"{prefix}_labels_itksnap.txt", itksnap_label_file(overlay.convention).encode("ascii"))
     files = [
-        OutputFile(seg, f"segmentation, {overlay.convention.name} label values (uint8)"),
+        OutputFile(seg, f"segmentation: {overlay.convention.name} label values (uint8), coloured by the label "
+                        "tables below"),
         OutputFile(ctbl, "label colour table for 3D Slicer"),
         OutputFile(snap, "label descriptions for ITK-SNAP"),
     ]
     paths: dict = {"seg": seg, "slicer_colour_table": ctbl, "itksnap_labels": snap, "attention": {}}
+    definitions = map_definitions(overlay)
     if overlay.uncertainty is not None:
         unc = np.asarray(overlay.uncertainty, dtype=np.float32)
         units = overlay.uncertainty_units
         paths["uncertainty"] = batch.add(
             f"{prefix}_uncertainty.nii.gz", nifti_bytes(grid, unc, f"predictive entropy ({units}) {model}")
         )
-        files.append(OutputFile(paths["uncertainty"], f"uncertainty: predictive entropy in {units} (float32)"))
+        files.append(OutputFile(paths["uncertainty"], f"{definitions['uncertainty']} (float32)"))
+    if overlay.variance is not None:
+        var = np.asarray(overlay.variance, dtype=np.float32)
+        paths["variance"] = batch.add(
+            f"{prefix}_variance.nii.gz", nifti_bytes(grid, var, f"ensemble member variance {model}")
+        )
+        files.append(OutputFile(paths["variance"], f"{definitions['variance']} (float32)"))
     for name in overlay.attention:
         att = overlay.normalised_attention(name)
         path = batch.add(f"{prefix}_attention_{name}.nii.gz", nifti_bytes(grid, att, f"attention {name} 0-1 {model}"))
         paths["attention"][name] = path
-        files.append(OutputFile(path, f"'{name}' attention map, scaled to 0-1 (float32)"))
+        files.append(OutputFile(path, f"'{name}' attention map: {definitions['attention_' + name]}; scaled to "
+                                      f"0-1 by its {ATTENTION_PERCENTILE:g}th percentile in the brain (float32)"))
     if overlay.probabilities is not None:
         probs = np.moveaxis(np.asarray(overlay.probabilities, dtype=np.float32), 0, -1)
         order = "/".join(REGIONS)
         paths["probabilities"] = batch.add(
             f"{prefix}_probabilities.nii.gz", nifti_bytes(grid, probs, f"region probabilities {order} {model}")
         )
-        files.append(OutputFile(paths["probabilities"], f"region probabilities, 4D, volumes {order} (float32)"))
+        files.append(OutputFile(paths["probabilities"], f"region probabilities, 4D, volumes {order} in this "
+                                                        "order (float32)"))
     return paths, files

@@ -8,8 +8,9 @@ file's voxel index order ``(i, j, k)`` (for MHA/NRRD read through SimpleITK, the
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -20,14 +21,35 @@ from medseg_diff.errors import DataError
 
 #: Modalities tried, in order, for the grey background of the montage (canonical and BraTS-2023 names).
 DISPLAY_MODALITIES: tuple[str, ...] = ("flair", "t2f", "t1ce", "t1c", "t2", "t2w", "t1", "t1n")
+#: Modalities tried, in order, for the second underlay of the prediction (enhancing tumour is judged on T1ce).
+CONTRAST_MODALITIES: tuple[str, ...] = ("t1ce", "t1c")
+#: Plain names of the modalities, as the montage and the report print them.
+MODALITY_NAMES: dict[str, str] = {"flair": "FLAIR", "t2f": "FLAIR", "t1ce": "T1ce", "t1c": "T1ce", "t2": "T2",
+                                  "t2w": "T2", "t1": "T1", "t1n": "T1"}
 #: Robust maximum used to scale attention maps to [0, 1]: this percentile of the brain's voxels.
 ATTENTION_PERCENTILE = 99.5
 UNCERTAINTY_UNITS = ("nats", "bits")
-#: Okabe-Ito colours (colour-blind safe), shared by the montage, Slicer and ITK-SNAP tables.
+#: Entropy of one region at p = 0.5 (ln 2 nats = 1 bit): the top of the fixed uncertainty colour scale. The map
+#: is summed over the 3 regions, so it can reach 3 x this; values above the top are marked as over range.
+ENTROPY_SCALE_TOP: dict[str, float] = {"nats": math.log(2.0), "bits": 1.0}
+#: Variance of a probability in [0, 1] is at most 1/4 (members split evenly between 0 and 1); the map averages
+#: the 3 regions, so one region split evenly gives 1/12: the top of the fixed variance colour scale.
+VARIANCE_MAX = 0.25
+VARIANCE_SCALE_TOP = VARIANCE_MAX / 3
+#: Okabe-Ito colours (colour-blind safe): ONE colour per concept in the montage, the report and the Slicer /
+#: ITK-SNAP tables. Regions (the nested BraTS evaluation sets, drawn as contours) and labels (the values in the
+#: segmentation file) are different concepts and get different colours -- except enhancing tumour, which is both
+#: the ET region and the ET label (the same voxels), so it keeps one colour.
 REGION_RGB: dict[str, tuple[int, int, int]] = {
-    "WT": (240, 228, 66),  # yellow: outer tumour boundary (edema included)
-    "TC": (86, 180, 233),  # sky blue
-    "ET": (213, 94, 0),  # vermillion
+    "WT": (240, 228, 66),  # yellow: whole tumour (every tumour label)
+    "TC": (86, 180, 233),  # sky blue: tumour core (NCR + ET)
+    "ET": (213, 94, 0),  # vermillion: enhancing tumour
+}
+#: label role (LabelConvention attribute) -> colour
+LABEL_RGB: dict[str, tuple[int, int, int]] = {
+    "edema": (0, 158, 115),  # bluish green: edema only (not WT, which also holds the core)
+    "core": (204, 121, 167),  # reddish purple: necrotic / non-enhancing core only (not TC, which also holds ET)
+    "enhancing": REGION_RGB["ET"],  # the ET label is the ET region
 }
 REGION_NAMES: dict[str, str] = {
     "WT": "whole tumour",
@@ -61,10 +83,43 @@ def label_entries(convention: LabelConvention) -> tuple[LabelEntry, ...]:
             convention.edema: ("ED", "ED - peritumoural edema"),
             convention.enhancing: ("ET", "ET - enhancing tumour"),
         }
-    colour = {convention.edema: "WT", convention.core: "TC", convention.enhancing: "ET"}
-    return tuple(
-        LabelEntry(value, *names[value], REGION_RGB[colour[value]]) for value in sorted(names)
-    )
+    role = {convention.edema: "edema", convention.core: "core", convention.enhancing: "enhancing"}
+    return tuple(LabelEntry(value, *names[value], LABEL_RGB[role[value]]) for value in sorted(names))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a prediction came from, as the report's provenance table shows it; None = not recorded.
+
+    Written into ``prediction.json`` by ``predict`` (``inference.prediction_folder``) from the checkpoint and its
+    stored config, read back by ``export``.
+    """
+
+    model_kind: str | None = None  # "diffusion" | "unet"
+    checkpoint: str | None = None  # the checkpoint file the weights came from
+    model_uri: str | None = None  # the MLflow model URI, when the checkpoint was fetched through one
+    run_id: str | None = None  # the training run
+    epoch: int | None = None  # training epoch of the checkpoint
+    training_data: str | None = None  # plain words, e.g. "synthetic phantoms (medseg-diff synth), 3 mm voxels"
+    training_manifest: str | None = None  # the training manifest's path, from the checkpoint's config
+    sample_steps: int | None = None  # DDIM steps K (diffusion)
+    ensemble: int | None = None  # ensemble members N (diffusion)
+    seed: int | None = None  # sampler seed
+    overlap: float | None = None  # sliding-window overlap
+    roi_size: tuple[int, ...] | None = None  # sliding-window size, voxels of the model's grid
+    spacing_mm: tuple[float, ...] | None = None  # the grid the model predicted on (None: the input's own)
+    threshold: float | None = None  # probability threshold of the regions
+    predicted_at: str | None = None  # UTC time of the prediction
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Provenance":
+        """From ``to_dict``'s output; unknown keys are ignored (a newer writer), missing ones are None."""
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known}
+        return cls(**values)
 
 
 @dataclass
@@ -77,13 +132,17 @@ class CaseOverlay:
     labels: np.ndarray  # [X, Y, Z] BraTS labels in `convention`
     convention: LabelConvention
     probabilities: np.ndarray | None  # [3, X, Y, Z] region probabilities in REGIONS order (TC, WT, ET)
-    uncertainty: np.ndarray | None  # [X, Y, Z] predictive entropy, in `uncertainty_units`
+    uncertainty: np.ndarray | None  # [X, Y, Z] predictive entropy of the mean probabilities, summed over regions
     attention: dict[str, np.ndarray]  # name ("self", "cross", ...) -> [X, Y, Z] raw units, >= 0
     model_name: str
     run_id: str | None
     ground_truth: np.ndarray | None  # [X, Y, Z] labels in `convention`
     dice: dict[str, float] | None  # region ("TC", "WT", "ET") -> Dice vs ground truth
     uncertainty_units: str = "nats"  # "nats" (natural log) or "bits" (log2)
+    variance: np.ndarray | None = None  # [X, Y, Z] variance across ensemble members, mean over the 3 regions
+    provenance: Provenance = field(default_factory=Provenance)
+    dice_source: str | None = None  # where `dice` came from, in plain words ("computed at predict time ...")
+    image_paths: dict[str, Path] = field(default_factory=dict)  # modality name -> its input file, when known
 
     @property
     def grey_modality(self) -> str:
@@ -92,6 +151,11 @@ class CaseOverlay:
             if name in self.images:
                 return name
         return next(iter(self.images))
+
+    @property
+    def contrast_modality(self) -> str | None:
+        """The post-contrast T1 (T1ce / t1c) when the case has one: the second underlay of the prediction."""
+        return next((name for name in CONTRAST_MODALITIES if name in self.images), None)
 
     @cached_property
     def brain_mask(self) -> np.ndarray:
@@ -121,6 +185,15 @@ class CaseOverlay:
             return np.zeros(values.shape, dtype=np.float32)
         return np.clip(values / scale, 0.0, 1.0).astype(np.float32)
 
+    def attention_threshold(self, name: str) -> float:
+        """The mean of :meth:`normalised_attention` inside :attr:`brain_mask`: the montage colours only the brain
+        voxels above it (above-average attention)."""
+        return float(self.normalised_attention(name)[self.brain_mask].mean())
+
+    def modality_name(self, name: str) -> str:
+        """Plain name of a modality key ("t2f" -> "FLAIR")."""
+        return MODALITY_NAMES.get(name, name.upper())
+
 
 @dataclass(frozen=True)
 class OutputFile:
@@ -141,12 +214,13 @@ class ExportResult:
     montage: Path
     report: Path
     uncertainty: Path | None = None
+    variance: Path | None = None
     probabilities: Path | None = None
     attention: dict[str, Path] = field(default_factory=dict)
 
     def paths(self) -> list[Path]:
         """Every written path."""
-        maybe = [self.uncertainty, self.probabilities, *self.attention.values()]
+        maybe = [self.uncertainty, self.variance, self.probabilities, *self.attention.values()]
         fixed = [self.seg, self.slicer_colour_table, self.itksnap_labels, self.montage, self.report]
         return fixed + [p for p in maybe if p is not None]
 
@@ -184,6 +258,10 @@ def check_overlay(overlay: CaseOverlay, grid_shape: tuple[int, int, int]) -> Non
         unc = _check_map("uncertainty", overlay.uncertainty, grid_shape, fail)
         if unc.min() < 0:
             fail(f"uncertainty has negative values (min {unc.min():.4g}); entropy is >= 0")
+    if overlay.variance is not None:
+        var = _check_map("variance", overlay.variance, grid_shape, fail)
+        if var.min() < 0:
+            fail(f"variance has negative values (min {var.min():.4g}); a variance is >= 0")
     for name, att in overlay.attention.items():
         check_name(name, "attention map name", overlay.case_id)
         values = _check_map(f"attention '{name}'", att, grid_shape, fail)

@@ -14,9 +14,22 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from medseg_diff.data.conventions import BRATS2021, BRATS2023, CONVENTIONS, MSD, REGIONS, LabelConvention
 from medseg_diff.errors import DataError
 from medseg_diff.export import CaseOverlay, export_case, itksnap_label_file, load_reference_grid, montage_panels
+from medseg_diff.export import montage as montage_module
 from medseg_diff.export import overlays as overlays_module
 from medseg_diff.export import slicer_colour_table
-from medseg_diff.export.montage import tumour_centre
+from medseg_diff.export.montage import (
+    CONTOUR_WIDTHS,
+    HALO_POINTS,
+    OVER_RGB,
+    colour_bar_ticks,
+    heat_rgba,
+    heat_scale,
+    largest_lesion,
+    montage_rows,
+    montage_slices,
+    tumour_centre,
+)
+from medseg_diff.export.types import REGION_RGB, label_entries
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
 SHAPE = (20, 24, 14)  # RAS voxels of the phantom
@@ -99,8 +112,9 @@ def assert_on_reference_grid(path: Path, reference: Path) -> nib.Nifti1Image:
 @pytest.mark.parametrize("codes", ["LPS", "RAS", "PSL"])
 def test_nifti_outputs_lie_on_the_reference_grid(tmp_path, codes):
     overlay = make_overlay(tmp_path, codes)
+    overlay.variance = (overlay.uncertainty / 20).astype(np.float32)  # an ensemble's member variance
     result = export_case(overlay, tmp_path / "out")
-    nifti = [result.seg, result.uncertainty, result.probabilities, *result.attention.values()]
+    nifti = [result.seg, result.uncertainty, result.variance, result.probabilities, *result.attention.values()]
     for path in nifti:
         assert_on_reference_grid(path, overlay.reference)
     seg = nib.load(result.seg)
@@ -109,6 +123,7 @@ def test_nifti_outputs_lie_on_the_reference_grid(tmp_path, codes):
     unc = nib.load(result.uncertainty)
     assert unc.get_data_dtype() == np.float32
     assert np.array_equal(np.asanyarray(unc.dataobj), overlay.uncertainty)
+    assert np.array_equal(np.asanyarray(nib.load(result.variance).dataobj), overlay.variance)
     probs = np.asanyarray(nib.load(result.probabilities).dataobj)
     assert probs.shape == (*overlay.labels.shape, len(REGIONS))
     assert np.array_equal(np.moveaxis(probs, -1, 0), overlay.probabilities)
@@ -237,6 +252,31 @@ def test_itksnap_label_file_parses(name):
     assert "enhancing" in values[convention.enhancing].lower()
 
 
+#: Okabe & Ito (2008) colour-blind-safe palette
+OKABE_ITO = {(0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+             (204, 121, 167)}
+
+
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_one_colour_per_concept_across_montage_and_label_tables(name):
+    """A region outline colour (montage) is never reused for another concept in the label tables: NCR is not TC's
+    blue, edema is not WT's yellow; only enhancing tumour -- region ET and label ET are the same voxels -- shares."""
+    convention = CONVENTIONS[name]
+    concepts: dict[tuple[int, int, int], set[str]] = {}
+    for region, rgb in REGION_RGB.items():
+        concepts.setdefault(rgb, set()).add(region)
+    for entry in label_entries(convention):
+        concepts.setdefault(entry.rgb, set()).add("ET" if entry.value == convention.enhancing else entry.short)
+    assert all(len(names) == 1 for names in concepts.values()), concepts
+    assert set(concepts) <= OKABE_ITO
+    entries = {e.value: e.rgb for e in label_entries(convention)}
+    slicer = [line.split() for line in slicer_colour_table(convention).splitlines() if not line.startswith("#")]
+    assert {int(r[0]): tuple(int(v) for v in r[2:5]) for r in slicer if r[0] != "0"} == entries
+    snap = [_ITKSNAP_ROW.match(line) for line in itksnap_label_file(convention).splitlines()
+            if not line.startswith("#")]
+    assert {int(m.group(1)): tuple(int(m.group(i)) for i in (2, 3, 4)) for m in snap if m.group(1) != "0"} == entries
+
+
 # --- montage --------------------------------------------------------------------------------------
 
 
@@ -302,6 +342,131 @@ def test_slices_follow_ground_truth_when_prediction_is_empty(tmp_path):
     assert (axial.image == 400.0).any()  # the slice goes through the blob
 
 
+def _far_false_positive() -> np.ndarray:
+    """RAS: a 150-voxel block far from the phantom's 260-voxel tumour (centred at x 13, y 9, z 7)."""
+    block = np.zeros(SHAPE, bool)
+    block[2:7, 15:20, 3:9] = True
+    return block
+
+
+def test_largest_lesion_keeps_the_biggest_component():
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1:3, 1:3, 1:3] = True  # 8 voxels
+    mask[6:10, 6:10, 6:9] = True  # 48 voxels
+    mask[0, 11, 11] = True
+    assert np.array_equal(largest_lesion(mask), np.pad(np.ones((4, 4, 3), bool), ((6, 2), (6, 2), (6, 3))))
+    assert not largest_lesion(np.zeros((3, 3, 3), bool)).any()
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS"])
+def test_slices_go_through_the_largest_lesion_despite_a_far_false_positive(tmp_path, codes):
+    """A far-away false positive pulls the centre of mass of the whole prediction off the tumour; the slices must
+    stay where they are without it: through the centre of the largest predicted lesion."""
+    clean = make_overlay(tmp_path, codes)
+    noisy = make_overlay(tmp_path, codes)
+    noisy.labels = noisy.labels.copy()
+    noisy.labels[reorient(_far_false_positive(), codes)[0]] = BRATS2021.edema
+    affine = nib.load(clean.reference).affine
+    expected, got = montage_panels(clean, affine), montage_panels(noisy, affine)
+    assert [p.position for p in got] == [p.position for p in expected]
+    whole = REGIONS.index("WT")
+    for panel in got:  # every view cuts the main tumour, the one with the core in it
+        assert panel.regions[REGIONS.index("TC")].any() and panel.regions[whole].any(), panel.view
+
+
+def test_truth_row_uses_its_own_slices_when_its_lesion_lies_elsewhere(tmp_path):
+    overlay = make_overlay(tmp_path, "LPS")
+    affine = nib.load(overlay.reference).affine
+    overlay.ground_truth = overlay.labels.copy()
+    assert montage_slices(overlay, affine)[1] is None  # same lesion: the truth row shares the prediction's slices
+    assert all("own slices" not in row.subtitle for row in montage_rows(overlay))
+    world = ras_phantom()["labels"]
+    overlay.ground_truth = reorient(np.roll(world, 8, axis=1), "LPS")[0]  # 8 voxels x 1.2 mm anterior
+    predicted, truth = montage_slices(overlay, affine)
+    assert truth is not None
+    axial, coronal, _ = truth
+    assert coronal.position != predicted[1].position  # the truth's own A-P position
+    assert float(coronal.position.split()[1]) - float(predicted[1].position.split()[1]) == pytest.approx(9.6)
+    for panel in truth:
+        assert panel.truth[REGIONS.index("TC")].any(), panel.view
+    truth_row = next(row for row in montage_rows(overlay, own_truth_slices=True) if row.kind == "truth")
+    assert truth_row.own_slices and "own slices" in truth_row.subtitle
+    result = export_case(overlay, tmp_path / "out")
+    assert "truth's own largest lesion" in result.report.read_text(encoding="utf-8")
+
+
+def test_montage_rows_name_their_underlay_with_t1ce_for_the_prediction(tmp_path):
+    overlay = make_overlay(tmp_path, "RAS", variance=None)
+    overlay.variance = overlay.uncertainty / 10
+    rows = montage_rows(overlay)
+    assert [(r.kind, r.underlay) for r in rows] == [
+        ("seg", "flair"), ("seg", "t1ce"), ("attention", "flair"), ("attention", "flair"),
+        ("uncertainty", "flair"), ("variance", "flair")]
+    assert [r.subtitle for r in rows[:2]] == ["on FLAIR", "on T1ce"]
+    panel = montage_panels(overlay, nib.load(overlay.reference).affine)[0]
+    assert np.array_equal(panel.underlays["t1ce"], panel.image * 0.5)  # the phantom's T1ce is FLAIR / 2
+
+
+def test_region_outlines_are_solid_thick_and_on_a_dark_halo(tmp_path):
+    """TC and ET were thin dashed lines that vanished on bright FLAIR tumour."""
+    from matplotlib.contour import ContourSet
+    from matplotlib.figure import Figure
+
+    overlay = make_overlay(tmp_path, "RAS")
+    panel = montage_panels(overlay, nib.load(overlay.reference).affine)[0]
+    ax = Figure().add_subplot()
+    montage_module._draw_panel(ax, panel, montage_rows(overlay)[0], (0.0, 400.0), None)
+    drawn = [(tuple(int(round(v * 255)) for v in c.get_edgecolor()[0][:3]), float(c.get_linewidth()[0]),
+              c.get_linestyle()[0]) for c in ax.collections if isinstance(c, ContourSet)]
+    assert all(dashes is None for _, _, (_, dashes) in drawn)  # every line solid
+    halos = [i for i, (rgb, _, _) in enumerate(drawn) if rgb == (0, 0, 0)]
+    for region in ("WT", "TC", "ET"):
+        index = next(i for i, (rgb, _, _) in enumerate(drawn) if rgb == REGION_RGB[region])
+        width = drawn[index][1]
+        assert width == CONTOUR_WIDTHS[region] and width >= 1.2
+        assert any(drawn[h][1] == pytest.approx(width + HALO_POINTS) for h in halos), region
+        assert max(halos) < index  # every halo lies under every colour
+    assert CONTOUR_WIDTHS["WT"] > CONTOUR_WIDTHS["TC"] > CONTOUR_WIDTHS["ET"]  # coinciding outlines all show
+
+
+def test_attention_is_coloured_only_inside_the_brain_above_its_mean(tmp_path):
+    overlay = make_overlay(tmp_path, "LPS")
+    panel = montage_panels(overlay, nib.load(overlay.reference).affine)[0]
+    scale = heat_scale(overlay, "attention", "self")
+    assert scale.low == pytest.approx(float(overlay.normalised_attention("self")[overlay.brain_mask].mean()))
+    values = panel.attention["self"]
+    rgba = heat_rgba(values, scale, panel.brain)
+    outside = ~panel.brain
+    assert (values[outside] > 0.05).any()  # the map itself is not zero in the air around the head
+    assert not rgba[outside, 3].any()  # but nothing of it is drawn there
+    below = panel.brain & (values <= scale.low)
+    above = panel.brain & (values > scale.low + 0.1)
+    assert below.any() and not rgba[below, 3].any()
+    assert above.any() and (rgba[above, 3] > 0).all()
+    assert rgba[..., 3].max() <= 0.6 + 1e-6  # at most 60 % opaque: the anatomy shows through (was 75 %)
+
+
+def test_entropy_and_variance_use_one_fixed_scale_with_over_range_marked(tmp_path):
+    """Two cases whose maps peak at 0.1 and 2.0 nats get the same colour for the same value; values above the fixed
+    top are drawn in the over-range colour and the colour bar's top reads "≥"."""
+    quiet, loud = make_overlay(tmp_path, "RAS", case_id="quiet"), make_overlay(tmp_path, "RAS", case_id="loud")
+    quiet.uncertainty = quiet.uncertainty * (0.1 / quiet.uncertainty.max())
+    loud.uncertainty = loud.uncertainty * (2.0 / loud.uncertainty.max())
+    quiet.variance, loud.variance = quiet.uncertainty / 100, loud.uncertainty / 5
+    for kind, top in (("uncertainty", np.log(2.0)), ("variance", 0.25 / 3)):
+        a, b = heat_scale(quiet, kind), heat_scale(loud, kind)
+        assert a == b and a.low == 0.0 and a.top == pytest.approx(top) and a.over_range
+        values = np.array([0.1 * top, 0.6 * top, 1.5 * top], np.float32)
+        colours = heat_rgba(values, a)
+        assert np.array_equal(colours, heat_rgba(values, b))
+        assert tuple(colours[2, :3]) == pytest.approx(OVER_RGB) and colours[2, 3] > 0
+        assert all(tuple(c[:3]) != pytest.approx(OVER_RGB) for c in colours[:2])
+        ticks, labels = colour_bar_ticks(a)
+        assert ticks[-1] == pytest.approx(top) and labels[-1].startswith("\u2265")
+    quiet.uncertainty_units = "bits"
+    assert heat_scale(quiet, "uncertainty").top == 1.0  # one region at p = 0.5 is 1 bit
+
+
 def test_dollar_signs_are_text_not_mathtext(tmp_path):
     overlay = make_overlay(tmp_path, "RAS", case_id="a$b$", model_name="unet $\\nosuchcommand{$")
     result = export_case(overlay, tmp_path / "out", prefix="c1")
@@ -347,6 +512,7 @@ def test_shape_mismatch_names_case_and_file(tmp_path):
         (lambda o: setattr(o, "dice", {"WT": 1.5}), "dice"),
         (lambda o: setattr(o, "images", {"flair": np.zeros_like(o.images["flair"])}), "empty"),
         (lambda o: setattr(o, "uncertainty_units", "percent"), "uncertainty_units"),
+        (lambda o: setattr(o, "variance", -o.uncertainty), "variance has negative values"),
         (lambda o: setattr(o, "reference", o.reference.with_name("missing.nii.gz")), "not found"),
     ],
 )

@@ -21,7 +21,7 @@ from medseg_diff.errors import DataError
 
 REAL_CASES = {"BraTS-GLI-00001-000": ("L", "P", "S"), "BraTS-GLI-99999-000": ("L", "P", "S"),
               "BraTS-MET-00110-000": ("R", "A", "S")}
-OUTPUTS = ("seg", "uncertainty", "attention_self", "attention_cross", "probabilities")
+OUTPUTS = ("seg", "uncertainty", "variance", "attention_self", "attention_cross", "probabilities")
 FAST = ["--steps", "1", "--ensemble", "2", "--device", "cpu"]
 
 
@@ -130,6 +130,47 @@ def test_lps_and_ras_copies_of_a_case_give_the_same_world_space_prediction(model
     head = np.stack([nib.load(p).get_fdata() for p in sorted(ras.glob("scan_ras_t*"))]).any(axis=0)
     np.testing.assert_allclose(_bounding_box(support), _bounding_box(head), atol=3)  # 5 mm model grid, 2 mm input
     assert not np.array_equal(support, np.flip(support, axis=(0, 1)))
+
+
+def test_prediction_folder_holds_variance_provenance_and_where_dice_came_from(models, tmp_path):
+    """The diffusion model's member variance reaches the prediction folder (on the input grid) and the export; the
+    folder records the checkpoint, its training data and the sampler; Dice says it was computed against the label
+    file, not by an evaluation. The U-Net writes no variance and records no sampler."""
+    from medseg_diff.export.folders import export_predictions
+    from medseg_diff.inference.prediction_folder import read_prediction
+
+    data = tmp_path / "data"
+    write_case(data, "V1", seed=15)
+    predict_cases(models["diffusion"], data, tmp_path / "pred", device="cpu", sample_steps=1, ensemble=2, seed=5)
+    folder = tmp_path / "pred" / "V1"
+    variance, reference = nib.load(folder / "V1_variance.nii.gz"), nib.load(data / "V1" / "V1_t1.nii.gz")
+    assert variance.shape == reference.shape and np.array_equal(variance.affine, reference.affine)
+    values = variance.get_fdata()
+    assert values.min() >= 0 and values.max() <= 0.25  # population variance of probabilities
+    meta = json.loads((folder / "prediction.json").read_text(encoding="utf-8"))
+    provenance = meta["provenance"]
+    assert provenance["model_kind"] == "diffusion" and provenance["checkpoint"] == str(models["diffusion"].absolute())
+    assert (provenance["sample_steps"], provenance["ensemble"], provenance["seed"]) == (1, 2, 5)
+    assert provenance["overlap"] == 0.25 and provenance["roi_size"] == [32, 32, 32]
+    assert isinstance(provenance["epoch"], int) and provenance["training_manifest"]
+    assert provenance["training_data"].startswith("synthetic BraTS-like phantoms (medseg-diff synth), 5 mm voxels")
+    assert "'tiny-phantoms', 6 cases" in provenance["training_data"]
+    label = data / "V1" / "V1_seg.nii.gz"
+    assert meta["dice_source"] == f"computed at predict time against the case's label file {label}"
+    assert set(meta["dice"]) == {"TC", "WT", "ET"}
+    overlay, _ = read_prediction(folder)
+    np.testing.assert_allclose(overlay.variance, values)
+    assert overlay.provenance.ensemble == 2 and str(label) in overlay.dice_source
+    page = export_predictions([folder], tmp_path / "export").written[0].read_text(encoding="utf-8")
+    assert (tmp_path / "export" / "V1" / "V1_variance.nii.gz").is_file()
+    assert "evaluation" not in page.split("<h2>Agreement with ground truth</h2>")[1].split("<h2>")[0].replace(
+        "not taken from an evaluation run", "")
+    assert "<h2>Provenance</h2>" in page and "tiny-phantoms" in page and "DDIM, 1 step, 2 ensemble members" in page
+    predict_cases(models["unet"], data, tmp_path / "unet", device="cpu")
+    assert not (tmp_path / "unet" / "V1" / "V1_variance.nii.gz").exists()
+    overlay, meta = read_prediction(tmp_path / "unet" / "V1")
+    assert overlay.variance is None and meta["variance"] is False
+    assert overlay.provenance.model_kind == "unet" and overlay.provenance.ensemble is None
 
 
 # --- bad cases ----------------------------------------------------------------------------------------
