@@ -28,7 +28,9 @@ class SampleOutput:
     probs: Tensor  # [B, 3, X, Y, Z] mean member probability of TC, WT, ET
     entropy: Tensor  # [B, 1, X, Y, Z] predictive entropy of the mean, summed over the 3 regions (nats)
     variance: Tensor  # [B, 1, X, Y, Z] variance across members, averaged over the 3 regions
-    attention: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, 1, X, Y, Z], mean over members
+    # name -> [B, 1, X, Y, Z]: the last step's maps, mean over members, "times uniform within the window" units
+    # (per window; inference.sliding_window.AttentionStitcher stitches them for a whole volume)
+    attention: dict[str, Tensor] = field(default_factory=dict)
     members: Tensor | None = None  # [B, N, 3, X, Y, Z] per-member probabilities, when asked for
 
 

@@ -2,7 +2,10 @@
 
 Rows are the flat per-case dicts of ``metrics.metric_rows`` (``case``, ``model``, ``region``, metric
 columns). Tables add the pseudo-region ``"mean"`` (per-case mean over TC/WT/ET). Plots use matplotlib's
-object API (``Figure``, Agg canvas), so no global backend is switched.
+object API (``Figure``, Agg canvas), so no global backend is switched; ``box_plot_figure`` and
+``calibration_figure`` return the figures that ``box_plots`` and ``calibration_plot`` save. In the box plots,
+empty-mask penalties (HD95 = the volume diagonal when exactly one mask is empty; lesion-wise HD95 = 373 mm when
+nothing matched) are shown apart from the measured values, and each case's points are joined across models.
 """
 
 from __future__ import annotations
@@ -138,52 +141,182 @@ def read_per_case_csv(path: str | Path) -> list[dict[str, object]]:
         ]
 
 
-def box_plots(
-    rows: Sequence[Row], path_png: str | Path, metric: str = "dice", regions: Sequence[str] = TABLE_REGIONS
-) -> Path:
-    """PNG with one panel per region, one box per model, each case drawn as a jittered point."""
+#: How ``evaluation.run`` pools the voxels of its reliability diagram (``uncertainty_quality`` + ``pooled_bins``).
+NEIGHBOURHOOD_POOLING = (
+    "All cases pooled: the TC, WT and ET probabilities of every voxel in each case's tumour neighbourhood "
+    "(predicted ∪ reference whole tumour, dilated by 3 voxels, 6-connected), 15 equal-width bins"
+)
+
+
+def _hd95_penalised(row: Row) -> bool:
+    """Global HD95: exactly one of prediction and reference empty → the volume diagonal (``metrics``)."""
+    pred, ref = row.get("pred_volume_ml"), row.get("gt_volume_ml")
+    if pred is None or ref is None or not (_is_number(pred) and _is_number(ref)):
+        return False
+    return (float(pred) == 0.0) != (float(ref) == 0.0)
+
+
+def _lesion_hd95_penalised(row: Row) -> bool:
+    """Lesion-wise HD95: no lesion matched but some lesion in either mask → 373 mm (``lesionwise``)."""
+    tp, fp, fn = (row.get(k) for k in ("tp_lesions", "fp_lesions", "fn_lesions"))
+    if not all(_is_number(v) for v in (tp, fp, fn)):
+        return False
+    return float(tp) == 0.0 and float(fp) + float(fn) > 0.0
+
+
+#: Metrics whose value is a fixed penalty in some cases, and the rule that spots those rows.
+PENALTY_RULES = {"hd95_mm": _hd95_penalised, "lesion_hd95_mm": _lesion_hd95_penalised}
+
+
+def penalised_cases(rows: Iterable[Row], metric: str) -> dict[tuple[str, str], set[str]]:
+    """``{(model, region): {case, ...}}`` whose ``metric`` value is an empty-mask penalty, not a measurement
+    (global HD95: exactly one mask empty; lesion-wise HD95: nothing matched). The ``"mean"`` region holds the
+    cases with a penalty in any of TC/WT/ET. Empty for metrics without a penalty (Dice, ...)."""
+    rule = PENALTY_RULES.get(metric)
+    out: dict[tuple[str, str], set[str]] = {}
+    if rule is None:
+        return out
+    for row in rows:
+        if rule(row):
+            model, region, case = str(row["model"]), str(row["region"]), str(row["case"])
+            out.setdefault((model, region), set()).add(case)
+            if region in REGIONS:
+                out.setdefault((model, MEAN_REGION), set()).add(case)
+    return out
+
+
+def box_plot_figure(rows: Sequence[Row], metric: str = "dice", regions: Sequence[str] = TABLE_REGIONS) -> Figure:
+    """The figure of :func:`box_plots`: one panel per region, one box per model, every case a jittered point, and
+    a grey line joining each case's points across the models (``gid="paired"``, one per case that every model
+    scored).
+
+    Empty-mask penalties (:func:`penalised_cases`, e.g. HD95 = the 373 mm volume diagonal when one mask is empty)
+    are not measurements: they are drawn as crosses in a strip above the axis, labelled "empty-mask penalty
+    (N cases)", and the axis and the boxes cover the measured values only, so one penalty does not squash a panel.
+    """
     table = metric_values(rows, metric)
+    penalties = penalised_cases(rows, metric)
     models = _models(table)
     regions = [r for r in regions if any((m, r) in table for m in models)]
-    fig = Figure(figsize=(3.2 * max(len(regions), 1) + 0.8, 4.2), layout="constrained")
+    fig = Figure(figsize=(3.2 * max(len(regions), 1) + 0.8, 4.4), layout="constrained")
     axes = fig.subplots(1, max(len(regions), 1), squeeze=False)[0]
     jitter = np.random.default_rng(0)
     for ax, region in zip(axes, regions):
-        data = [_finite(table.get((m, region), {}).values()) for m in models]
         positions = np.arange(1, len(models) + 1)
-        ax.boxplot(data, positions=positions, widths=0.5, showfliers=False, medianprops={"color": "black"})
-        for pos, values in zip(positions, data):
-            x = pos + jitter.uniform(-0.12, 0.12, size=len(values))
-            ax.scatter(x, values, s=12, alpha=0.6, zorder=3)
+        per_model = [{c: v for c, v in table.get((m, region), {}).items() if math.isfinite(v)} for m in models]
+        penalised = [penalties.get((m, region), set()) & set(values) for m, values in zip(models, per_model)]
+        measured = [np.array([v for c, v in values.items() if c not in pen])
+                    for values, pen in zip(per_model, penalised)]
+        every = np.concatenate(measured) if any(v.size for v in measured) else np.zeros(0)
+        lo, hi = (float(every.min()), float(every.max())) if every.size else (0.0, 1.0)
+        span = (hi - lo) or max(abs(hi), 1.0) * 0.1
+        strip = hi + 0.16 * span  # display height of the penalty strip (not a value on the axis)
+        ax.boxplot([v if v.size else [np.nan] for v in measured], positions=positions, widths=0.5, showfliers=False,
+                   medianprops={"color": "black"})
+        xy: dict[str, list[tuple[float, float]]] = {}
+        for pos, values, pen in zip(positions, per_model, penalised):
+            cases = sorted(values)
+            x = pos + jitter.uniform(-0.12, 0.12, size=len(cases))
+            y = np.array([strip if c in pen else values[c] for c in cases])
+            is_pen = np.array([c in pen for c in cases], dtype=bool)
+            ax.scatter(x[~is_pen], y[~is_pen], s=12, alpha=0.7, zorder=3)
+            if is_pen.any():
+                ax.scatter(x[is_pen], y[is_pen], s=28, marker="x", color="#b00020", zorder=3)
+            for c, xc, yc in zip(cases, x, y):
+                xy.setdefault(c, []).append((xc, yc))
+        for case, points in xy.items():
+            if len(points) == len(models) > 1:  # scored by every model: a paired case
+                ax.plot(*zip(*points), color="grey", alpha=0.35, lw=0.7, zorder=2, gid="paired")
+        n_pen = sum(len(p) for p in penalised)
+        bottom = lo - 0.06 * span
+        if n_pen:
+            values = sorted({round(v, 1) for m, values, pen in zip(models, per_model, penalised)
+                             for c, v in values.items() if c in pen})
+            what = "mean with an empty-mask penalty" if region == MEAN_REGION else "empty-mask penalty"
+            line = hi + 0.08 * span
+            ax.axhline(line, color="#b00020", lw=0.6, ls="--")
+            ax.set_ylim(bottom, strip + 0.1 * span)  # the penalty values are above this limit
+            ticks = [t for t in ax.get_yticks() if bottom <= t <= line]
+            shown = values[0] if len(values) == 1 else f"{values[0]}–{values[-1]}"
+            ax.set_yticks([*ticks, strip], labels=[*(f"{t:g}" for t in ticks), f"{shown}\n(penalty)"])
+            ax.text(0.5, 0.985, f"{what} ({n_pen} case{'s' if n_pen != 1 else ''})", transform=ax.transAxes,
+                    ha="center", va="top", fontsize="x-small", color="#b00020", gid="penalty-label")
+        elif every.size:
+            ax.set_ylim(bottom, hi + 0.06 * span)
         ax.set_xticks(positions, labels=models, rotation=20 if len(models) > 2 else 0)
         ax.set_title(region if region != MEAN_REGION else "mean of TC/WT/ET")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(_metric_name(metric))
-    fig.suptitle(f"{_metric_name(metric)} per case")
-    return _save(fig, path_png)
+    notes = (["boxes and axis: measured values only"] if any(penalties.get((m, r)) for m in models for r in regions)
+             else []) + (["grey lines join a case's models"] if len(models) > 1 else [])
+    fig.suptitle(f"{_metric_name(metric)} per case" + (f" ({'; '.join(notes)})" if notes else ""))
+    return fig
 
 
-def calibration_plot(bins: Mapping[str, ReliabilityBins], path_png: str | Path) -> Path:
-    """Reliability diagram (observed frequency vs mean probability per bin) per model, with the voxel
-    count per bin below on a log scale; ``bins`` maps a label (model) to its ReliabilityBins."""
-    fig = Figure(figsize=(5.0, 6.0), layout="constrained")
+def box_plots(
+    rows: Sequence[Row], path_png: str | Path, metric: str = "dice", regions: Sequence[str] = TABLE_REGIONS
+) -> Path:
+    """PNG of :func:`box_plot_figure`: per region, one box per model, each case a jittered point, paired cases
+    joined across models, empty-mask penalties in a labelled strip above the axis."""
+    return _save(box_plot_figure(rows, metric, regions), path_png)
+
+
+def calibration_figure(bins: Mapping[str, ReliabilityBins], pooling: str = NEIGHBOURHOOD_POOLING) -> Figure:
+    """The figure of :func:`calibration_plot`. ``pooling`` says which voxels the bins hold; it is printed under the
+    title (the default is how ``evaluation.run`` pools them)."""
+    fig = Figure(figsize=(5.2, 6.6), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     for label, b in bins.items():
         filled = b.counts > 0
-        top.plot(b.mean_prob[filled], b.frequency[filled], marker="o", label=f"{label} (ECE {b.ece:.3f})")
+        n = int(b.counts.sum())
+        top.plot(b.mean_prob[filled], b.frequency[filled], marker="o",
+                 label=f"{label} (ECE {b.ece:.3f}, n = {_count(n)})")
         centres = (b.edges[:-1] + b.edges[1:]) / 2
         bottom.step(centres, np.where(b.counts > 0, b.counts, np.nan), where="mid", label=label)
-    top.set(ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
+    top.set(ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
+    top.set_title("Reliability diagram\ntumour neighbourhood, all cases pooled"
+                  if pooling == NEIGHBOURHOOD_POOLING else "Reliability diagram")
     top.legend(loc="upper left", fontsize="small")
     top.grid(alpha=0.3)
-    bottom.set(xlabel="predicted probability", ylabel="voxels", yscale="log")
-    return _save(fig, path_png)
+    bottom.set(xlabel="predicted probability", ylabel="probabilities per bin", yscale="log")
+    fig.suptitle(_wrap(pooling, 70), fontsize="x-small", y=0.0, va="bottom")
+    fig.get_layout_engine().set(rect=(0, 0.07, 1, 0.93))
+    return fig
+
+
+def calibration_plot(bins: Mapping[str, ReliabilityBins], path_png: str | Path,
+                     pooling: str = NEIGHBOURHOOD_POOLING) -> Path:
+    """Reliability diagram (observed frequency vs mean probability per bin) per model, with the count per bin
+    below on a log scale; ``bins`` maps a label (model) to its ReliabilityBins; ``pooling`` (printed on the figure)
+    says which voxels they hold -- by default ``evaluation.run``'s: :data:`NEIGHBOURHOOD_POOLING`."""
+    return _save(calibration_figure(bins, pooling), path_png)
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _count(n: int) -> str:
+    """``1234567 -> "1.23 M"``: a count for a legend."""
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def _models(table: Mapping[tuple[str, str], object]) -> list[str]:

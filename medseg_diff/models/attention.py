@@ -8,15 +8,21 @@ Two layers, both pre-norm with a residual connection, both dimension-agnostic (`
 * :class:`MaskPriorCrossAttention` -- softmax attention of denoiser voxels (queries) over mask-prior tokens
   (keys / values). At most ``queries x tokens`` weights are formed, and only when a map is requested.
 
-**Attention-map units ("times uniform").** Every map is scaled so that its mean over its grid is 1: a value of 3
-means "this voxel (token) gets three times the average share of attention".
+**Attention-map units ("times uniform within the window").** Every map is scaled so that its mean over its grid
+(the window the layer sees) is 1: a value of 3 means "this voxel (token) gets three times the average share of
+this window's attention". The maps are therefore relative to the window: a bright structure in the window lowers
+every other voxel's value. ``inference.sliding_window.AttentionStitcher`` turns the per-window maps of a volume
+into one map without seams, in units of the head's average.
 
-* Linear self-attention: the implicit matrix per head is ``A = softmax_d(q) softmax_N(k)^T`` (``N x N``), i.e.
-  ``A_ij = sum_d q_id k_jd``. Its rows sum to 1 (``sum_j k_jd = 1`` and ``sum_d q_id = 1``), so the column sums
-  ``c_j = sum_i A_ij = sum_d (sum_i q_id) k_jd`` -- the attention voxel ``j`` *receives* -- add up to ``N`` and
-  average to 1. They are computed in O(N d) from the factorised form, then averaged over heads.
-* Cross-attention: weights over the ``M`` tokens sum to 1 per query; the map is the mean over queries and heads,
-  times ``M``.
+* Linear self-attention (**attention received**): the implicit matrix per head is
+  ``A = softmax_d(q) softmax_N(k)^T`` (``N x N``), i.e. ``A_ij = sum_d q_id k_jd``, the share of query ``i``'s
+  attention that goes to position ``j``. Its rows sum to 1 (``sum_j k_jd = 1`` and ``sum_d q_id = 1``), so the column
+  sums ``c_j = sum_i A_ij = sum_d (sum_i q_id) k_jd`` -- the attention voxel ``j`` *receives* from all positions of
+  the window -- add up to ``N`` and average to 1. They are computed in O(N d) from the factorised form, then
+  averaged over heads.
+* Cross-attention (**attention mass on the prior**): each query voxel's softmax weights over the ``M`` prior
+  tokens sum to 1; the map at token ``m`` is the weight that token receives, averaged over all query voxels and
+  heads, times ``M`` (on the token grid, i.e. at the token's place in the window).
 """
 
 from __future__ import annotations

@@ -269,7 +269,8 @@ class DiffusionSegUNet(nn.Module):
         return self._denoise(x_t, t, cond, maps=None)
 
     def forward_with_attention(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning) -> DenoiserOutput:
-        """Prediction plus attention maps ``[B, 1, X, Y, Z]`` ("times uniform" units, mean about 1)."""
+        """Prediction plus attention maps ``[B, 1, X, Y, Z]`` in "times uniform within this window" units (mean
+        about 1 over the window; see ``models/attention.py``)."""
         maps: MapCollector = {}
         pred = self._denoise(x_t, t, cond, maps)
         return DenoiserOutput(pred=pred, attention=self._maps_in_space(maps, x_t.shape[2:]))
@@ -304,7 +305,8 @@ class DiffusionSegUNet(nn.Module):
 
     @staticmethod
     def _maps_in_space(maps: MapCollector, size: Sequence[int]) -> dict[str, Tensor]:
-        """Per level: mean of that level's maps upsampled to ``size``; plus ``self``/``cross`` means over levels."""
+        """Per level: mean of that level's maps (e.g. its down and up stages) upsampled trilinearly to ``size``;
+        plus ``self``/``cross``, the means over levels. Every map keeps mean about 1 over the window."""
         def to_space(m: Tensor) -> Tensor:
             return F.interpolate(m.float(), size=tuple(size), mode="trilinear", align_corners=False)
 

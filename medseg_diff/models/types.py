@@ -55,7 +55,9 @@ class DenoiserOutput:
 
     pred:      ``[B, 3, X, Y, Z]`` x0 logits (or eps / v, per the model's prediction type)
     attention: name -> ``[B, 1, X, Y, Z]`` float map at the input resolution, in units of "times the
-               uniform share" (1 = this voxel gets exactly the average attention; see models/attention.py)
+               uniform share within this window" (1 = this voxel gets exactly the window's average attention; see
+               models/attention.py); relative to the window, so whole volumes are stitched by
+               ``inference.sliding_window.AttentionStitcher``
     """
 
     pred: Tensor
