@@ -4,7 +4,9 @@
 2. train the plain 3D U-Net and the diffusion model with the same data, loss, optimiser and budget
 3. evaluate both on held-out phantoms (BraTS metrics, paired statistics, uncertainty, timing)
 4. everything is logged to MLflow (sqlite:///mlflow.db here); overlays for two cases
-5. print the summary table, the report paths and the ``mlflow ui`` command
+5. DICOM: a held-out phantom written as an MR study (one series per modality, as a scanner exports it) is
+   segmented by the diffusion model into a DICOM Segmentation and Parametric Maps, ready for a PACS
+6. print the summary table, the report paths, the DICOM files and the ``mlflow ui`` command
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import time
 from pathlib import Path
 
 from medseg_diff.config import load_config
-from medseg_diff.data.manifest import build_manifest, write_manifest
+from medseg_diff.data.io import read_image
+from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest
 from medseg_diff.data.synth import synthesize
 from medseg_diff.evaluation.run import evaluate
 from medseg_diff.training.run import train
@@ -53,11 +56,32 @@ def run_demo(out: str | Path = "demo_out", cases: int = 20, spacing: float = 3.0
     report = evaluate(data / "manifest.json", out / "evaluation", models=checkpoints, subset="test",
                       export_cases=export_cases, tracking_uri=uri)
     timings["evaluate_s"] = time.perf_counter() - t0
+    # 5. DICOM in, DICOM out
+    t0 = time.perf_counter()
+    dicom_files = dicom_round_trip(data / "manifest.json", out / "dicom", checkpoints["diffusion"])
+    timings["dicom_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
     from mlflow.tracking import MlflowClient
 
     experiment_id = MlflowClient(uri).get_run(report.run_id).info.experiment_id if report.run_id else "0"
-    return {"report": report, "timings": timings, "tracking_uri": uri, "experiment_id": experiment_id}
+    return {"report": report, "timings": timings, "tracking_uri": uri, "experiment_id": experiment_id,
+            "dicom_files": dicom_files}
+
+
+def dicom_round_trip(manifest_path: Path, out: Path, checkpoint: Path) -> list[Path]:
+    """The first held-out phantom as a DICOM MR study (``out/study``), predicted into ``out/predictions``: returns
+    the DICOM Segmentation and Parametric Maps written for it (``CASE/dicom/*.dcm``)."""
+    from medseg_diff.dicom import write_phantom_study
+    from medseg_diff.inference.run import predict_cases
+
+    manifest = load_manifest(manifest_path)
+    case = next(c for c in manifest.cases if c.subset == "test")
+    study = out / "study"
+    if not study.exists():  # the study never changes for a given manifest; a rerun reuses it
+        images = {m: read_image(manifest.root / path) for m, path in case.images.items()}
+        write_phantom_study(images, study, patient_id=case.id.replace("_", "-"))
+    report = predict_cases(checkpoint, study, out / "predictions")
+    return sorted(p for folder in report.written for p in (folder / "dicom").glob("*.dcm"))
 
 
 def print_summary(result: dict) -> None:
@@ -67,6 +91,8 @@ def print_summary(result: dict) -> None:
     print(f"\nPer-case metrics: {report.out_dir / 'per_case.csv'}")
     for path in report.overlays:
         print(f"Clinician report: {path}")
+    for path in result.get("dicom_files", []):
+        print(f"DICOM for a PACS: {path}")
     print(f"MLflow run: {report.run_id}\nSee both models side by side:  mlflow ui --backend-store-uri {uri}\n"
           f"  then open {runs_table_url('http://127.0.0.1:5000', result['experiment_id'])}"
           "  (the runs table; select the two nested runs and press Compare)")

@@ -38,7 +38,7 @@ def uncertainty_kind(units: str = "nats") -> MapKind:
 
 
 def variance_kind() -> MapKind:
-    return MapKind("VARIANCE", "variance of the ensemble members' region probabilities", UCUM_NO_UNITS)
+    return MapKind("VARIANCE", "ensemble member variance of the region probabilities", UCUM_NO_UNITS)
 
 
 def attention_kind(name: str) -> MapKind:

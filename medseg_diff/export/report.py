@@ -39,11 +39,17 @@ _CASE_META = re.compile(r'<meta name="medseg-diff-case" content="([^"]*)">')
 _NONE = '<span class="muted">not recorded</span>'
 #: what each attention map is (models/attention.py), in plain words
 _ATTENTION_TEXT = {
-    "self": "the attention each voxel receives from all voxels in the denoiser's linear self-attention layers "
-    "(column sums of the attention matrix), averaged over heads, layers and ensemble members at the last DDIM step",
-    "cross": "how much attention the denoiser's voxels put on each place of the coarse tumour prior (a first rough "
-    "map of the tumour regions), mapped back to the image; averaged over voxels, heads and ensemble members at "
-    "the last DDIM step",
+    "self": "attention received: in its linear self-attention layers every location gathers information from all "
+    "other locations of the part of the scan being processed; this map shows how much of that gathering draws on "
+    "each voxel (column sums of the attention matrix), at the last DDIM step, averaged over the two finest levels, "
+    "the heads and the ensemble members, stitched across sliding windows and saved relative to the head's average "
+    "(1 = average). It is not a tumour probability and says nothing by itself about whether the segmentation is "
+    "right",
+    "cross": "attention on the tumour prior: the network first makes a rough, blocky guess of the tumour regions "
+    "(the prior); while refining, every location consults it, and this map shows the share of that consultation "
+    "landing on each place of the guess, mapped back to the image at block resolution, at the last DDIM step, "
+    "averaged over heads and ensemble members, stitched across sliding windows and saved relative to the head's "
+    "average (1 = average). High values mean the network relied on its rough guess there",
 }
 #: words for the direction a voxel axis runs (nibabel axis codes: the direction of increasing index)
 _AXIS_WORDS = {"L": "right to left", "R": "left to right", "P": "front to back", "A": "back to front",

@@ -36,7 +36,7 @@ class CasePrediction:
     probs: np.ndarray  # [3, X, Y, Z] TC, WT, ET
     entropy: np.ndarray  # [X, Y, Z] predictive entropy (nats, summed over regions)
     variance: np.ndarray | None  # [X, Y, Z] ensemble variance (diffusion)
-    attention: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [X, Y, Z], times-uniform units
+    attention: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [X, Y, Z], times the head's average (stitched)
     ground_truth: np.ndarray | None = None  # [X, Y, Z] labels, when the case has them
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the original grid, mm
     seconds: float = 0.0

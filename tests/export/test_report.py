@@ -211,8 +211,8 @@ def test_each_map_says_exactly_what_it_is(tmp_path):
     assert "Predictive entropy of the mean probabilities of the 4 DDIM ensemble members" in text
     assert "summed over the 3 regions (TC, WT, ET), in nats" in text and "3\u00b7ln 2" in text
     assert "Variance across the 4 DDIM ensemble members" in text
-    assert "receives from all voxels in the denoiser's linear self-attention layers" in text
-    assert "coarse tumour prior" in text
+    assert "how much of that gathering draws on each voxel" in text and "not a tumour probability" in text
+    assert "rough, blocky guess of the tumour regions" in text and "relative to the head's average" in text
     assert "case7_variance.nii.gz" in _section(page, "Files")
 
 
