@@ -13,7 +13,8 @@ Slices go through the centre of the **largest connected lesion** of the predicte
 false positives do not pull them off the tumour; the ground-truth row goes through the truth's own largest
 lesion when that lies more than ``SAME_SLICES_MM`` away. Heat maps use the scales of :func:`heat_scale`:
 fixed, absolute ones for entropy and variance (one scale for every model and case, values above the top
-marked), and for attention only the brain voxels above the brain's mean are coloured.
+marked); attention as a multiple of the brain's average, coloured inside the brain above 1x on the fixed
+scale 1x to ``ATTENTION_SCALE_TOP``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from scipy import ndimage
 
 from medseg_diff.data.conventions import REGIONS
 from medseg_diff.export.types import (
+    ATTENTION_SCALE_TOP,
     ENTROPY_SCALE_TOP,
     REGION_NAMES,
     REGION_RGB,
@@ -69,8 +71,8 @@ CAPTION = (
     "coordinates in mm. Each row names its grey underlay. Outlines are solid; where they coincide the narrower "
     "lies on the wider.",
     "Entropy and variance use fixed scales, the same for every case and model; orange marks values above the top "
-    "of the scale. Attention is shown only inside the brain, where above the brain's mean; it is a model-internal "
-    "weight, not a clinical finding.",
+    "of the scale. Attention (a multiple of the brain's average) is shown only inside the brain, where above "
+    "average; it is a model-internal weight, not a clinical finding.",
     "Research use only - not for clinical decisions.",
 )
 _ROW_INCHES = 2.9
@@ -134,7 +136,8 @@ class HeatScale:
     cmap: str
     label: str  # colour-bar label
     max_alpha: float
-    over_range: bool
+    over_range: bool  # values can exceed ``top``: the colour bar's top reads "≥ top"
+    over_colour: bool = True  # ... and they are drawn in ``OVER_RGB`` (else in the colour map's top colour)
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,7 @@ class _Slicer:
             grey={m: frame(np.asarray(overlay.images[m], dtype=np.float32)) for m in underlays},
             regions=regions_of(overlay.labels),
             truth=None if overlay.ground_truth is None else regions_of(overlay.ground_truth),
-            attention={name: frame(overlay.normalised_attention(name)) for name in overlay.attention},
+            attention={name: frame(overlay.relative_attention(name)) for name in overlay.attention},
             uncertainty=maybe(overlay.uncertainty), variance=maybe(overlay.variance), brain=frame(overlay.brain_mask),
         )
 
@@ -334,10 +337,11 @@ def montage_rows(overlay: CaseOverlay, own_truth_slices: bool = False) -> list[M
 def heat_scale(overlay: CaseOverlay, kind: str, name: str | None = None) -> HeatScale:
     """The colour scale of a heat-map row. Entropy and variance: fixed and absolute, the same for every model and
     case (0 to ``ENTROPY_SCALE_TOP`` / ``VARIANCE_SCALE_TOP``, values above drawn in ``OVER_RGB``). Attention:
-    the brain's mean of the 0-1 map to 1; voxels at or below the mean are not coloured."""
+    multiples of the brain's average, 1 to ``ATTENTION_SCALE_TOP`` (fixed; values above in the top colour);
+    voxels at or below the average are not coloured."""
     if kind == "attention":
-        return HeatScale(overlay.attention_threshold(name), 1.0, "inferno",
-                         "attention (0-1 scale);\ncoloured above the brain mean", 0.6, False)
+        return HeatScale(1.0, ATTENTION_SCALE_TOP, "inferno",
+                         "attention, \u00d7 the brain's average;\ncoloured above average", 0.6, True, False)
     if kind == "uncertainty":
         units = overlay.uncertainty_units
         return HeatScale(0.0, ENTROPY_SCALE_TOP[units], "viridis", f"predictive entropy ({units})", 0.8, True)
@@ -354,7 +358,7 @@ def heat_rgba(values: np.ndarray, scale: HeatScale, brain: np.ndarray | None = N
     fraction = (values - scale.low) / max(scale.top - scale.low, 1e-12)
     rgba = matplotlib.colormaps[scale.cmap](np.clip(fraction, 0.0, 1.0))
     alpha = scale.max_alpha * np.clip(fraction / _ALPHA_RAMP, 0.0, 1.0)
-    if scale.over_range:
+    if scale.over_range and scale.over_colour:
         over = values > scale.top
         rgba[over, :3] = OVER_RGB
         alpha[over] = scale.max_alpha
@@ -371,8 +375,6 @@ def colour_bar_ticks(scale: HeatScale) -> tuple[list[float], list[str]]:
     labels = [f"{v:.2g}" for v in values]
     if scale.over_range:
         labels[-1] = f"\u2265 {scale.top:.2g}"
-    else:
-        labels[0] = f"{scale.low:.2f} (mean)"
     return values, labels
 
 
@@ -511,7 +513,8 @@ def _draw_side(ax, row: MontageRow, scale: HeatScale | None, peak: float | None 
                            title="Regions (outlines)", title_fontsize=9, borderaxespad=0, handlelength=2.4)
         legend.get_title().set_color(_TEXT)
         return
-    cmap = matplotlib.colormaps[scale.cmap].with_extremes(over=OVER_RGB)
+    cmap = matplotlib.colormaps[scale.cmap]
+    cmap = cmap.with_extremes(over=OVER_RGB if scale.over_colour else cmap(1.0))
     cax = ax.inset_axes([0.05, 0.3, 0.11, 0.6])
     bar = ax.figure.colorbar(ScalarMappable(Normalize(scale.low, scale.top), cmap), cax=cax,
                              extend="max" if scale.over_range else "neither")
@@ -524,7 +527,7 @@ def _draw_side(ax, row: MontageRow, scale: HeatScale | None, peak: float | None 
         ax.text(0.0, 0.99, f"highest in this case: {peak:.2g}", transform=ax.transAxes, ha="left", va="top",
                 color=_TEXT, fontsize=8)
     handles = [_halo_line("WT", 1.4)]
-    if scale.over_range:
+    if scale.over_range and scale.over_colour:
         handles.insert(0, Patch(facecolor=OVER_RGB, edgecolor=_TEXT, label="above the top of the scale"))
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 0.0), frameon=False, fontsize=8,
               labelcolor=_TEXT, borderaxespad=0, handlelength=1.6)

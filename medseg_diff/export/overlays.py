@@ -27,7 +27,6 @@ from medseg_diff.errors import DataError
 from medseg_diff.export.montage import render_montage
 from medseg_diff.export.report import REPORT_NAME, ReportContext, case_of_report, map_definitions, render_report
 from medseg_diff.export.types import (
-    ATTENTION_PERCENTILE,
     CaseOverlay,
     ExportResult,
     OutputFile,
@@ -220,10 +219,11 @@ def viewer_html(overlay: CaseOverlay, affine: np.ndarray) -> str:
     maps = []
     for name in overlay.attention:
         scale = heat_scale(overlay, "attention", name)
-        values = np.where(brain, overlay.normalised_attention(name), 0.0).astype(np.float32)
-        maps.append(HeatMap(f"attention: {name}", values, scale.low, scale.top, "0-1 scale",
-                            f"{definitions[f'attention_{name}']}; coloured only inside the brain, above the brain "
-                            f"mean ({scale.low:.2f})", "inferno"))
+        values = np.where(brain, overlay.relative_attention(name), 0.0).astype(np.float32)
+        maps.append(HeatMap(f"attention: {name}", values, scale.low, scale.top, "\u00d7 the brain's average",
+                            f"{definitions[f'attention_{name}']}; coloured only inside the brain where above the "
+                            f"brain's average (1\u00d7), fixed scale 1\u00d7 to {scale.top:g}\u00d7 for every model "
+                            f"and case, values \u2265 {scale.top:g}\u00d7 in the top colour", "inferno"))
     for kind, values in (("uncertainty", overlay.uncertainty), ("variance", overlay.variance)):
         if values is not None:
             scale = heat_scale(overlay, kind)
@@ -312,8 +312,7 @@ def _stage_volumes(
         att = overlay.normalised_attention(name)
         path = batch.add(f"{prefix}_attention_{name}.nii.gz", nifti_bytes(grid, att, f"attention {name} 0-1 {model}"))
         paths["attention"][name] = path
-        files.append(OutputFile(path, f"'{name}' attention map: {definitions['attention_' + name]}; scaled to "
-                                      f"0-1 by its {ATTENTION_PERCENTILE:g}th percentile in the brain (float32)"))
+        files.append(OutputFile(path, f"'{name}' attention map: {definitions['attention_' + name]} (float32)"))
     if overlay.probabilities is not None:
         probs = np.moveaxis(np.asarray(overlay.probabilities, dtype=np.float32), 0, -1)
         order = "/".join(REGIONS)

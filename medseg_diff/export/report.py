@@ -21,6 +21,7 @@ from medseg_diff.evaluation.metrics import dice, region_volumes_ml
 from medseg_diff.export.montage import SAME_SLICES_MM, MontageRow
 from medseg_diff.export.types import (
     ATTENTION_PERCENTILE,
+    ATTENTION_SCALE_TOP,
     ENTROPY_SCALE_TOP,
     REGION_NAMES,
     REGION_RGB,
@@ -42,14 +43,14 @@ _ATTENTION_TEXT = {
     "self": "attention received: in its linear self-attention layers every location gathers information from all "
     "other locations of the part of the scan being processed; this map shows how much of that gathering draws on "
     "each voxel (column sums of the attention matrix), at the last DDIM step, averaged over the two finest levels, "
-    "the heads and the ensemble members, stitched across sliding windows and saved relative to the head's average "
-    "(1 = average). It is not a tumour probability and says nothing by itself about whether the segmentation is "
-    "right",
+    "the heads and the ensemble members, and stitched across sliding windows. The file holds it divided by its "
+    "99.5th percentile in the brain (0 to 1); the pictures show it as a multiple of the brain's average. It is not a tumour probability and says nothing by "
+    "itself about whether the segmentation is right",
     "cross": "attention on the tumour prior: the network first makes a rough, blocky guess of the tumour regions "
     "(the prior); while refining, every location consults it, and this map shows the share of that consultation "
     "landing on each place of the guess, mapped back to the image at block resolution, at the last DDIM step, "
-    "averaged over heads and ensemble members, stitched across sliding windows and saved relative to the head's "
-    "average (1 = average). High values mean the network relied on its rough guess there",
+    "averaged over heads and ensemble members, stitched across sliding windows; the file holds it divided by its "
+    "99.5th percentile in the brain (0 to 1), the pictures as a multiple of the brain's average. High values mean the network relied on its rough guess there",
 }
 #: words for the direction a voxel axis runs (nibabel axis codes: the direction of increasing index)
 _AXIS_WORDS = {"L": "right to left", "R": "left to right", "P": "front to back", "A": "back to front",
@@ -292,16 +293,19 @@ def _maps_section(overlay: CaseOverlay) -> str:
     ]
     if overlay.attention:
         described = "".join(
-            f"<li><b>{e(name)}</b>: {e(definitions['attention_' + name])}. Coloured above the brain mean "
-            f"{overlay.attention_threshold(name):.2f} (0\u20131 scale).</li>"
+            f"<li><b>{e(name)}</b>: {e(definitions['attention_' + name])}. In this case the highest value is "
+            f"{float(overlay.relative_attention(name)[overlay.brain_mask].max()):.2f}\u00d7 the brain's "
+            "average.</li>"
             for name in overlay.attention
         )
         items.append(
             "<dt>Attention maps</dt><dd>Where the network put its internal weight while computing the "
             f"segmentation:<ul>{described}</ul>Each map is scaled to 0\u20131 by dividing by its "
-            f"{ATTENTION_PERCENTILE:g}th percentile inside the brain (values above are shown as 1). The montage "
-            "colours only voxels inside the brain whose attention is above the brain's mean (the threshold given "
-            "for each map), at most 60 % opaque so the anatomy stays visible. "
+            f"{ATTENTION_PERCENTILE:g}th percentile inside the brain (values above are shown as 1). The montage and "
+            "the viewer show each map as a multiple of its average inside the brain, on one fixed scale for every "
+            "model and case: only voxels inside the brain above the average (1\u00d7) are coloured, full colour "
+            f"from {ATTENTION_SCALE_TOP:g}\u00d7 the average (the colour bar reads \u2265), at most 60 % opaque "
+            "so the anatomy stays visible; a map that is nearly flat therefore shows nearly nothing. "
             "<b>These are model-internal weights, not a clinical finding</b>: a bright area is not a lesion, "
             "a probability of disease or a measure of correctness.</dd>"
         )

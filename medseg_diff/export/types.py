@@ -36,6 +36,8 @@ ENTROPY_SCALE_TOP: dict[str, float] = {"nats": math.log(2.0), "bits": 1.0}
 #: the 3 regions, so one region split evenly gives 1/12: the top of the fixed variance colour scale.
 VARIANCE_MAX = 0.25
 VARIANCE_SCALE_TOP = VARIANCE_MAX / 3
+#: Top of the attention colour scale, in multiples of the brain's average attention (the bottom is 1 = average).
+ATTENTION_SCALE_TOP = 2.0
 #: Okabe-Ito colours (colour-blind safe): ONE colour per concept in the montage, the report and the Slicer /
 #: ITK-SNAP tables. Regions (the nested BraTS evaluation sets, drawn as contours) and labels (the values in the
 #: segmentation file) are different concepts and get different colours -- except enhancing tumour, which is both
@@ -185,10 +187,15 @@ class CaseOverlay:
             return np.zeros(values.shape, dtype=np.float32)
         return np.clip(values / scale, 0.0, 1.0).astype(np.float32)
 
-    def attention_threshold(self, name: str) -> float:
-        """The mean of :meth:`normalised_attention` inside :attr:`brain_mask`: the montage colours only the brain
-        voxels above it (above-average attention)."""
-        return float(self.normalised_attention(name)[self.brain_mask].mean())
+    def relative_attention(self, name: str) -> np.ndarray:
+        """Attention map ``name`` as a multiple of its mean inside :attr:`brain_mask` (1 = the brain's average),
+        float32 ``[X, Y, Z]``: the montage and the viewer colour it above 1 on the fixed scale 1 to
+        ``ATTENTION_SCALE_TOP``, so a nearly flat map shows nearly nothing instead of its small differences
+        stretched over the whole colour map. Computed from :meth:`normalised_attention` (a ratio, so that scaling
+        cancels; only values above the robust maximum stay clipped). An all-zero map stays zero."""
+        values = self.normalised_attention(name)
+        mean = float(values[self.brain_mask].mean())
+        return (values / mean).astype(np.float32) if mean > 0 else values
 
     def modality_name(self, name: str) -> str:
         """Plain name of a modality key ("t2f" -> "FLAIR")."""

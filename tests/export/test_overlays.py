@@ -29,7 +29,7 @@ from medseg_diff.export.montage import (
     montage_slices,
     tumour_centre,
 )
-from medseg_diff.export.types import REGION_RGB, label_entries
+from medseg_diff.export.types import ATTENTION_SCALE_TOP, REGION_RGB, label_entries
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
 SHAPE = (20, 24, 14)  # RAS voxels of the phantom
@@ -433,7 +433,9 @@ def test_attention_is_coloured_only_inside_the_brain_above_its_mean(tmp_path):
     overlay = make_overlay(tmp_path, "LPS")
     panel = montage_panels(overlay, nib.load(overlay.reference).affine)[0]
     scale = heat_scale(overlay, "attention", "self")
-    assert scale.low == pytest.approx(float(overlay.normalised_attention("self")[overlay.brain_mask].mean()))
+    assert (scale.low, scale.top) == (1.0, ATTENTION_SCALE_TOP)  # multiples of the brain's average, fixed
+    relative = overlay.relative_attention("self")
+    assert float(relative[overlay.brain_mask].mean()) == pytest.approx(1.0, rel=1e-5)
     values = panel.attention["self"]
     rgba = heat_rgba(values, scale, panel.brain)
     outside = ~panel.brain
@@ -443,6 +445,17 @@ def test_attention_is_coloured_only_inside_the_brain_above_its_mean(tmp_path):
     above = panel.brain & (values > scale.low + 0.1)
     assert below.any() and not rgba[below, 3].any()
     assert above.any() and (rgba[above, 3] > 0).all()
+
+
+def test_a_nearly_flat_attention_map_shows_nearly_nothing(tmp_path):
+    """Stretching a map whose values differ by a few per cent over the whole colour map would paint noise as
+    structure: on the fixed scale (multiples of the brain's average) a flat map stays transparent."""
+    overlay = make_overlay(tmp_path, "LPS")
+    rng = np.random.default_rng(0)
+    overlay.attention = {"flat": (1.0 + 0.02 * rng.random(overlay.labels.shape)).astype(np.float32)}
+    panel = montage_panels(overlay, nib.load(overlay.reference).affine)[0]
+    rgba = heat_rgba(panel.attention["flat"], heat_scale(overlay, "attention", "flat"), panel.brain)
+    assert rgba[..., 3].max() < 0.6 * 0.1  # at most a tenth of full opacity anywhere
     assert rgba[..., 3].max() <= 0.6 + 1e-6  # at most 60 % opaque: the anatomy shows through (was 75 %)
 
 

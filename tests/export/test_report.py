@@ -212,7 +212,7 @@ def test_each_map_says_exactly_what_it_is(tmp_path):
     assert "summed over the 3 regions (TC, WT, ET), in nats" in text and "3\u00b7ln 2" in text
     assert "Variance across the 4 DDIM ensemble members" in text
     assert "how much of that gathering draws on each voxel" in text and "not a tumour probability" in text
-    assert "rough, blocky guess of the tumour regions" in text and "relative to the head's average" in text
+    assert "rough, blocky guess of the tumour regions" in text and "99.5th percentile in the brain" in text
     assert "case7_variance.nii.gz" in _section(page, "Files")
 
 
@@ -222,7 +222,9 @@ def test_scales_and_thresholds_are_stated(tmp_path):
     text = _text(export_case(overlay, tmp_path / "out").report.read_text(encoding="utf-8"))
     assert "fixed, the same for every case and model): 0 to ln 2 \u2248 0.69 nats" in text
     assert "0 to 1/12 \u2248 0.083" in text and "colour bar reads \u2265" in text and "drawn orange" in text
-    assert f"above the brain mean {overlay.attention_threshold('self'):.2f}" in text
+    assert "full colour from 2\u00d7 the average" in text and "nearly flat therefore shows nearly nothing" in text
+    peak = float(overlay.relative_attention("self")[overlay.brain_mask].max())
+    assert f"the highest value is {peak:.2f}\u00d7 the brain's average" in text
 
 
 def test_grid_orientation_in_plain_words_and_rows_name_their_underlay(tmp_path):
