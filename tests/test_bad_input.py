@@ -400,3 +400,56 @@ def test_synth_never_overwrites_and_checks_its_values_first(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse: status 2, names the option
         main(["synth", "--out", str(tmp_path / "t"), "--cases", "1", "--test-fraction", "2"])
     assert exit_.value.code == 2 and "--test-fraction" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+
+# --- DICOM and DICOMweb -------------------------------------------------------------------------------
+
+
+def _study(folder: Path, modalities=("t1", "t1ce", "t2", "flair")) -> Path:
+    from factories import LPS_AFFINE, tiny_images, tiny_label
+    from medseg_diff.data.conventions import BRATS2021
+    from medseg_diff.dicom import write_phantom_study
+
+    images = tiny_images(tiny_label((16, 16, 16), BRATS2021), BRATS2021)
+    return write_phantom_study({m: (np.rint(images[m]).astype(np.int16), LPS_AFFINE) for m in modalities}, folder)
+
+
+def test_dicom_study_with_a_modality_missing_lists_its_series(model, tmp_path, capsys):
+    checkpoint, _ = model
+    study = _study(tmp_path / "study", ("t1", "t1ce", "t2"))
+    rc, text = run(capsys, "predict", "--checkpoint", checkpoint, "--input", study, "--out", tmp_path / "out")
+    assert rc == 2 and str(study) in text and "no series matches flair" in text
+    assert "'AX T1'" in text and "'T1 POST GD'" in text and "'AX T2'" in text  # the study's series, listed
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_bad_series_rule_file_is_named_before_the_model_loads(tmp_path, capsys):
+    rule = tmp_path / "rule.yaml"
+    rule.write_text("t1ce: ['(unclosed']\n")
+    rc, text = run(capsys, "predict", "--checkpoint", tmp_path / "no-such.pt", "--input", tmp_path,
+                   "--out", tmp_path / "out", "--series-rule", rule)
+    assert rc == 2 and str(rule) in text and "no-such.pt" not in text
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--input", "IN", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--study", "1.2.3"], "either --input"),
+    (["--dicomweb", "http://127.0.0.1:9/dicom-web"], "--dicomweb needs --study"),
+])
+def test_dicomweb_flags_that_do_not_go_together(args, problem, tmp_path, capsys):
+    rc, text = run(capsys, "predict", "--checkpoint", tmp_path / "c.pt", "--out", tmp_path / "out", *args)
+    assert rc == 2 and problem in text
+
+
+def test_an_unreachable_pacs_is_named_with_the_study_and_nothing_is_written(model, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/dicom-web"
+    checkpoint, _ = model
+    out = tmp_path / "out"
+    rc, text = run(capsys, "predict", "--checkpoint", checkpoint, "--dicomweb", url, "--study", "1.2.840.99.1",
+                   "--out", out)
+    assert rc == 1 and url in text and "1.2.840.99.1" in text
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
