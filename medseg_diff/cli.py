@@ -306,7 +306,7 @@ def run_predict(args: argparse.Namespace) -> int:
             raise DataError(None, "--dicomweb needs --study STUDY_UID")
         result = predict_dicomweb(args.checkpoint, args.dicomweb, args.study, args.out,
                                   store=not args.no_store, **common)
-        print(result.summary(args.dicomweb))
+        print(result.summary())  # the URL without credentials
         return 1 if result.predictions.failed else 0
     report = predict_cases(args.checkpoint, args.input, args.out, subset=args.subset, root=args.root,
                            verify_checksums=not args.no_checksums, **common)

@@ -11,10 +11,13 @@ Every object references the images of one source series (the series of the predi
 by default: all modalities share its grid) and shares the study's Frame of Reference, patient and study.
 
 Deterministic: the same prediction folder and study give the same bytes. UIDs derive from the study, the source
-series, the object and a hash of its voxels (``pydicom.uid.generate_uid`` with entropy sources), so storing the same
-result twice in a PACS does not duplicate it; every date and time (content, series, instance creation, highdicom's
+series, the object, the prediction's origin (model, run, checkpoint, time, version) and a hash of its voxels
+(``pydicom.uid.generate_uid`` with entropy sources), so storing the same result twice in a PACS does not duplicate
+it, and another model's or run's result never takes its UIDs; every date and time (content, series, instance creation, highdicom's
 contributing-equipment stamp) is the modification time of ``{case}_seg.nii.gz`` (when the prediction was made).
-Series numbers follow the study's highest series number (100, 101, ... for a study numbered below 100).
+Series numbers follow the highest series number of the study as read (100, 101, ... for a study numbered below
+100); a study fetched over DICOMweb is read without its earlier SEG and map series, so a second model's results
+may repeat their numbers (the UIDs never repeat).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, conven
     provenance = Provenance(model_name=str(meta.get("model") or "medseg-diff"), run_id=meta.get("run_id"))
     when = datetime.fromtimestamp(seg_path.stat().st_mtime).replace(microsecond=0)
     number = _first_series_number(study)
+    origin = _origin(meta, when)
     labels, affine = read_array(seg_path, dtype=np.float64)
     bad = conv.unknown_labels(labels)
     if bad:
@@ -65,14 +69,14 @@ def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, conven
 
     objects = {}
     with _problems_named(seg_path, case, series):
-        series_uid, sop_uid = _uids(study, series, "seg", labels, affine)
+        series_uid, sop_uid = _uids(study, series, "seg", labels, affine, origin)
         objects[f"{case}_seg.dcm"] = segmentation_dataset(
             labels, affine, series.datasets, conv, series_uid=series_uid, sop_uid=sop_uid, series_number=number,
             when=when, provenance=provenance)
     for offset, (name, path, kind) in enumerate(_maps(folder, case, meta), start=1):
         values, map_affine = read_array(path)
         with _problems_named(path, case, series):
-            series_uid, sop_uid = _uids(study, series, name, values, map_affine)
+            series_uid, sop_uid = _uids(study, series, name, values, map_affine, origin)
             objects[f"{case}_{name}.dcm"] = parametric_map_dataset(
                 values, map_affine, series.datasets, kind, series_uid=series_uid, sop_uid=sop_uid,
                 series_number=number + offset, when=when, provenance=provenance)
@@ -125,15 +129,27 @@ def _maps(folder: Path, case: str, meta: dict) -> list[tuple[str, Path, MapKind]
     return found
 
 
-def _uids(study: DicomStudy, series: DicomSeries, name: str, values: np.ndarray, affine: np.ndarray
+def _uids(study: DicomStudy, series: DicomSeries, name: str, values: np.ndarray, affine: np.ndarray, origin: str
           ) -> tuple[str, str]:
     """``(SeriesInstanceUID, SOPInstanceUID)`` of an object: derived from the study, the source series, the
-    object's name and a hash of its voxels and affine, so the same result always gets the same UIDs."""
+    object's name, where the prediction came from (``origin``: model, run, checkpoint, time of prediction,
+    medseg-diff version) and a hash of its voxels and affine. The same prediction folder always gives the same
+    UIDs; another model, run or prediction never reuses them, even for identical voxels (e.g. two empty SEGs),
+    so a PACS that keeps the first copy of a UID cannot show one model's result under another's name."""
     from pydicom.uid import generate_uid
 
     digest = hashlib.sha256(np.ascontiguousarray(values).tobytes() + np.asarray(affine).tobytes()).hexdigest()
-    return tuple(generate_uid(entropy_srcs=[study.study_uid, series.series_uid, name, what, digest])
+    return tuple(generate_uid(entropy_srcs=[study.study_uid, series.series_uid, name, what, origin, digest])
                  for what in ("series", "instance"))
+
+
+def _origin(meta: dict, when: datetime) -> str:
+    """What makes one prediction of a study another's: model, run, checkpoint, time and code version."""
+    from medseg_diff import __version__
+
+    keys = ("model", "model_kind", "run_id", "checkpoint", "model_uri")
+    return json.dumps({**{k: meta.get(k) for k in keys}, "when": when.isoformat(), "version": __version__},
+                      sort_keys=True)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from medseg_diff.data.conventions import MODALITIES
 from medseg_diff.errors import DataError
 
 _T1 = r"(T1(?!\d)|MPRAGE|MP RAGE|BRAVO|SPGR|VIBE)"
-_CONTRAST = r"(POST|\+|\bGD\b|GAD|CONTRAST|\bCE\b|T1 ?CE\b|T1 ?C\b|ENHANC|\bW ?C\b|\bWITH C)"
+_CONTRAST = r"(\bPOST\b|\+|\bGD\b|GAD|CONTRAST|\bCE\b|T1 ?CE\b|T1 ?C\b|ENHANC|\bW ?C\b|\bWITH C|\bKM\b)"
 _NO_CONTRAST = r"(\bPRE\b|\bPRE ?(GD|GAD|CONTRAST|C)\b|NON ?CONTRAST|WITHOUT|\bW ?O\b|NATIVE?\b)"
 _FLAIR = r"(FLAIR|DARK ?FLUID)"
 

@@ -42,8 +42,8 @@ _NONE = '<span class="muted">not recorded</span>'
 _ATTENTION_TEXT = {
     "self": "attention received: in its linear self-attention layers every location gathers information from all "
     "other locations of the part of the scan being processed; this map shows how much of that gathering draws on "
-    "each voxel (column sums of the attention matrix), at the last DDIM step, averaged over the two finest levels, "
-    "the heads and the ensemble members, and stitched across sliding windows. The file holds it divided by its "
+    "each voxel (column sums of the attention matrix), at the last DDIM step, averaged over the levels that have it (the two finest in "
+    "the default design), the heads and the ensemble members, and stitched across sliding windows. The file holds it divided by its "
     "99.5th percentile in the brain (0 to 1); the pictures show it as a multiple of the brain's average. It is not a tumour probability and says nothing by "
     "itself about whether the segmentation is right",
     "cross": "attention on the tumour prior: the network first makes a rough, blocky guess of the tumour regions "
@@ -304,8 +304,8 @@ def _maps_section(overlay: CaseOverlay) -> str:
             f"{ATTENTION_PERCENTILE:g}th percentile inside the brain (values above are shown as 1). The montage and "
             "the viewer show each map as a multiple of its average inside the brain, on one fixed scale for every "
             "model and case: only voxels inside the brain above the average (1\u00d7) are coloured, full colour "
-            f"from {ATTENTION_SCALE_TOP:g}\u00d7 the average (the colour bar reads \u2265), at most 60 % opaque "
-            "so the anatomy stays visible; a map that is nearly flat therefore shows nearly nothing. "
+            f"from {ATTENTION_SCALE_TOP:g}\u00d7 the average (the colour bar reads \u2265), in the montage at most "
+            "60 % opaque so the anatomy stays visible (the viewer has an opacity slider); a map that is nearly flat therefore shows nearly nothing. "
             "<b>These are model-internal weights, not a clinical finding</b>: a bright area is not a lesion, "
             "a probability of disease or a measure of correctness.</dd>"
         )
@@ -316,7 +316,8 @@ def _maps_section(overlay: CaseOverlay) -> str:
             f"<dt>Uncertainty: entropy</dt><dd>{e(_sentence(definitions['uncertainty']))}. <b>Colour scale</b> "
             f"(fixed, the same for every case and model): 0 to {one} ({ENTROPY_SCALE_TOP[units]:.3g} {e(units)}), "
             "the entropy of one region at p = 0.5; higher values (two or three regions uncertain at once) are "
-            "drawn orange and the top of the colour bar reads \u2265. Highest value in this case's brain: "
+            "drawn orange in the montage (in the viewer, in the colour map's top colour) and the top of the colour bar "
+            "reads \u2265. Highest value in this case's brain: "
             f"{_peak(overlay.uncertainty, overlay):.3g}. High values along the tumour border are usual; high values "
             "elsewhere mark places to review with extra care. Low uncertainty does not mean the segmentation is "
             "right.</dd>"
@@ -327,16 +328,18 @@ def _maps_section(overlay: CaseOverlay) -> str:
             "disagreement between the model's repeated samples; the entropy above also counts uncertainty every "
             "sample shares. <b>Colour scale</b> (fixed, the same for every case and model): 0 to 1/12 \u2248 "
             f"{VARIANCE_SCALE_TOP:.3f}, the value when the members split evenly between 0 and 1 on one of the "
-            "three regions; higher values are drawn orange and the top of the colour bar reads \u2265. Highest "
+            "three regions; higher values are drawn orange in the montage (in the viewer, in the colour map's top colour) and "
+            "the top of the colour bar reads \u2265. Highest "
             f"value in this case's brain: {_peak(overlay.variance, overlay):.3g}.</dd>"
         )
     return f"<h2>How to read the maps</h2><dl>{''.join(items)}</dl>"
 
 
 def _count(n: int | None, noun: str) -> str:
+    """HTML: "4 ensemble members". ``n`` comes from prediction.json, so it is escaped (it may not be a number)."""
     if n is None:
         return f"{_NONE} {noun}s"
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+    return f"{html.escape(str(n))} {noun}" + ("" if n == 1 else "s")
 
 
 def _sentence(text: str) -> str:
@@ -364,7 +367,8 @@ def _provenance_section(overlay: CaseOverlay) -> str:
     window = _NONE
     if p.roi_size is not None or p.overlap is not None:
         roi = _TIMES.join(str(n) for n in p.roi_size) if p.roi_size else "?"
-        window = f"{e(roi)} voxel windows, overlap {value(p.overlap)}, Gaussian blending"
+        window = (f"{e(roi)} voxel windows, overlap {value(p.overlap)}; probabilities blended with Gaussian weights, "
+                  "attention maps stitched with feathered weights")
     spacing = "the input's own voxels" if p.spacing_mm is None else f"{_TIMES.join(f'{z:g}' for z in p.spacing_mm)} mm"
     pairs = [
         ("Model kind", value(p.model_kind)),

@@ -27,6 +27,8 @@ from typing import Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from medseg_diff.export.types import DISPLAY_MODALITIES, MODALITY_NAMES
+
 VENDOR_DIR = Path(__file__).resolve().parent / "vendor"
 #: The vendored NiiVue bundle and its record (written by tools/fetch_niivue.sh, git-ignored).
 BUNDLE_PATH = VENDOR_DIR / "niivue.umd.js"
@@ -39,12 +41,9 @@ INSTALL_HINT = (
 #: negative values) to this high percentile (brighter voxels clipped); first shown with the window's top at
 #: the 99.5th percentile (right-drag in the viewer changes the window).
 GREY_LOW_PERCENTILE, GREY_WINDOW_PERCENTILE, GREY_HIGH_PERCENTILE = 0.5, 99.5, 99.9
-#: The grey image shown first (canonical and BraTS-2023 names), as the montage picks it.
-_GREY_ORDER = ("flair", "t2f", "t1ce", "t1c", "t2", "t2w", "t1", "t1n")
-_DISPLAY_NAMES = {
-    "flair": "FLAIR", "t2f": "T2-FLAIR", "t1ce": "T1ce", "t1c": "T1c (contrast)", "t2": "T2", "t2w": "T2w",
-    "t1": "T1", "t1n": "T1 (native)",
-}
+#: The grey image shown first, and the modalities' plain names: the montage's and the report's (``export.types``).
+_GREY_ORDER = DISPLAY_MODALITIES
+_DISPLAY_NAMES = MODALITY_NAMES
 #: NiiVue colour maps a heat map may name (a subset of NiiVue's built-in ones).
 HEAT_COLORMAPS = ("inferno", "viridis", "plasma", "magma", "hot", "warm", "cool", "turbo")
 DEFAULT_HEAT_COLORMAP = "inferno"

@@ -11,8 +11,8 @@
 3. STOW-RS: those DICOM objects are stored back into the same study on the same server (unless ``store=False``);
    the server's answer is checked instance by instance (``dicom.web.store_instances``).
 
-Storing is deterministic: the objects' UIDs derive from the study and their content, so running it twice stores
-the same instances again instead of duplicating them.
+The objects' UIDs derive from the study, the prediction (model, run, time) and the voxels: storing the same
+prediction folder twice stores the same instances; a new run is a new prediction with new UIDs.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ FETCHED = ".dicomweb"
 class DicomwebReport:
     predictions: RunReport
     study_folder: Path
+    url: str  # the DICOMweb root without credentials (``client.base_url``)
     stored: dict[str, list[str]] = field(default_factory=dict)  # case -> SOP Instance UIDs stored back
 
-    def summary(self, url: str) -> str:
+    def summary(self) -> str:
         lines = [self.predictions.summary()]
         for case, uids in self.stored.items():
-            lines.append(f"  stored {len(uids)} DICOM object(s) of {case} (SEG, parametric maps) to {url}")
+            lines.append(f"  stored {len(uids)} DICOM object(s) of {case} (SEG, parametric maps) to {self.url}")
         return "\n".join(lines)
 
 
@@ -57,7 +58,7 @@ def predict_dicomweb(checkpoint: str | Path, url: str, study_uid: str, out_dir: 
         raise DataError(out_dir, "the output folder is a file")
     study_folder = fetch_study(client, study_uid, out_dir / FETCHED / str(study_uid).strip())
     predictions = predict_cases(checkpoint, study_folder, out_dir, series_rule=series_rule, **predict_kwargs)
-    report = DicomwebReport(predictions, study_folder)
+    report = DicomwebReport(predictions, study_folder, client.base_url)
     if store:
         for folder in predictions.written:
             paths = sorted((folder / DICOM_FOLDER).glob("*.dcm"))

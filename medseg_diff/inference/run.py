@@ -25,7 +25,7 @@ from medseg_diff.data.discovery import discover
 from medseg_diff.data.manifest import load_manifest
 from medseg_diff.dicom.rules import SeriesRule
 from medseg_diff.dicom.outputs import write_dicom_outputs
-from medseg_diff.dicom.study import read_study
+from medseg_diff.dicom.study import is_dicom_file, read_study
 from medseg_diff.errors import DataError, MedsegError
 from medseg_diff.inference.case import predict_case
 from medseg_diff.inference.loading import LoadedModel, load_model
@@ -60,7 +60,7 @@ def input_records(source: str | Path, subset: str = "all", root: str | Path | No
     if source.suffix == ".json":
         manifest = load_manifest(source, root=root)
         cases = manifest.cases if subset == "all" else [c for c in manifest.cases if c.subset == subset]
-        return get_convention(manifest.convention), [case_record(manifest, c) for c in cases]
+        return get_convention(manifest.convention), [_with_dicom_study(case_record(manifest, c)) for c in cases]
     conv, cases = discover(source, convention, series_rule=series_rule)
     records = []
     for case in cases:
@@ -72,6 +72,15 @@ def input_records(source: str | Path, subset: str = "all", root: str | Path | No
         else:
             records.append(files_record(case))
     return conv, records
+
+
+def _with_dicom_study(record: dict) -> dict:
+    """A manifest record whose images are DICOM series (their reference files) also names its study folder: the
+    folder holding all of them, so that its outputs are written as DICOM too."""
+    images = record.get("image")
+    if isinstance(images, (list, tuple)) and images and all(is_dicom_file(p) for p in images):
+        return record | {DICOM_STUDY: os.path.commonpath([str(Path(p).parent) for p in images])}
+    return record
 
 
 def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Path, subset: str = "all",

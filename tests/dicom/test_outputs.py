@@ -144,6 +144,26 @@ def test_the_same_prediction_gives_the_same_bytes(written, tmp_path):
     assert {p.name[len(study.case_id) + 1:-4]: p.read_bytes() for p in again} == before
 
 
+def test_another_model_or_run_never_reuses_the_uids_of_identical_voxels(written, tmp_path):
+    """Two runs that predict the same voxels (an empty SEG is the easy case) must not share SOP Instance UIDs: a
+    PACS keeps the first copy of a UID and would show one model's result under the other's name."""
+    import json
+    import shutil
+
+    study, pred, _, paths = written
+    uids = {}
+    for run in ("run-a", "run-b"):
+        copy = tmp_path / run / pred.name
+        shutil.copytree(pred, copy, copy_function=shutil.copy2)  # same voxels, same modification times
+        shutil.rmtree(copy / "dicom")
+        (copy / "prediction.json").write_text(json.dumps({"case_id": study.case_id, "model": "diffusion",
+                                                          "run_id": run}))
+        out = write_dicom_outputs(copy, study, BRATS2021)
+        uids[run] = {pydicom.dcmread(p).SOPInstanceUID for p in out}
+        assert len(uids[run]) == len(out)
+    assert not uids["run-a"] & uids["run-b"]
+
+
 def test_voxel_order_of_the_nifti_does_not_matter(written, tmp_path):
     """The seg saved in RAS (``as_closest_canonical``: axes flipped) gives the same SEG pixels."""
     study, pred, _, paths = written

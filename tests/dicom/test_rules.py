@@ -11,7 +11,8 @@ USUAL = {
     "AX T1": "t1", "T1 MPRAGE": "t1", "t1_mprage_sag": "t1", "SAG T1 SE": "t1", "T1 PRE GD": "t1", "T1W_SE": "t1",
     "MPRAGE": "t1", "Ax T1 FLAIR": "t1",
     "T1 POST GD": "t1ce", "T1CE": "t1ce", "T1 C+": "t1ce", "T1 GD": "t1ce", "T1+C": "t1ce", "t1c": "t1ce",
-    "AX T1 POST": "t1ce", "T1 MPRAGE POST CONTRAST": "t1ce", "T1 3D GAD": "t1ce",
+    "AX T1 POST": "t1ce", "T1 MPRAGE POST CONTRAST": "t1ce", "T1 3D GAD": "t1ce", "T1 KM": "t1ce",
+    "SAG T1 POSTERIOR FOSSA": "t1",
     "AX T2": "t2", "T2W_TSE": "t2", "T2 TSE AX": "t2",
     "T2 FLAIR": "flair", "FLAIR": "flair", "AX FLAIR POST GD": "flair", "T2 TIRM DARK-FLUID": "flair",
 }

@@ -208,6 +208,12 @@ def test_a_manifest_of_dicom_studies_builds_and_checks(tmp_path):
     write_manifest(manifest, root / "manifest.json")
     assert check_manifest(load_manifest(root / "manifest.json")) == []
 
+    # predicting from the manifest also writes DICOM outputs: its records name their study folder
+    from medseg_diff.inference.run import input_records
+
+    _, records = input_records(root / "manifest.json")
+    assert sorted(read_study(r["dicom_study"]).case_id for r in records) == sorted(c.id for c in manifest.cases)
+
     # the checksum covers every slice of a series, not only the file the manifest names for it
     from medseg_diff.data.check import verify_checksums
     from medseg_diff.data.io import dicom_series_files

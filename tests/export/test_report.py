@@ -294,3 +294,13 @@ def test_report_embeds_the_viewer_with_every_map_or_says_why_not(tmp_path, monke
     monkeypatch.setattr(viewer, "BUNDLE_PATH", tmp_path / "missing.js")
     page = export_case(overlay, tmp_path / "without").report.read_text(encoding="utf-8")
     assert "<script" not in page and "not installed" in page and 'src="data:image/png;base64,' in page
+
+
+def test_provenance_values_from_prediction_json_are_escaped(tmp_path):
+    """prediction.json is a file anyone can edit: a non-number where a count belongs must not become HTML."""
+    import dataclasses
+
+    hostile = dataclasses.replace(DIFFUSION, sample_steps='<img src=x onerror="alert(1)">', ensemble="<b>4</b>")
+    page = export_case(make_overlay(tmp_path, provenance=hostile), tmp_path / "out").report.read_text("utf-8")
+    assert "<img src=x" not in page and "<b>4</b>" not in page
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt; step" in page
