@@ -47,6 +47,11 @@ NON_IMAGE_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.481",  # radiotherapy objects
 )
 _DICOMDIR = "1.2.840.10008.1.3.10"
+
+
+def is_non_image_sop_class(sop_class: str) -> bool:
+    """True for a SOP class of ``NON_IMAGE_SOP_CLASSES`` (the class itself or one below it, dot-separated)."""
+    return any(sop_class == p or sop_class.startswith(p + ".") for p in NON_IMAGE_SOP_CLASSES)
 _SCAN_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
               "SeriesDescription", "ProtocolName", "Modality", "PatientID", "StudyDate", "StudyDescription",
               "NumberOfFrames", "Rows", "ImagePositionPatient"]
@@ -197,7 +202,7 @@ def _file_header(path: Path, ds) -> FileHeader | None:
         raise DataError(path, "DICOM file without StudyInstanceUID or SeriesInstanceUID (truncated or damaged?)")
     modality = str(ds.get("Modality", "") or "").upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    is_image = (modality not in NON_IMAGE_MODALITIES and not sop_class.startswith(NON_IMAGE_SOP_CLASSES)
+    is_image = (modality not in NON_IMAGE_MODALITIES and not is_non_image_sop_class(sop_class)
                 and frames == 1 and "Rows" in ds and "ImagePositionPatient" in ds)
     number = ds.get("SeriesNumber", None)
     return FileHeader(

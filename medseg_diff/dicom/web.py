@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medseg_diff.dicom.study import NON_IMAGE_MODALITIES, NON_IMAGE_SOP_CLASSES
+from medseg_diff.dicom.study import NON_IMAGE_MODALITIES, is_non_image_sop_class
 from medseg_diff.errors import DataError, ServiceError
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def _fetch_series(client, where: str, study_uid: str, series_uid: str, staging: 
         for ds in client.iter_series(study_uid, series_uid):
             received += 1
             sop_class = str(ds.get("SOPClassUID", ""))
-            if _non_image_class(sop_class):
+            if is_non_image_sop_class(sop_class):
                 continue
             if str(ds.get("SeriesInstanceUID", "")) != series_uid or str(ds.get("StudyInstanceUID", "")) != study_uid:
                 raise ServiceError(f"{where}: asked for series {series_uid}, the server sent an instance of "
@@ -218,10 +218,6 @@ def _count(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def _non_image_class(sop_class: str) -> bool:
-    return any(sop_class == p or sop_class.startswith(p + ".") for p in NON_IMAGE_SOP_CLASSES)
 
 
 def _check_dest(dest: Path) -> None:
