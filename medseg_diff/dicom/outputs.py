@@ -15,9 +15,9 @@ series, the object, the prediction's origin (model, run, checkpoint, time, versi
 (``pydicom.uid.generate_uid`` with entropy sources), so storing the same result twice in a PACS does not duplicate
 it, and another model's or run's result never takes its UIDs; every date and time (content, series, instance creation, highdicom's
 contributing-equipment stamp) is the modification time of ``{case}_seg.nii.gz`` (when the prediction was made).
-Series numbers follow the highest series number of the study as read (100, 101, ... for a study numbered below
-100); a study fetched over DICOMweb is read without its earlier SEG and map series, so a second model's results
-may repeat their numbers (the UIDs never repeat).
+Series numbers start at the next free hundred above the study's series numbers (100, 101, ... for a study numbered
+below 100): those of the study as read, and ``taken_series_numbers`` (what a PACS holds beyond the fetched image
+series: ``inference.dicomweb`` asks it, so a second model's results do not repeat the first one's numbers).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -42,8 +43,8 @@ DICOM_FOLDER = "dicom"
 _META = "prediction.json"
 
 
-def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, convention: LabelConvention | str
-                        ) -> list[Path]:
+def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, convention: LabelConvention | str,
+                        taken_series_numbers: Iterable[int] = ()) -> list[Path]:
     """Write the SEG and parametric maps of a prediction folder into its ``dicom/`` subfolder; returns their paths
     (SEG first). ``DataError`` naming the file: a missing ``{case}_seg.nii.gz``, labels not of ``convention``, a
     volume not on the source series' grid, a map with NaN/Inf."""
@@ -59,7 +60,7 @@ def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, conven
     series = study.series[modality]
     provenance = Provenance(model_name=str(meta.get("model") or "medseg-diff"), run_id=meta.get("run_id"))
     when = datetime.fromtimestamp(seg_path.stat().st_mtime).replace(microsecond=0)
-    number = _first_series_number(study)
+    number = _first_series_number(study, taken_series_numbers)
     origin = _origin(meta, when)
     labels, affine = read_array(seg_path, dtype=np.float64)
     bad = conv.unknown_labels(labels)
@@ -104,9 +105,12 @@ def _reference_modality(study: DicomStudy, meta: dict) -> str:
     return "t1" if "t1" in study.series else next(iter(study.series))
 
 
-def _first_series_number(study: DicomStudy) -> int:
+def _first_series_number(study: DicomStudy, taken: Iterable[int] = ()) -> int:
+    """The next free hundred above every series number of the study as read and ``taken`` (those a PACS holds
+    beyond what was fetched, e.g. an earlier model's SEG and maps)."""
     numbers = [s.number for s in study.listing if s.number is not None]
     numbers += [s.number for s in study.series.values() if s.number is not None]
+    numbers += [int(n) for n in taken]
     return 100 * (max(numbers, default=0) // 100 + 1)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from medseg_diff.dicom.outputs import DICOM_FOLDER
 from medseg_diff.dicom.rules import SeriesRule
-from medseg_diff.dicom.web import connect, fetch_study, store_instances
+from medseg_diff.dicom.web import connect, fetch_study, find_results, store_instances
 from medseg_diff.inference.run import RunReport, predict_cases
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ def predict_dicomweb(checkpoint: str | Path, url: str, study_uid: str, out_dir: 
 
         raise DataError(out_dir, "the output folder is a file")
     study_folder = fetch_study(client, study_uid, out_dir / FETCHED / str(study_uid).strip())
-    predictions = predict_cases(checkpoint, study_folder, out_dir, series_rule=series_rule, **predict_kwargs)
+    # series the fetch left on the server (earlier SEGs and maps): the new ones are numbered above them
+    taken = [int(d.SeriesNumber) for d in find_results(client, study_uid, None) if d.get("SeriesNumber") is not None]
+    predictions = predict_cases(checkpoint, study_folder, out_dir, series_rule=series_rule,
+                                taken_series_numbers=taken, **predict_kwargs)
     report = DicomwebReport(predictions, study_folder, client.base_url)
     if store:
         for folder in predictions.written:

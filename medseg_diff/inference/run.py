@@ -89,11 +89,13 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
                   seed: int | None = None, continue_on_error: bool = False, overlap: float | None = None,
                   case_ids: Sequence[str] | None = None, tracking_uri: str | None = None,
                   model: LoadedModel | None = None, name: str | None = None, overwrite: bool = False,
-                  verify_checksums: bool = True, series_rule: SeriesRule | None = None) -> RunReport:
+                  verify_checksums: bool = True, series_rule: SeriesRule | None = None,
+                  taken_series_numbers: Sequence[int] = ()) -> RunReport:
     """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``inference.prediction_folder``).
     ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``).
     A case read from a DICOM study also gets ``CASE/dicom/``: a DICOM Segmentation and Parametric Maps that
-    reference its source series (``dicom.write_dicom_outputs``), written in the same staged step."""
+    reference its source series (``dicom.write_dicom_outputs``), written in the same staged step; their series
+    numbers start above the study's and ``taken_series_numbers``."""
     pin_reproducibility()
     dev = resolve_device(device, key="--device")
     if model is None:
@@ -138,7 +140,8 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
             try:
                 write_prediction(pred, staging, name or model.kind, model, conv, record)
                 if record.get(DICOM_STUDY):
-                    written = write_dicom_outputs(staging, read_study(record[DICOM_STUDY], series_rule), conv)
+                    written = write_dicom_outputs(staging, read_study(record[DICOM_STUDY], series_rule), conv,
+                                                  taken_series_numbers)
                     log.info("     %s: %d DICOM object(s) (SEG, parametric maps)", case, len(written))
                 install_folder(staging, folder)
             finally:

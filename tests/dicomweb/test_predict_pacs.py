@@ -108,12 +108,16 @@ def test_credentials_in_the_url_are_never_printed(model, orthanc, uploaded, tmp_
     """``http://USER:PASSWORD@host/...`` works (this Orthanc ignores the credentials) and the password appears
     nowhere in what the command prints."""
     _, study_uid = uploaded
+    before = [int(d.SeriesNumber) for d in find_results(connect(orthanc.dicomweb), study_uid, None)]
     url = orthanc.dicomweb.replace("http://", "http://alice:s3cret-pw@")
     assert main(["predict", "--checkpoint", str(model), "--dicomweb", url, "--study", study_uid,
                  "--out", str(tmp_path / "out"), "--steps", "1", "--ensemble", "1", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "s3cret-pw" not in captured.out + captured.err and "1 case(s) written" in captured.out
     assert f"to {orthanc.dicomweb}" in captured.out  # the stored line names the server, without credentials
+    # the fetch skipped the results already in the PACS, but the new ones are numbered above them, not over them
+    new = [pydicom.dcmread(p).SeriesNumber for p in (tmp_path / "out").glob("*/dicom/*.dcm")]
+    assert new and min(new) > max(before)
 
 
 def test_unknown_study_is_a_service_error_and_writes_no_case(model, orthanc, tmp_path, capsys):
