@@ -140,8 +140,8 @@ def mr_study(tmp_path_factory) -> tuple[str, dict[str, list[Path]]]:
     from pydicom.uid import generate_uid
 
     root = tmp_path_factory.mktemp("mr_study")
-    study_uid, frame_uid = generate_uid(), generate_uid()
-    series = {name: write_mr_series(root / name, study_uid=study_uid, frame_uid=frame_uid, series_number=n,
+    study_uid = generate_uid()
+    series = {name: write_mr_series(root / name, study_uid=study_uid, series_number=n,
                                     description=name)
               for n, name in enumerate(("T1", "FLAIR"), start=1)}
     return study_uid, series

@@ -213,7 +213,7 @@ def test_an_unparsed_stow_answer_is_checked_with_qido(orthanc, mr_study, tmp_pat
     client.store_instances = stored_but_unparsed
     assert store_instances(client, [path]) == [pydicom.dcmread(path).SOPInstanceUID]
 
-    lost = write_mr_series(tmp_path / "lost", study_uid=study_uid, frame_uid=generate_uid(), series_number=9,
+    lost = write_mr_series(tmp_path / "lost", study_uid=study_uid, series_number=9,
                            description="lost", slices=1)
     client.store_instances = lambda datasets, **kwargs: pydicom.Dataset()  # claims success, stores nothing
     with pytest.raises(ServiceError, match="did not confirm storing") as err:
@@ -224,7 +224,7 @@ def test_an_unparsed_stow_answer_is_checked_with_qido(orthanc, mr_study, tmp_pat
 def test_a_non_dicom_file_is_refused_before_anything_is_sent(orthanc, tmp_path):
     client = connect(orthanc.dicomweb)
     study_uid = generate_uid()
-    good = write_mr_series(tmp_path / "good", study_uid=study_uid, frame_uid=generate_uid(), series_number=1,
+    good = write_mr_series(tmp_path / "good", study_uid=study_uid, series_number=1,
                            description="good", slices=1)
     bad = tmp_path / "notes.dcm"
     bad.write_text("not DICOM")
@@ -307,7 +307,7 @@ def test_a_short_series_or_a_study_without_images_is_refused(stored, tmp_path):
     assert study_uid in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
-    report = write_mr_series(tmp_path / "sr", study_uid=generate_uid(), frame_uid=generate_uid(), series_number=1,
+    report = write_mr_series(tmp_path / "sr", study_uid=generate_uid(), series_number=1,
                              description="report", slices=1)
     ds = pydicom.dcmread(report[0])
     ds.Modality = "SR"  # a study whose only series is a report
