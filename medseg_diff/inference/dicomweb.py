@@ -24,6 +24,7 @@ from pathlib import Path
 from medseg_diff.dicom.outputs import DICOM_FOLDER
 from medseg_diff.dicom.rules import SeriesRule
 from medseg_diff.dicom.web import connect, fetch_study, find_results, store_instances
+from medseg_diff.errors import DataError
 from medseg_diff.inference.run import RunReport, predict_cases
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,6 @@ def predict_dicomweb(checkpoint: str | Path, url: str, study_uid: str, out_dir: 
     client = connect(url)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        from medseg_diff.errors import DataError
-
         raise DataError(out_dir, "the output folder is a file")
     study_folder = fetch_study(client, study_uid, out_dir / FETCHED / str(study_uid).strip())
     # series the fetch left on the server (earlier SEGs and maps): the new ones are numbered above them
