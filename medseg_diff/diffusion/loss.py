@@ -2,10 +2,18 @@
 baseline and the diffusion model are trained with the same loss on their mask estimate.
 
 Diffusion step (Diff-UNet style, x0 prediction):
-1. x0 = 2·regions - 1; t ~ U{0..T-1}; ε ~ N(0, I); x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (DDPM eq. 4)
-2. the network sees (x_t, t, image features) and outputs x0 logits (or ε / v)
+1. x0 = 2·regions - 1; t ~ U{0..T-1}; ε ~ N(0, I); x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (DDPM eq. 4).
+   Recycling (Fu et al. 2023, MELBA): for a fraction of the batch, x0 is replaced by the model's own estimate
+   from pure noise (no gradient), so training sees the x_t that sampling will feed it, and learns to correct it.
+   ``mode="direct"``: x_t = 0 and t = T-1 always -- the same network trained directly for segmentation (the control
+   of Öttl et al. 2024).
+2. the network sees (x_t, t, image features) and outputs x0 logits (or ε / v); a self-conditioned network (Chen et
+   al. 2022) also sees, for half the batch, its own x0 estimate from a first pass (no gradient), else zeros
 3. loss = Dice + BCE on the x0 estimate + MSE (on x0, or on ε / v for those parameterisations)
-   + the prior head's deep supervision against the regions pooled to its grid.
+   + the prior head's deep supervision against the regions pooled to its grid
+   + (``attention`` > 0) a loss on the cross-attention itself: KL(target ‖ attention mass over the prior tokens),
+   target = the whole tumour pooled to the token grid, for crops that hold tumour. This is supervision of the map,
+   disclosed as such in README and the report.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
-from medseg_diff.diffusion.schedules import training_target, x0_from_output
+from medseg_diff.diffusion.schedules import training_target, x0_from_output, x0_logits
 
 _DICE_LOGITS = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
 _DICE_PROBS = DiceLoss(sigmoid=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
@@ -27,6 +35,7 @@ _DICE_PROBS = DiceLoss(sigmoid=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True
 class LossOutput:
     total: Tensor  # scalar, differentiable
     parts: dict[str, float] = field(default_factory=dict)  # detached components, for logging
+    seg: Tensor | None = None  # the Dice + BCE part of ``total`` (differentiable)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,27 @@ class LossWeights:
     bce: float = 1.0
     mse: float = 1.0
     prior: float = 0.5
+    attention: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiffusionTraining:
+    """How a diffusion training step draws its inputs (see the module doc)."""
+
+    mode: str = "denoise"  # denoise | direct
+    self_condition: float = 0.0  # fraction of the batch that gets its own first-pass x0 estimate
+    recycle: float = 0.0  # fraction of the batch noised from the model's own estimate instead of the truth
+
+
+@dataclass
+class TrainForward:
+    """What ``EncodeDenoise`` returns: the prediction, the prior head's logits and the raw attention maps."""
+
+    output: Tensor  # [B, 3, X, Y, Z]
+    prior_logits: Tensor | None  # [B, 3, x, y, z]
+    attention: dict[str, Tensor] = field(default_factory=dict)  # name -> raw per-level map (cross_l{i}: token grid)
+    x_t: Tensor | None = None  # the x_t actually denoised, when recycling replaced some of the batch's
+    refined: Tensor | None = None  # x0 logits refined at full resolution (a model with a refiner)
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
@@ -59,31 +89,80 @@ def bce_of_probabilities(probs: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy(probs.float().clamp(1e-6, 1 - 1e-6), target.float())
 
 
+def _fraction(b: int, p: float, device, generator) -> Tensor | None:
+    """A [B] boolean draw with probability ``p`` each (None when p = 0, so that no random number is drawn)."""
+    if p <= 0:
+        return None
+    return torch.rand(b, device=device, generator=generator) < p
+
+
 class DiffusionLoss:
     """One training step's loss for ``DiffusionSegUNet`` with a MONAI scheduler."""
 
-    def __init__(self, scheduler, weights: LossWeights):
+    def __init__(self, scheduler, weights: LossWeights, training: DiffusionTraining | None = None):
         self.scheduler = scheduler
         self.weights = weights
+        self.training = training or DiffusionTraining()
 
-    def __call__(self, model: nn.Module, image: Tensor, regions: Tensor, generator=None) -> LossOutput:
-        # 1. noise the mask (DDPM eq. 4)
+    def __call__(self, model: nn.Module, image: Tensor, regions: Tensor, generator=None,
+                 external_prior: Tensor | None = None) -> LossOutput:
+        # 1. noise the mask (DDPM eq. 4), or x_t = 0 at t = T-1 for the direct control
         x0 = regions * 2.0 - 1.0
-        b = x0.shape[0]
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (b,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.scheduler.add_noise(x0, noise, t)
+        b, T, opts = x0.shape[0], self.scheduler.num_train_timesteps, self.training
+        if opts.mode == "direct":
+            t = torch.full((b,), T - 1, device=x0.device, dtype=torch.long)
+            noise, x_t = torch.zeros_like(x0), torch.zeros_like(x0)
+            plan = {}
+        else:
+            t = torch.randint(0, T, (b,), device=x0.device, generator=generator)
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+            x_t = self.scheduler.add_noise(x0, noise, t)
+            plan = {"self_cond": _fraction(b, opts.self_condition, x0.device, generator),
+                    "recycle": _fraction(b, opts.recycle, x0.device, generator)}
+            if plan["recycle"] is not None:
+                plan["start"] = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+                plan["noise"] = noise
         # 2. predict: ``model`` is an ``EncodeDenoise`` (possibly DDP-wrapped), one forward per step
-        output, prior_logits = model(x_t, t, image)
-        return self.from_output(output, prior_logits, x_t, x0, noise, t, regions)
+        out = model(x_t, t, image, external_prior, attention=self.weights.attention > 0, **plan)
+        if isinstance(out, tuple):  # a plain (output, prior_logits) module
+            out = TrainForward(*out)
+        x_t = out.x_t if out.x_t is not None else x_t
+        loss = self.from_output(out.output, out.prior_logits, x_t, x0, noise, t, regions)
+        if out.refined is not None:  # the refined estimate gets the same Dice + BCE; each half the weight
+            refined, parts = segmentation_loss(out.refined, regions, self.weights)
+            loss.total = loss.total + 0.5 * (refined - loss.seg)
+            loss.parts.update({f"refined_{k}": v for k, v in parts.items()})
+            loss.parts["loss"] = float(loss.total.detach())
+        if self.weights.attention > 0:
+            self._attention_loss(loss, out.attention, regions)
+        return loss
+
+    def _attention_loss(self, loss: LossOutput, maps: dict[str, Tensor], regions: Tensor) -> None:
+        """Adds ``attention x KL(target ‖ mass)`` over the cross-attention levels (crops with tumour only)."""
+        cross = [m for k, m in maps.items() if k.startswith("cross_l")]
+        if not cross:
+            return
+        total = regions.new_zeros(())
+        for mass in cross:  # [B, 1, *grid], mean 1 over the grid
+            p = mass.float().flatten(1) / mass.shape[2:].numel()
+            q = F.adaptive_avg_pool3d(regions[:, 1:2].float(), mass.shape[2:]).flatten(1)
+            keep = q.sum(1) > 0
+            if keep.any():
+                q = q[keep] / q[keep].sum(1, keepdim=True)
+                kl = (q * (q.clamp_min(1e-12).log() - p[keep].clamp_min(1e-12).log())).sum(1)
+                total = total + kl.mean() / len(cross)
+        loss.total = loss.total + self.weights.attention * total
+        loss.parts["attention"] = float(total.detach())
+        loss.parts["loss"] = float(loss.total.detach())
 
     def from_output(self, output, prior_logits, x_t, x0, noise, t, regions) -> LossOutput:
         w = self.weights
         parts: dict[str, float] = {}
         # 3. losses on the x0 estimate
         if self.scheduler.prediction_type == "sample":
-            seg, seg_parts = segmentation_loss(output, regions, w)
-            mse = F.mse_loss(torch.sigmoid(output), regions)
+            logits = x0_logits(self.scheduler, output, x_t, t)
+            seg, seg_parts = segmentation_loss(logits, regions, w)
+            mse = F.mse_loss(torch.sigmoid(logits), regions)
         else:
             probs = (x0_from_output(self.scheduler, output, x_t, t) + 1.0) / 2.0
             dice = _DICE_PROBS(probs, regions)
@@ -99,19 +178,52 @@ class DiffusionLoss:
             p_loss, parts["prior"] = prior_loss(prior_logits, regions)
             total = total + w.prior * p_loss
         parts["loss"] = float(total.detach())
-        return LossOutput(total=total, parts=parts)
+        return LossOutput(total=total, parts=parts, seg=seg)
 
 
 class EncodeDenoise(nn.Module):
     """Encoder + denoiser as one ``forward`` so that DistributedDataParallel sees a single forward pass.
 
-    ``forward(x_t [B,3,...], t [B], image [B,4,...]) -> (output [B,3,...], prior_logits [B,3,x,y,z] | None)``
+    ``forward(x_t [B,3,...], t [B], image [B,4,...], external_prior=None, attention=False, self_cond=None,
+    recycle=None, start=None, noise=None) -> TrainForward``. ``self_cond`` / ``recycle`` are ``[B]`` boolean
+    draws: those samples get a first pass without gradient (their x0 estimate as self-conditioning input; or
+    x0 estimated from pure noise ``start`` at t = T-1, re-noised with ``noise`` to t, as their x_t).
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, scheduler=None):
         super().__init__()
         self.net = net
+        self.scheduler = scheduler
 
-    def forward(self, x_t: Tensor, t: Tensor, image: Tensor, external_prior: Tensor | None = None):
+    def _estimate(self, x_t: Tensor, t: Tensor, cond, self_cond: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            kwargs = {"self_cond": self_cond} if getattr(self.net, "self_condition", False) else {}
+            return x0_from_output(self.scheduler, self.net(x_t, t, cond, **kwargs).float(), x_t, t).detach()
+
+    def forward(self, x_t: Tensor, t: Tensor, image: Tensor, external_prior: Tensor | None = None,
+                attention: bool = False, self_cond: Tensor | None = None, recycle: Tensor | None = None,
+                start: Tensor | None = None, noise: Tensor | None = None) -> TrainForward:
         cond = self.net.encode(image, external_prior)
-        return self.net(x_t, t, cond), cond.prior_logits
+        recycled = None
+        if recycle is not None and bool(recycle.any()):
+            # recycling: x_t from the model's own estimate at t = T-1 from pure noise (Fu et al. 2023)
+            top = torch.full_like(t, self.scheduler.num_train_timesteps - 1)
+            own = self._estimate(start, top, cond)
+            mask = recycle.view(-1, 1, 1, 1, 1)
+            x_t = torch.where(mask, self.scheduler.add_noise(own, noise, t).to(x_t.dtype), x_t)
+            recycled = x_t
+        kwargs = {}
+        if getattr(self.net, "self_condition", False):
+            estimate = None
+            if self_cond is not None and bool(self_cond.any()):
+                estimate = self._estimate(x_t, t, cond) * self_cond.view(-1, 1, 1, 1, 1).to(x_t.dtype)
+            kwargs["self_cond"] = estimate
+        if attention:
+            out = self.net.forward_with_attention(x_t, t, cond, in_space=False, **kwargs)
+            pred, maps = out.pred, out.attention
+        else:
+            pred, maps = self.net(x_t, t, cond, **kwargs), {}
+        refined = None
+        if getattr(self.net, "refines", False):
+            refined = self.net.refine(x0_logits(self.scheduler, pred, x_t, t), cond)
+        return TrainForward(pred, cond.prior_logits, maps, recycled, refined)

@@ -2,11 +2,14 @@
 
 The loop (the network knows nothing of it; the scheduler owns the maths):
 1. encode the image once per window; repeat its features for the N ensemble members
-2. x_T ~ N(0, I) for B·N members from a seeded generator
-3. for each of K trailing timesteps: predict, then the scheduler's DDIM step (Song et al. 2021, eq. 12, η = 0)
+2. x_T ~ N(0, I) for B·N members from a seeded generator (``start="zeros"``: x = 0, the "direct" control that
+   was trained without noise)
+3. for each of K trailing timesteps: predict (a self-conditioned model also sees the previous x0 estimate, Chen et
+   al. 2022), then the scheduler's DDIM step (Song et al. 2021, eq. 12; η > 0 adds fresh seeded noise, eq. 16)
    gives the x0 estimate and x at the next timestep; the last estimate is the output, so the last step's x is unused
 4. member probabilities = the last x0 estimate (or the step-uncertainty-weighted mean over steps, Diff-UNet)
-5. output mean probability, predictive entropy, member variance, attention maps of the last step
+5. (a model with a refiner) the last estimate refined at full resolution, once per member
+6. output mean probability, predictive entropy, member variance, attention maps of the last step
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from einops import rearrange
 from monai.networks.schedulers import DDIMScheduler
 from torch import Tensor, nn
 
-from medseg_diff.diffusion.schedules import TrailingDDIMScheduler, scheduler_input
+from medseg_diff.diffusion.schedules import TrailingDDIMScheduler, scheduler_input, x0_from_output, x0_logits
 
 _EPS = 1e-6
 
@@ -50,11 +53,19 @@ def summarise_members(members: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return probs, entropy, variance
 
 
+def predict_x0(model: nn.Module, scheduler, x_t: Tensor, t: Tensor, cond, self_cond: Tensor | None = None) -> Tensor:
+    """One network call at timesteps ``t [B]`` -> the x0 estimate in [-1, 1] ``[B, 3, ...]`` (with the scheduler's
+    parametrisation, including its skip from x_t). ``self_cond`` reaches only a self-conditioned network."""
+    kwargs = {"self_cond": self_cond} if getattr(model, "self_condition", False) else {}
+    output = model(x_t, t, cond, **kwargs).float()
+    return x0_from_output(scheduler, output, x_t, t)
+
+
 class DDIMSampler:
     """K-step DDIM with N ensemble members run as one batch. Deterministic for a given ``seed``."""
 
     def __init__(self, scheduler, steps: int = 10, ensemble: int = 4, step_uncertainty_weighting: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, eta: float = 0.0, start: str = "noise"):
         if isinstance(scheduler, DDIMScheduler) and not isinstance(scheduler, TrailingDDIMScheduler):
             # MONAI's own linspace timesteps disagree with the stride its step() moves by
             raise TypeError("DDIMSampler needs a TrailingDDIMScheduler (see build_scheduler), not a plain "
@@ -64,6 +75,11 @@ class DDIMSampler:
         self.ensemble = ensemble
         self.step_uncertainty_weighting = step_uncertainty_weighting
         self.seed = seed
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if start not in ("noise", "zeros"):
+            raise ValueError(f"start must be 'noise' or 'zeros', got {start!r}")
+        self.eta, self.start = eta, start
 
     @torch.no_grad()
     def sample(self, model: nn.Module, image: Tensor, external_prior: Tensor | None = None,
@@ -75,6 +91,10 @@ class DDIMSampler:
         generator = torch.Generator(device=image.device).manual_seed(self.seed if seed is None else seed)
         shape = (b * n, 3, *image.shape[2:])
         x = torch.randn(shape, generator=generator, device=image.device, dtype=torch.float32)
+        if self.start == "zeros":
+            x = torch.zeros_like(x)
+        self_conditioned = getattr(model, "self_condition", False)
+        x0 = None  # the last x0 estimate (self-conditioning input; None = zeros at the first step)
         self.scheduler.set_timesteps(self.steps, device=image.device)
         timesteps = self.scheduler.timesteps
         weighted = torch.zeros_like(x) if self.step_uncertainty_weighting else None
@@ -84,25 +104,34 @@ class DDIMSampler:
             # 3. predict (the last step also returns attention maps)
             t_batch = t.expand(b * n)
             last = i == len(timesteps) - 1
+            kwargs = {"self_cond": x0} if self_conditioned else {}
             if last and attention:
-                out = model.forward_with_attention(x, t_batch, cond)
+                out = model.forward_with_attention(x, t_batch, cond, **kwargs)
                 output, maps = out.pred.float(), out.attention
             else:
-                output = model(x, t_batch, cond).float()
-            # DDIM update x_t -> x_{t-1} (eq. 12, η = 0) and its x0 estimate (eq. 12's "predicted x0", clipped to
-            # [-1, 1]); for x0 prediction the scheduler takes x0 = 2σ(logits) - 1 itself. The last step's x_{t-1}
-            # is not used: its x0 estimate is the output
-            x, x0 = self.scheduler.step(scheduler_input(self.scheduler, output), int(t), x)
+                output = model(x, t_batch, cond, **kwargs).float()
+            # DDIM update x_t -> x_{t-1} (eq. 12; eq. 16's fresh noise when η > 0) and its x0 estimate (eq. 12's
+            # "predicted x0", clipped to [-1, 1]); for x0 prediction the scheduler takes x0 = 2σ(logits) - 1 itself
+            # (logits with the skip from x_t when the scheduler has one). The last step's x_{t-1} is not used
+            x_in = x
+            x, x0 = self.scheduler.step(scheduler_input(self.scheduler, output, x, t_batch), int(t), x,
+                                        eta=self.eta if not last else 0.0, generator=generator if self.eta else None)
             if self.step_uncertainty_weighting:
                 member_probs = (x0 + 1.0) / 2.0
                 w = self._step_weight(member_probs, b, n, i)
                 weighted += w * member_probs
                 weight_sum += w
-        # 4. member probabilities: the last x0 estimate
-        final = weighted / weight_sum if self.step_uncertainty_weighting else (x0 + 1.0) / 2.0
+        # 4. member probabilities: the last x0 estimate (refined at full resolution once per member, when the
+        # model has a refiner)
+        if self.step_uncertainty_weighting:
+            final = weighted / weight_sum
+        elif getattr(model, "refines", False) and self.scheduler.prediction_type == "sample":
+            final = torch.sigmoid(model.refine(x0_logits(self.scheduler, output, x_in, t_batch), cond).float())
+        else:
+            final = (x0 + 1.0) / 2.0
         members = rearrange(final, "(b n) c ... -> b n c ...", n=n)
         probs, entropy, variance = summarise_members(members)
-        # 5. attention maps averaged over members
+        # 6. attention maps averaged over members
         attn = {k: rearrange(v.float(), "(b n) c ... -> b n c ...", n=n).mean(dim=1) for k, v in maps.items()}
         return SampleOutput(probs, entropy, variance, attn, members if keep_members else None)
 

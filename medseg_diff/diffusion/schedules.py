@@ -2,7 +2,11 @@
 
 The mask x0 ∈ {-1, 1}^3 is noised as x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (MONAI ``Scheduler.add_noise``).
 The network's 3 output channels mean, per ``prediction``:
-- ``sample``: logits of x0 in [0, 1] (x0 = 2σ(logits) - 1),
+- ``sample``: logits of x0 in [0, 1] (x0 = 2σ(logits) - 1); with ``x_skip`` the logits are the network's output
+  **plus** the posterior log-odds of x0 = +1 given x_t alone, ``2√ᾱ_t x_t / (1-ᾱ_t)`` (the exact per-voxel Bayes
+  posterior for x0 ∈ {-1, 1} under x_t ~ N(√ᾱ x0, 1-ᾱ)): a skip connection from x_t to the output, as EDM's
+  ``c_skip(σ) x`` preconditioning (Karras et al. 2022) is for images. The network then predicts only what x_t does
+  not already say, and cannot ignore x_t: at ᾱ = 0.9 the skip alone is 19·x_t.
 - ``epsilon``: the noise ε,
 - ``v_prediction``: v = √ᾱ ε - √(1-ᾱ) x0.
 
@@ -34,6 +38,10 @@ def _snr_shifted(num_train_timesteps: int, base: str = "linear_beta", shift: flo
     return betas.float(), alphas.float(), torch.cumprod(alphas, dim=0).float()
 
 
+#: The skip's log-odds are clamped to this magnitude (σ(30) = 1 - 1e-13): near t = 0, 2√ᾱ/(1-ᾱ) reaches 2·10^4
+SKIP_LOGIT_LIMIT = 30.0
+
+
 class TrailingDDIMScheduler(DDIMScheduler):
     """MONAI's ``DDIMScheduler`` whose ``set_timesteps`` uses the "trailing" spacing; everything else is MONAI's.
 
@@ -46,6 +54,9 @@ class TrailingDDIMScheduler(DDIMScheduler):
     starts from pure noise at t = T-1, as in training. For K = T both spacings are T-1, ..., 0.
     """
 
+    #: add the posterior log-odds of x0 given x_t to x0 logits (prediction "sample" only; see the module doc)
+    x_skip: bool = False
+
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         if self.steps_offset:
             raise ValueError(f"steps_offset={self.steps_offset}: the trailing spacing already ends at s-1 and "
@@ -57,16 +68,33 @@ class TrailingDDIMScheduler(DDIMScheduler):
 
 
 def build_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", prediction: str = "sample",
-                    snr_shift: float = 1.0) -> TrailingDDIMScheduler:
-    """A MONAI DDIM scheduler (its ``add_noise`` serves training, its ``step`` sampling) with trailing timesteps."""
+                    snr_shift: float = 1.0, x_skip: bool = False) -> TrailingDDIMScheduler:
+    """A MONAI DDIM scheduler (its ``add_noise`` serves training, its ``step`` sampling) with trailing timesteps;
+    ``x_skip`` adds x_t's own posterior log-odds to the x0 logits (prediction "sample" only)."""
+    if x_skip and prediction != "sample":
+        raise ValueError(f"x_skip needs prediction 'sample' (x0 logits), not {prediction!r}")
     schedule_args = {} if snr_shift == 1.0 else {"schedule": "snr_shifted", "base": schedule, "shift": snr_shift}
-    return TrailingDDIMScheduler(
+    scheduler = TrailingDDIMScheduler(
         num_train_timesteps=timesteps,
         **({"schedule": schedule} | schedule_args),
         prediction_type=prediction,
         clip_sample=True,
         set_alpha_to_one=True,
     )
+    scheduler.x_skip = x_skip
+    return scheduler
+
+
+def x0_logits(scheduler: DDIMScheduler, output: Tensor, x_t: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+    """x0 logits of prediction "sample": the network's ``output``, plus ``2√ᾱ_t x_t / (1-ᾱ_t)`` (clamped to
+    ±``SKIP_LOGIT_LIMIT``) when the scheduler has ``x_skip`` (then ``x_t`` and ``t [B]`` are needed)."""
+    if not getattr(scheduler, "x_skip", False):
+        return output
+    if x_t is None or t is None:
+        raise ValueError("this scheduler adds a skip from x_t to the x0 logits: pass x_t and t")
+    alpha = _alpha_bar(scheduler, torch.as_tensor(t).reshape(-1).expand(x_t.shape[0]), x_t.float())
+    skip = (2.0 * alpha.sqrt() / (1.0 - alpha).clamp_min(1e-8)) * x_t.float()
+    return output + skip.clamp(-SKIP_LOGIT_LIMIT, SKIP_LOGIT_LIMIT).to(output.dtype)
 
 
 def set_trailing_timesteps(scheduler: TrailingDDIMScheduler, steps: int,
@@ -82,7 +110,7 @@ def x0_from_output(scheduler: DDIMScheduler, output: Tensor, x_t: Tensor, t: Ten
     """Estimate of x0 in [-1, 1] from the network output at timesteps ``t`` ``[B]`` (DDIM eq. 12)."""
     prediction = scheduler.prediction_type
     if prediction == "sample":
-        return 2.0 * torch.sigmoid(output) - 1.0
+        return 2.0 * torch.sigmoid(x0_logits(scheduler, output, x_t, t)) - 1.0
     alpha = _alpha_bar(scheduler, t, x_t)
     if prediction == "epsilon":
         x0 = (x_t - (1 - alpha).sqrt() * output) / alpha.sqrt()
@@ -100,10 +128,12 @@ def training_target(scheduler: DDIMScheduler, x0: Tensor, noise: Tensor, t: Tens
     return None
 
 
-def scheduler_input(scheduler: DDIMScheduler, output: Tensor) -> Tensor:
-    """What ``scheduler.step`` expects as ``model_output``: x0 in [-1, 1] for x0 prediction, else as is."""
+def scheduler_input(scheduler: DDIMScheduler, output: Tensor, x_t: Tensor | None = None,
+                    t: Tensor | None = None) -> Tensor:
+    """What ``scheduler.step`` expects as ``model_output``: x0 in [-1, 1] for x0 prediction, else as is
+    (``x_t`` and ``t`` are needed with ``x_skip``)."""
     if scheduler.prediction_type == "sample":
-        return 2.0 * torch.sigmoid(output) - 1.0
+        return 2.0 * torch.sigmoid(x0_logits(scheduler, output, x_t, t)) - 1.0
     return output
 
 

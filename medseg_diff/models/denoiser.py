@@ -45,7 +45,8 @@ from medseg_diff.models.blocks import (
 from medseg_diff.models.encoder import PRIOR_CHANNELS, ImageEncoder, resample_to_grid
 from medseg_diff.models.types import Conditioning, DenoiserOutput
 
-PRIOR_SOURCES = ("head", "external", "none")
+PRIOR_SOURCES = ("head", "external", "optional", "none")
+PRIOR_FLAG_CHANNELS = PRIOR_CHANNELS + 1  # "optional": the prior and a given/absent flag, as encoder inputs
 
 # name -> list of raw maps of one kind at one level, each [B, 1, *grid]
 MapCollector = dict[str, list[Tensor]]
@@ -128,6 +129,31 @@ class DetailHead(nn.Module):
         return depth_to_space(self.out(z), 2)
 
 
+class Refiner(nn.Module):
+    """Full-resolution refinement of x0 logits, run **once per member** after the last DDIM step (and on every
+    training prediction), never inside a step: the denoiser's 1/s grid leaves outlines blocky at the patch size.
+
+    ``image`` features (one 3x3x3 conv of the 4 modalities at the input grid, computed once per window in
+    ``encode``) and the x0 estimate ``2σ(logits) - 1`` pass two 3x3x3 convs; the result is added to the logits
+    (zero at initialisation, so an untrained refiner changes nothing). ``logits [B, 3, X, Y, Z]``,
+    ``features [B, width, X, Y, Z]`` ``-> [B, 3, X, Y, Z]``.
+    """
+
+    def __init__(self, in_channels: int = 4, out_channels: int = 3, width: int = 8):
+        super().__init__()
+        self.image = nn.Conv3d(in_channels, width, 3, padding=1)
+        self.body = nn.Sequential(
+            nn.SiLU(), nn.Conv3d(width + out_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv3d(width, out_channels, 3, padding=1),
+        )  # fmt: skip
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, logits: Tensor, features: Tensor) -> Tensor:
+        estimate = 2.0 * torch.sigmoid(logits.float()) - 1.0
+        return logits + self.body(torch.cat([features, estimate.to(features.dtype)], dim=1)).to(logits.dtype)
+
+
 def _validate_levels(name: str, levels: Sequence[int], n_levels: int) -> tuple[int, ...]:
     levels = tuple(int(i) for i in levels)
     bad = [i for i in levels if not 0 <= i < n_levels]
@@ -166,6 +192,10 @@ class DiffusionSegUNet(nn.Module):
         dropout: float = 0.0,
         patch_size: int = 4,
         stem_channels: int = 16,
+        self_condition: bool = False,
+        token_source: str = "features",
+        token_level: int = -1,
+        refine: bool = False,
     ):
         super().__init__()
         check_patch(patch_size)
@@ -176,7 +206,13 @@ class DiffusionSegUNet(nn.Module):
         if len(enc_channels) != len(channels):
             raise ValueError(f"encoder_channels {enc_channels} needs one width per level of channels {channels}")
         n = len(channels)
+        if token_source not in ("features", "prior"):
+            raise ValueError(f"token_source must be 'features' or 'prior', got {token_source!r}")
+        if not -n <= token_level < n:
+            raise ValueError(f"token_level={token_level}: must index one of the {n} encoder levels")
         self.prior_source = prior_source
+        self.self_condition = self_condition
+        self.token_level = token_level % n
         self.channels = channels
         self.patch_size = patch_size
         self.linear_attention_levels = _validate_levels("linear_attention_levels", linear_attention_levels, n)
@@ -189,20 +225,23 @@ class DiffusionSegUNet(nn.Module):
         )  # fmt: skip
 
         self.encoder = ImageEncoder(
-            in_channels, enc_channels, norm_groups, prior_head=prior_source == "head",
-            token_dim=token_dim, max_token_grid=max_token_grid, patch=patch_size, stem_channels=stem_channels,
+            in_channels + (PRIOR_FLAG_CHANNELS if prior_source == "optional" else 0), enc_channels, norm_groups,
+            prior_head=prior_source in ("head", "optional"), token_dim=token_dim, max_token_grid=max_token_grid,
+            patch=patch_size, stem_channels=stem_channels, token_source=token_source, token_level=self.token_level,
         )  # fmt: skip
         self.time = TimeEmbedding(channels[0], time_dim)
         # s = 1: a 3x3x3 stem and head (the full-resolution model); s > 1: a pointwise stem on the s^3 x 3
         # channels of each patch, and the detail head
         kernel = 3 if patch_size == 1 else 1
-        self.stem = nn.Conv3d(out_channels * patch_size**3, channels[0], kernel, padding=kernel // 2)
+        stem_in = out_channels * patch_size**3 * (2 if self_condition else 1)  # x_t (and the last x0 estimate)
+        self.stem = nn.Conv3d(stem_in, channels[0], kernel, padding=kernel // 2)
         self.fuse = nn.ModuleList(nn.Conv3d(e, c, 1) for e, c in zip(enc_channels, channels))
         self.down = nn.ModuleList(_Stage(c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
         self.downsample = nn.ModuleList(Downsample3d(a, b) for a, b in zip(channels[:-1], channels[1:]))
         self.mid = _Stage(channels[-1], channels[-1], (1, 1), time_dim, n - 1, opts)
         self.up = nn.ModuleList(_Stage(2 * c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
         self.upsample = nn.ModuleList(Upsample3d(b, a) for a, b in zip(channels[:-1], channels[1:]))
+        self.refiner = Refiner(in_channels, out_channels, stem_channels // 2 or 1) if refine else None
         if patch_size == 1:
             self.detail = None
             self.head = nn.Sequential(
@@ -224,29 +263,66 @@ class DiffusionSegUNet(nn.Module):
 
     # -- conditioning -------------------------------------------------------------------------------------------
     def encode(self, image: Tensor, external_prior: Tensor | None = None) -> Conditioning:
-        """Run the image encoder once: ``image [B, 4, X, Y, Z]`` (and, for prior source "external", probabilities
-        ``[B or 1, 3, X', Y', Z']`` of any size) ``-> Conditioning`` reusable by every step and ensemble member."""
+        """Run the image encoder once: ``image [B, 4, X, Y, Z]`` (and, for prior source "external" or
+        "optional", probabilities ``[B or 1, 3, X', Y', Z']`` of any size) ``-> Conditioning`` reusable by every
+        step and ensemble member. Source "optional" takes the prior (or its absence) as 4 more encoder inputs
+        (the prior on the window's grid and a flag that says whether one was given), so one model works with and
+        without a prior."""
         self.check_size(image.shape[2:])
+        if self.prior_source == "optional":
+            image = torch.cat([image, self._optional_prior_input(external_prior, image)], dim=1)
+            external_prior = None  # it reached the prior head through the encoder
         features, detail = self.encoder(image)
-        grid = self.encoder.token_grid(features[-1].shape[2:])
-        coarse = resample_to_grid(features[-1], grid)
+        source = features[self.token_level]
+        grid = self.encoder.token_grid(source.shape[2:])
+        coarse = resample_to_grid(source, grid)
         prior, logits = self._prior(coarse, external_prior)
         tokens = self.encoder.tokens(prior, coarse) if self.cross_attention_levels else None
         fused = [fuse(f) for fuse, f in zip(self.fuse, features)]  # to the denoiser's widths, once per window
         detail = None if self.detail is None else self.detail(detail)
+        full = None if self.refiner is None else self.refiner.image(image[:, : self.refiner.image.in_channels])
         return Conditioning(features=fused, prior=prior, prior_logits=logits, tokens=tokens, token_grid=grid,
-                            detail=detail)
+                            detail=detail, full=full)
+
+    @property
+    def refines(self) -> bool:
+        """Whether x0 logits are refined at full resolution once per member (:class:`Refiner`)."""
+        return self.refiner is not None
+
+    def refine(self, logits: Tensor, cond: Conditioning) -> Tensor:
+        """x0 logits (the scheduler's, skip included) ``[B, 3, X, Y, Z]`` refined at full resolution; identity for
+        a model without a refiner."""
+        if self.refiner is None:
+            return logits
+        return self.refiner(logits, cond.full)
 
     def _prior(self, coarse: Tensor, external_prior: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(prior probabilities [B, 3, *grid], prior logits or None)`` for the configured source."""
         if self.prior_source != "external" and external_prior is not None:
             raise ValueError(f"an external prior was given but prior_source is {self.prior_source!r}, not 'external'")
-        if self.prior_source == "head":
+        if self.prior_source in ("head", "optional"):
             logits = self.encoder.prior_logits(coarse)
             return torch.sigmoid(logits), logits
         if self.prior_source == "none":
             return coarse.new_zeros(coarse.shape[0], PRIOR_CHANNELS, *coarse.shape[2:]), None
         return self._external_prior(external_prior, coarse), None
+
+    @staticmethod
+    def _optional_prior_input(prior: Tensor | None, image: Tensor) -> Tensor:
+        """``[B, 4, X, Y, Z]``: the prior on the image's grid and a flag channel (1 given, 0 absent). A prior of
+        4 channels already carries its flag per case (training mixes cases with and without a prior)."""
+        batch, size = image.shape[0], image.shape[2:]
+        if prior is None:
+            return image.new_zeros(batch, PRIOR_FLAG_CHANNELS, *size)
+        if prior.ndim != 5 or prior.shape[1] not in (PRIOR_CHANNELS, PRIOR_FLAG_CHANNELS) or \
+                prior.shape[0] not in (1, batch):
+            raise ValueError(f"external_prior must be [{batch} or 1, 3, X', Y', Z'], got {tuple(prior.shape)}")
+        if not torch.isfinite(prior).all() or prior.min() < 0 or prior.max() > 1:
+            raise ValueError("external_prior must hold finite probabilities in [0, 1] (not labels or logits)")
+        prior = resample_to_grid(prior.to(image.dtype), size).expand(batch, -1, -1, -1, -1)
+        if prior.shape[1] == PRIOR_FLAG_CHANNELS:
+            return prior
+        return torch.cat([prior, prior.new_ones(batch, 1, *size)], dim=1)
 
     @staticmethod
     def _external_prior(prior: Tensor | None, coarse: Tensor) -> Tensor:
@@ -264,21 +340,34 @@ class DiffusionSegUNet(nn.Module):
         return prior.expand(batch, -1, -1, -1, -1)
 
     # -- denoising ----------------------------------------------------------------------------------------------
-    def forward(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning) -> Tensor:
-        """``x_t [B, 3, X, Y, Z]``, ``t`` timesteps ``[B]`` (0..999, int or float) -> prediction ``[B, 3, X, Y, Z]``."""
-        return self._denoise(x_t, t, cond, maps=None)
+    def forward(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning,
+                self_cond: Tensor | None = None) -> Tensor:
+        """``x_t [B, 3, X, Y, Z]``, ``t`` timesteps ``[B]`` (0..999, int or float) -> prediction ``[B, 3, X, Y, Z]``.
 
-    def forward_with_attention(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning) -> DenoiserOutput:
+        ``self_cond``: the previous x0 estimate in [-1, 1] ``[B, 3, X, Y, Z]`` for a self-conditioned model
+        (Chen et al. 2022, "Analog Bits"); None = zeros (the first step). Ignored unless ``self_condition``."""
+        return self._denoise(x_t, t, cond, None, self_cond)
+
+    def forward_with_attention(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning,
+                               self_cond: Tensor | None = None, in_space: bool = True) -> DenoiserOutput:
         """Prediction plus attention maps ``[B, 1, X, Y, Z]`` in "times uniform within this window" units (mean
-        about 1 over the window; see ``models/attention.py``)."""
+        about 1 over the window; see ``models/attention.py``). ``in_space=False`` returns the raw per-level maps
+        instead (``cross_l{i}`` on the token grid ``[B, 1, *token_grid]``, ``self_l{i}`` on level i's grid, each
+        a list over the stages of that level), differentiable, for a loss on them."""
         maps: MapCollector = {}
-        pred = self._denoise(x_t, t, cond, maps)
+        pred = self._denoise(x_t, t, cond, maps, self_cond)
+        if not in_space:
+            return DenoiserOutput(pred=pred, attention={k: torch.stack(v).mean(0) for k, v in maps.items()})
         return DenoiserOutput(pred=pred, attention=self._maps_in_space(maps, x_t.shape[2:]))
 
-    def _denoise(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning, maps: MapCollector | None) -> Tensor:
+    def _denoise(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning, maps: MapCollector | None,
+                 self_cond: Tensor | None = None) -> Tensor:
         self._check_inputs(x_t, cond)
         temb = self.time(as_timesteps(t, x_t.shape[0], x_t.device))
-        h, skips = self.stem(space_to_depth(x_t, self.patch_size)), []
+        state = x_t
+        if self.self_condition:
+            state = torch.cat([x_t, torch.zeros_like(x_t) if self_cond is None else self_cond.to(x_t.dtype)], dim=1)
+        h, skips = self.stem(space_to_depth(state, self.patch_size)), []
         for i, stage in enumerate(self.down):
             h = stage(h + cond.features[i], temb, cond, maps)
             skips.append(h)

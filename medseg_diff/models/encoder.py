@@ -6,8 +6,12 @@ full-resolution layer, so the encoder costs about what the plain U-Net does. ``p
 full-resolution encoder (a 3x3x3 conv stem at the input grid). The coarsest scale, pooled to at most
 ``max_token_grid`` per axis, is the **token grid** ``(x, y, z)``; there the prior head predicts 3-channel region
 logits (deep-supervision target: the [TC, WT, ET] masks average-pooled to the token grid, e.g.
-``F.interpolate(mask, size=token_grid, mode="area")``), and the prior tokens are built:
-``tokens = Linear(concat(prior probabilities, coarse features)) + sinusoidal 3D position``.
+``F.interpolate(mask, size=token_grid, mode="area")``), and the prior tokens are built, per ``token_source``:
+``features``: ``tokens = Linear(concat(prior probabilities, coarse features)) + sinusoidal 3D position``;
+``prior``: ``tokens = MLP(prior probabilities) + sinusoidal 3D position`` -- the tokens carry the prior and where
+it is, and nothing of the image, so the image features (64 channels against the prior's 3) cannot drown it.
+``token_level`` picks the encoder level whose grid (capped at ``max_token_grid``) the tokens and the prior head
+use (default: the coarsest).
 """
 
 from __future__ import annotations
@@ -80,9 +84,12 @@ class ImageEncoder(nn.Module):
         max_token_grid: int = 16,
         patch: int = 1,
         stem_channels: int = 16,
+        token_source: str = "features",
+        token_level: int = -1,
     ):
         super().__init__()
         channels = tuple(channels)
+        self.token_source = token_source
         self.max_token_grid = max_token_grid
         self.patch = patch
         self.stem = (
@@ -94,9 +101,17 @@ class ImageEncoder(nn.Module):
             layers = [] if i == 0 else [Downsample3d(channels[i - 1], ch)]
             layers += [ResBlock3d(ch, ch, norm_groups=norm_groups) for _ in range(blocks_per_scale)]
             self.scales.append(nn.Sequential(*layers))
-        coarse = channels[-1]
+        coarse = channels[token_level]
         self.prior_head = _prior_head(coarse, norm_groups) if prior_head else None
-        self.to_tokens = None if token_dim is None else nn.Linear(PRIOR_CHANNELS + coarse, token_dim)
+        if token_dim is None:
+            self.to_tokens = None
+        elif token_source == "prior":
+            self.to_tokens = nn.Sequential(
+                nn.Linear(PRIOR_CHANNELS, token_dim), nn.SiLU(), nn.Linear(token_dim, token_dim)
+            )
+        else:
+            self.to_tokens = nn.Linear(PRIOR_CHANNELS + coarse, token_dim)
+        self.token_dim = token_dim
 
     def forward(self, image: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """``(features, detail)``: the multi-scale features, and the stem's ``1/2``-resolution detail features
@@ -125,6 +140,7 @@ class ImageEncoder(nn.Module):
         """Prior tokens ``[B, M, D]`` from ``prior [B, 3, *grid]`` and ``coarse [B, C, *grid]``."""
         if self.to_tokens is None:
             raise ValueError("this ImageEncoder was built without tokens (token_dim=None)")
-        stacked = rearrange(torch.cat([prior.to(coarse.dtype), coarse], dim=1), "b c ... -> b (...) c")
-        position = sinusoidal_position_embedding(coarse.shape[2:], self.to_tokens.out_features, device=coarse.device)
+        inputs = prior.to(coarse.dtype) if self.token_source == "prior" else torch.cat([prior.to(coarse.dtype), coarse], 1)
+        stacked = rearrange(inputs, "b c ... -> b (...) c")
+        position = sinusoidal_position_embedding(coarse.shape[2:], self.token_dim, device=coarse.device)
         return self.to_tokens(stacked) + position.to(stacked.dtype)

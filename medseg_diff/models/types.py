@@ -24,6 +24,8 @@ class Conditioning:
     token_grid:   ``(x, y, z)`` of the token grid, to map attention over tokens back to space
     detail:       the image's ``1/2``-resolution detail features for the output head, already projected to its
                   width, ``[B, W, X/2, Y/2, Z/2]`` (None for the full-resolution model)
+    full:         the image's features on the input grid for the once-per-member refiner ``[B, W', X, Y, Z]``
+                  (None without a refiner)
     """
 
     features: list[Tensor]
@@ -32,6 +34,7 @@ class Conditioning:
     tokens: Tensor | None = None
     token_grid: tuple[int, int, int] | None = None
     detail: Tensor | None = None
+    full: Tensor | None = None
 
     def repeat(self, n: int) -> "Conditioning":
         """Each batch element repeated ``n`` times (ensemble members), ``[B, ...] -> [B*n, ...]``."""
@@ -46,6 +49,7 @@ class Conditioning:
             prior_logits=rep(self.prior_logits),
             tokens=rep(self.tokens),
             detail=rep(self.detail),
+            full=rep(self.full),
         )
 
 

@@ -10,7 +10,14 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from medseg_diff.diffusion.loss import DiffusionLoss, EncodeDenoise, LossOutput, LossWeights, segmentation_loss
+from medseg_diff.diffusion.loss import (
+    DiffusionLoss,
+    DiffusionTraining,
+    EncodeDenoise,
+    LossOutput,
+    LossWeights,
+    segmentation_loss,
+)
 from medseg_diff.inference.adapters import DiffusionAdapter, ModelAdapter
 
 
@@ -23,7 +30,7 @@ class Objective(Protocol):
 
 def loss_weights(adapter: ModelAdapter) -> LossWeights:
     w = adapter.cfg.loss
-    return LossWeights(dice=w.dice, bce=w.bce, mse=w.mse, prior=w.prior)
+    return LossWeights(dice=w.dice, bce=w.bce, mse=w.mse, prior=w.prior, attention=w.attention)
 
 
 class SegmentationObjective:
@@ -46,15 +53,18 @@ class DiffusionObjective:
 
     def __init__(self, adapter: DiffusionAdapter):
         self.adapter = adapter
-        self.loss_fn = DiffusionLoss(adapter.scheduler(), loss_weights(adapter))
+        d = adapter.cfg.diffusion
+        self.scheduler = adapter.scheduler()
+        training = DiffusionTraining(mode=d.mode, recycle=d.recycle,
+                                     self_condition=0.5 if adapter.cfg.model.denoiser.self_condition else 0.0)
+        self.loss_fn = DiffusionLoss(self.scheduler, loss_weights(adapter), training)
 
     def train_module(self) -> nn.Module:
-        return EncodeDenoise(self.adapter.net)
+        return EncodeDenoise(self.adapter.net, self.scheduler)
 
     def loss(self, module, image, regions, generator=None) -> LossOutput:
         prior = self.adapter.training_prior(regions, generator)
-        model = module if prior is None else (lambda x_t, t, img: module(x_t, t, img, prior))
-        return self.loss_fn(model, image, regions, generator)
+        return self.loss_fn(module, image, regions, generator, external_prior=prior)
 
 
 def build_objective(adapter: ModelAdapter) -> Objective:

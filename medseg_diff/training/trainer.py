@@ -249,9 +249,10 @@ class Trainer:
         prior_generator = torch.Generator(device=self.device)
         for item in self.val_data:
             image = torch.as_tensor(item[IMAGE]).unsqueeze(0).to(self.device)
-            # prior_source=external: validate with the simulated outline; None for every other model
+            # prior_source=external: validate with the simulated outline; optional: without; None otherwise
             regions = torch.as_tensor(item[LABEL]).unsqueeze(0).to(self.device)
-            prior = self.adapter.training_prior(regions, prior_generator.manual_seed(self.cfg.experiment.seed))
+            prior = self.adapter.training_prior(regions, prior_generator.manual_seed(self.cfg.experiment.seed),
+                                                validation=True)
             pred = infer_volume(segmenter, image, roi, overlap=self.cfg.infer.overlap, prior=prior,
                                 sw_batch_size=self.cfg.infer.sw_batch_size, mode=self.cfg.infer.mode,
                                 amp=self.cfg.train.amp)
@@ -304,7 +305,7 @@ class Trainer:
         kind = self.adapter.kind
         if ckpt.get("model_kind") != kind:
             raise TrainingError(f"{path}: checkpoint is of a '{ckpt.get('model_kind')}' model, not '{kind}'")
-        section = "denoiser" if kind == "diffusion" else "unet"  # the network's own settings
+        section = "denoiser" if kind == "diffusion" else kind  # the network's own settings: model.SECTION
         saved = upgrade_config(ckpt.get("config", {}), ckpt.get("format", 1)).get("model", {}).get(section, {})
         differ = _differences(saved, self.cfg.to_dict()["model"][section], f"model.{section}")
         if differ:
