@@ -7,7 +7,8 @@ compared with the U-Net and with the default variant by the same paired statisti
 bootstrap CI, Wilcoxon signed-rank p; ``evaluation.stats.compare_models``).
 
 1. synthesise ``--cases`` phantoms at ``--spacing`` mm (30 % held out) unless ``OUT/data`` exists
-2. train each variant into ``OUT/runs/NAME`` (a finished run is reused; a killed one resumes)
+2. train each variant into ``OUT/runs/NAME`` (a finished run of the same config is reused; a killed one resumes;
+   ``harness.train_or_reuse``)
 3. predict the held-out cases for each (variant, K, N), timing each case; per-case rows -> ``OUT/per_case.csv``
 4. tables -> ``OUT/ablation.md`` (and ``.json``)
 
@@ -22,31 +23,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import DEMO_CONFIG, phantom_manifest, run_config, scored_rows, train_or_reuse  # noqa: E402
 
 from medseg_diff.config import load_config  # noqa: E402
 from medseg_diff.data.conventions import REGIONS, get_convention  # noqa: E402
 from medseg_diff.data.dataset import case_record  # noqa: E402
-from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest  # noqa: E402
-from medseg_diff.data.synth import synthesize  # noqa: E402
-from medseg_diff.evaluation.run import score_case, select_cases  # noqa: E402
-from medseg_diff.evaluation.sources import ScoredInputs  # noqa: E402
-from medseg_diff.evaluation.metrics import metric_rows  # noqa: E402
+from medseg_diff.data.manifest import load_manifest  # noqa: E402
+from medseg_diff.evaluation.run import select_cases  # noqa: E402
+from medseg_diff.evaluation.stats import MEAN_REGION, compare_models  # noqa: E402
+from medseg_diff.evaluation.tables import write_per_case_csv  # noqa: E402
 from medseg_diff.inference.case import predict_case  # noqa: E402
 from medseg_diff.inference.loading import load_model  # noqa: E402
-from medseg_diff.evaluation.tables import write_per_case_csv  # noqa: E402
-from medseg_diff.evaluation.stats import MEAN_REGION, compare_models  # noqa: E402
-from medseg_diff.training.run import train  # noqa: E402
 
-CONFIG = ROOT / "configs" / "demo_cpu.yaml"
+CONFIG = DEMO_CONFIG
 # name -> (--set overrides on configs/demo_cpu.yaml, what it is)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "unet": (["model.kind=unet"], "plain 3D U-Net (the baseline)"),
@@ -84,21 +80,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _data(out: Path, cases: int, spacing: float, seed: int) -> Path:
-    manifest = out / "data" / "manifest.json"
-    if not manifest.exists():
-        synthesize(out / "data", cases=cases, spacing=spacing, seed=seed, layout="brats2021", workers=1)
-        write_manifest(build_manifest(out / "data", name="synthetic-brats-ablation", convention="brats2021",
-                                      folds=5, test_fraction=0.3, seed=seed), manifest)
-    return manifest
+    return phantom_manifest(out / "data", cases, round(0.3 * cases), spacing, seed, name="synthetic-brats-ablation")
 
 
 def _train(name: str, manifest: Path, out: Path, overrides: list[str]) -> tuple[Path, float]:
-    cfg = load_config(CONFIG, VARIANTS[name][0] + [
-        f"data.manifest={manifest}", f"experiment.output_dir={out / 'runs' / name}", "tracking.enabled=false",
-        "train.progress=false", *overrides])
-    start = time.perf_counter()
-    train(cfg)
-    return out / "runs" / name / "best.pt", time.perf_counter() - start
+    run = train_or_reuse(run_config(manifest, out / "runs" / name, VARIANTS[name][0] + overrides, CONFIG))
+    return run.checkpoint, run.seconds
 
 
 def _sampler(text: str) -> tuple[int | None, int | None]:
@@ -113,16 +100,9 @@ def _predict(label: str, ckpt: Path, manifest_path: Path, k: int | None, n: int 
     manifest = load_manifest(manifest_path)
     conv = get_convention(manifest.convention)
     model = load_model(ckpt, "cpu", sample_steps=k, ensemble=n)
-    results, extra = [], {}
+    rows = []
     for case in select_cases(manifest, "test"):
-        pred = predict_case(model, case_record(manifest, case), conv)
-        inputs = ScoredInputs(pred.case_id, pred.labels, pred.ground_truth, pred.spacing, Path(), probs=pred.probs,
-                              uncertainty=pred.entropy, seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb)
-        result, extra[case.id], _ = score_case(label, inputs, conv)  # global, lesion-wise, AUROC and ECE
-        results.append(result)
-    rows = metric_rows(results)
-    for row in rows:
-        row.update(extra[row["case"]][row["region"]])
+        rows += scored_rows(label, predict_case(model, case_record(manifest, case), conv), conv)
     return rows
 
 

@@ -63,6 +63,15 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class AttentionUNetConfig:
+    """MONAI ``AttentionUnet`` (Oktay et al. 2018): a U-Net whose skips pass through learned attention gates."""
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # the demo U-Net's widths
+    strides: tuple[int, ...] = (2, 2, 2)
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
 class DenoiserConfig:
     """The conditional diffusion U-Net (see models/denoiser.py)."""
 
@@ -75,15 +84,20 @@ class DenoiserConfig:
     cross_attention_levels: tuple[int, ...] = (2,)
     heads: int = 4
     dim_head: int = 16
-    prior_source: Literal["head", "external", "none"] = "head"
+    prior_source: Literal["head", "external", "optional", "none"] = "head"
     norm_groups: int = 8
+    self_condition: bool = False  # the denoiser also sees its previous x0 estimate (Chen et al. 2022)
+    token_source: Literal["features", "prior"] = "features"  # what the prior tokens are built from (encoder.py)
+    token_level: int = -1  # the encoder level whose grid the prior tokens and the prior head use (-1: coarsest)
+    refine: bool = False  # refine the x0 logits at full resolution once per member (denoiser.py: Refiner)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: Literal["diffusion", "unet"] = "diffusion"
+    kind: Literal["diffusion", "unet", "attention_unet"] = "diffusion"
     unet: UNetConfig = field(default_factory=UNetConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    attention_unet: AttentionUNetConfig = field(default_factory=AttentionUNetConfig)
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class LossConfig:
     bce: float = 1.0
     mse: float = 1.0  # diffusion only: MSE between the x0 estimate and x0
     prior: float = 0.5  # diffusion only: deep supervision of the prior head
+    attention: float = 0.0  # diffusion only: KL(whole tumour on the token grid || cross-attention mass)
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,10 @@ class DiffusionConfig:
     step_uncertainty_weighting: bool = False
     val_sample_steps: int = 2
     val_ensemble: int = 1
+    mode: Literal["denoise", "direct"] = "denoise"  # direct: x_t = 0 at t = T-1, one pass (the Öttl et al. control)
+    x_skip: bool = False  # x0 logits += 2√ᾱ x_t / (1-ᾱ), x_t's own posterior log-odds (prediction "sample" only)
+    eta: float = 0.0  # DDIM η: 0 deterministic, 1 DDPM-like fresh noise at every step (members differ more)
+    recycle: float = 0.0  # fraction of training samples noised from the model's own estimate (Fu et al. 2023)
 
 
 @dataclass(frozen=True)
@@ -357,10 +376,10 @@ REGISTER_MODEL_FIELDS = ("kind", "dataset")
 def network_stride(cfg: Config) -> tuple[int, str]:
     """``(stride, how it follows from the config)`` of ``model.kind``'s network: every crop and sliding-window
     size must be a multiple of it. The same formulas as ``models.baseline.baseline_stride`` (the product of the
-    U-Net's strides) and ``DiffusionSegUNet.stride`` (``patch_size * 2**(levels - 1)``)."""
-    if cfg.model.kind == "unet":
-        strides = cfg.model.unet.strides
-        return math.prod(strides), f"the product of model.unet.strides {list(strides)}"
+    strides, for both U-Nets) and ``DiffusionSegUNet.stride`` (``patch_size * 2**(levels - 1)``)."""
+    if cfg.model.kind in ("unet", "attention_unet"):
+        strides = getattr(cfg.model, cfg.model.kind).strides
+        return math.prod(strides), f"the product of model.{cfg.model.kind}.strides {list(strides)}"
     den = cfg.model.denoiser
     levels = len(den.channels)
     return (den.patch_size * 2 ** (levels - 1),
@@ -419,6 +438,16 @@ def _check_semantics(cfg: Config, source) -> None:
     each(positive, "model.unet.strides", u.strides)
     non_negative("model.unet.num_res_units", u.num_res_units)
     below_one("model.unet.dropout", u.dropout)
+    # model.attention_unet
+    a = cfg.model.attention_unet
+    if len(a.channels) < 2:
+        fail("model.attention_unet.channels", f"needs at least 2 levels, got {list(a.channels)}")
+    each(positive, "model.attention_unet.channels", a.channels)
+    if len(a.strides) != len(a.channels) - 1:
+        fail("model.attention_unet.strides", f"needs one stride fewer than model.attention_unet.channels "
+                                             f"({len(a.channels)} levels), got {list(a.strides)}")
+    each(positive, "model.attention_unet.strides", a.strides)
+    below_one("model.attention_unet.dropout", a.dropout)
     # model.denoiser (GroupNorm takes the largest group count <= norm_groups that divides the width, so widths
     # need not be multiples of norm_groups: models.blocks.group_norm)
     den = cfg.model.denoiser
@@ -439,12 +468,15 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("model.denoiser.heads", den.heads)
     positive("model.denoiser.dim_head", den.dim_head)
     positive("model.denoiser.norm_groups", den.norm_groups)
+    if not -levels <= den.token_level < levels:
+        fail("model.denoiser.token_level", f"must index one of the {levels} levels (-{levels}..{levels - 1}), "
+                                           f"got {den.token_level}")
     # loss
     weights = dataclasses.asdict(cfg.loss)
     for name, value in weights.items():
         non_negative(f"loss.{name}", value)
-    used = ["dice", "bce"] if cfg.model.kind == "unet" else ["dice", "bce", "mse"] + (
-        ["prior"] if den.prior_source == "head" else [])
+    used = ["dice", "bce"] if cfg.model.kind in ("unet", "attention_unet") else ["dice", "bce", "mse"] + (
+        ["prior"] if den.prior_source in ("head", "optional") else [])
     if not any(weights[name] > 0 for name in used):
         fail("loss", f"the weights model.kind '{cfg.model.kind}' uses ({', '.join(used)}) are all 0: nothing "
                      "would be trained")
@@ -454,6 +486,11 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("diffusion.snr_shift", diff.snr_shift)
     for name in ("sample_steps", "ensemble", "val_sample_steps", "val_ensemble"):
         positive(f"diffusion.{name}", getattr(diff, name))
+    for name in ("eta", "recycle"):
+        if not 0.0 <= getattr(diff, name) <= 1.0:
+            fail(f"diffusion.{name}", f"must be in [0, 1], got {getattr(diff, name)}")
+    if diff.x_skip and diff.prediction != "sample":
+        fail("diffusion.x_skip", f"needs diffusion.prediction 'sample' (x0 logits), got {diff.prediction!r}")
     for name in ("sample_steps", "val_sample_steps"):
         if getattr(diff, name) > diff.timesteps:
             fail(f"diffusion.{name}", f"must not exceed diffusion.timesteps ({diff.timesteps}), got "

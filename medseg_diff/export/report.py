@@ -51,6 +51,12 @@ _ATTENTION_TEXT = {
     "landing on each place of the guess, mapped back to the image at block resolution, at the last DDIM step, "
     "averaged over heads and ensemble members, stitched across sliding windows; the file holds it divided by its "
     "99.5th percentile in the brain (0 to 1), the pictures as a multiple of the brain's average. High values mean the network relied on its rough guess there",
+    "gate": "attention gates of the Attention U-Net (Oktay et al. 2018): at each level of its decoder a learned gate "
+    "between 0 and 1 decides how much of the image detail passed along from the encoder is let through at each "
+    "place; this map is those gates resized to the image and averaged over the levels, stitched across sliding "
+    "windows; the file holds it divided by its 99.5th percentile in the brain (0 to 1), the pictures as a multiple "
+    "of the brain's average. The gates are learned from the segmentation alone, without being told where to look; "
+    "they are not a tumour probability",
 }
 #: words for the direction a voxel axis runs (nibabel axis codes: the direction of increasing index)
 _AXIS_WORDS = {"L": "right to left", "R": "left to right", "P": "front to back", "A": "back to front",
@@ -154,7 +160,7 @@ def map_definitions(overlay: CaseOverlay) -> dict[str, str]:
     top = "3\u00b7ln 2 \u2248 2.08 nats" if units == "nats" else "3 bits"
     formula = ("binary entropy \u2212p\u00b7log p \u2212 (1\u2212p)\u00b7log(1\u2212p) of each region's probability p, "
                f"summed over the 3 regions (TC, WT, ET), in {units}: 0 when every region is certain, at most {top}")
-    if kind == "unet":
+    if kind in ("unet", "attention_unet"):
         entropy = ("predictive entropy of the U-Net's own probabilities from its single forward pass (no sampling, "
                    f"so no disagreement between runs is measured): the {formula}")
     elif kind == "diffusion" or overlay.variance is not None:
@@ -357,7 +363,7 @@ def _provenance_section(overlay: CaseOverlay) -> str:
     def value(x) -> str:
         return _NONE if x is None or x == "" else e(str(x))
 
-    if p.model_kind == "unet":
+    if p.model_kind in ("unet", "attention_unet"):
         sampler = "none: one forward pass of the U-Net (deterministic)"
     elif p.sample_steps is not None or p.ensemble is not None:
         sampler = (f"DDIM, {_count(p.sample_steps, 'step')}, {_count(p.ensemble, 'ensemble member')}, seed "

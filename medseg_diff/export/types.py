@@ -97,7 +97,7 @@ class Provenance:
     stored config, read back by ``export``.
     """
 
-    model_kind: str | None = None  # "diffusion" | "unet"
+    model_kind: str | None = None  # "diffusion" | "unet" | "attention_unet"
     checkpoint: str | None = None  # the checkpoint file the weights came from
     model_uri: str | None = None  # the MLflow model URI, when the checkpoint was fetched through one
     run_id: str | None = None  # the training run

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
@@ -63,6 +64,38 @@ class UNetSegmenter:
         return {PROBS: probs, ENTROPY: binary_entropy(probs).sum(dim=1, keepdim=True)}
 
 
+class AttentionGateSegmenter(UNetSegmenter):
+    """MONAI's Attention U-Net: as the U-Net, plus its attention gates as the map ``gate``.
+
+    Each gate (the sigmoid output of an ``AttentionBlock``'s ``psi``, ``[b, 1, *level grid]`` in (0, 1)) is read
+    with a forward hook, upsampled trilinearly to the window, averaged over the levels and divided by its mean over
+    the window: "times uniform within the window" like the diffusion model's maps, which ``infer_volume``
+    stitches the same way. ``attention=False`` (validation) skips the maps.
+    """
+
+    def __init__(self, net: nn.Module, name: str = "attention_unet", attention: bool = True):
+        super().__init__(net, name)
+        self.attention = attention
+
+    @torch.no_grad()
+    def __call__(self, windows: Tensor) -> dict[str, Tensor]:
+        if not self.attention:
+            return super().__call__(windows)
+        gates: list[Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _in, out: gates.append(out)) for m in self.net.gate_modules()]
+        try:
+            maps = super().__call__(windows)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        size = tuple(windows.shape[2:])
+        gate = torch.stack([F.interpolate(g.float(), size=size, mode="trilinear", align_corners=False)
+                            for g in gates]).mean(0)  # [b, 1, *roi]
+        mean = gate.mean(dim=tuple(range(2, gate.dim())), keepdim=True)
+        maps[ATTENTION_PREFIX + "gate"] = gate / mean.clamp_min(torch.finfo(torch.float32).tiny)
+        return maps
+
+
 class DiffusionSegmenter:
     """DDIM ensemble per window; the encoder runs once per window (inside the sampler).
 
@@ -81,7 +114,8 @@ class DiffusionSegmenter:
 
     @torch.no_grad()
     def __call__(self, windows: Tensor) -> dict[str, Tensor]:
-        image, prior = (windows[:, :4], windows[:, 4:7]) if self.has_prior_input else (windows, None)
+        # an external prior travels as 3 more channels: required (source "external") or optional ("optional")
+        image, prior = (windows[:, :4], windows[:, 4:7]) if windows.shape[1] > 4 else (windows, None)
         out = self.sampler.sample(self.net, image, external_prior=prior, attention=self.attention)
         maps = {PROBS: out.probs, ENTROPY: out.entropy, VARIANCE: out.variance}
         maps.update({ATTENTION_PREFIX + k: v for k, v in out.attention.items()

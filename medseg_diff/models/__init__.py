@@ -1,6 +1,8 @@
-"""Networks: the conditional diffusion U-Net (with its image encoder and attention layers) and the baseline."""
+"""Networks: the conditional diffusion U-Net (with its image encoder and attention layers), the baseline U-Net and
+MONAI's Attention U-Net."""
 
 from medseg_diff.models.attention import AttentionOutput, LinearAttention3d, MaskPriorCrossAttention
+from medseg_diff.models.attention_unet import AttentionUNet, build_attention_unet
 from medseg_diff.models.baseline import baseline_stride, build_baseline_unet
 from medseg_diff.models.blocks import ResBlock3d, SinusoidalTimeEmbedding, TimeEmbedding
 from medseg_diff.models.denoiser import PRIOR_SOURCES, DiffusionSegUNet
@@ -10,6 +12,7 @@ from medseg_diff.models.types import Conditioning, DenoiserOutput, count_paramet
 __all__ = [
     "PRIOR_SOURCES",
     "AttentionOutput",
+    "AttentionUNet",
     "Conditioning",
     "DenoiserOutput",
     "DiffusionSegUNet",
@@ -20,6 +23,7 @@ __all__ = [
     "SinusoidalTimeEmbedding",
     "TimeEmbedding",
     "baseline_stride",
+    "build_attention_unet",
     "build_baseline_unet",
     "count_parameters",
     "resample_to_grid",

@@ -15,13 +15,14 @@ from medseg_diff.training.trainer import BEST, LAST, Trainer
 
 log = logging.getLogger(__name__)
 
-#: Config sections that belong to one model kind only: a run logs its own and not the other's.
-_OTHER_MODEL = {"diffusion": ("model.unet.",), "unet": ("model.denoiser.", "diffusion.")}
+#: Config sections that belong to one model kind only: a run logs its own and not the others'.
+_MODEL_SECTIONS = {"diffusion": ("model.denoiser.", "diffusion."), "unet": ("model.unet.",),
+                   "attention_unet": ("model.attention_unet.",)}
 
 
 def own_params(cfg: Config) -> dict[str, object]:
-    """The flattened config without the other model kind's settings."""
-    skip = _OTHER_MODEL.get(cfg.model.kind, ())
+    """The flattened config without the other model kinds' settings."""
+    skip = tuple(p for kind, prefixes in _MODEL_SECTIONS.items() if kind != cfg.model.kind for p in prefixes)
     return {k: v for k, v in cfg.flat().items() if not k.startswith(skip)}
 
 
