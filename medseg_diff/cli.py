@@ -333,6 +333,58 @@ def run_export(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+# --- diagnose ----------------------------------------------------------------------------------------
+
+
+def add_diagnose_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="the model to audit: a checkpoint file or an MLflow model URI (models:/NAME/VERSION)")
+    p.add_argument("--manifest", type=Path, required=True, help="the labelled cases to audit on")
+    p.add_argument("--out", type=Path, required=True, help="folder for audit.json and audit.md")
+    p.add_argument("--subset", choices=("test", "val", "all"), default="test")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--root", type=Path, default=None, help="override the manifest's data root")
+    p.add_argument("--max-cases", type=_positive_int, default=None, help="audit only the first N cases")
+    p.add_argument("--reference", default=None,
+                   help="a U-Net checkpoint: its entropy AUROC on the same cases is the bar for the uncertainty")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampler, the x_t noise and the random occlusion (default: the checkpoint's)")
+    p.add_argument("--steps-grid", type=_int_list, default=(1, 2, 4, 10), metavar="K,K,...",
+                   help="DDIM steps of the 'does sampling refine' grid (default 1,2,4,10)")
+    p.add_argument("--ensemble-grid", type=_int_list, default=(1, 4), metavar="N,N,...",
+                   help="ensemble members of that grid (default 1,4)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (turns tracking on; default: the checkpoint's)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log the audit to MLflow")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+@command("diagnose", "mechanism audit of a checkpoint: does the denoiser use x_t, does sampling refine, do members "
+                     "differ, does the prior steer, do the attention maps look at the tumour (audit.json, audit.md)")(
+    add_diagnose_args)
+def run_diagnose(args: argparse.Namespace) -> int:
+    from medseg_diff.audit import run_audit
+
+    report = run_audit(args.checkpoint, args.manifest, args.out, subset=args.subset, fold=args.fold, root=args.root,
+                       max_cases=args.max_cases, reference=args.reference, device=args.device, seed=args.seed,
+                       tracking=False if args.no_tracking else None, tracking_uri=args.tracking_uri,
+                       steps_grid=args.steps_grid, ensemble_grid=args.ensemble_grid)
+    print(report.markdown.split("\n## Details", 1)[0].rstrip())
+    print(f"\nwrote {report.out_dir / 'audit.json'} and {report.out_dir / 'audit.md'}")
+    if report.run_id:
+        print(f"MLflow audit run {report.run_id}")
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------------------------
 
 
