@@ -50,7 +50,11 @@ _ATTENTION_TEXT = {
     "(the prior); while refining, every location consults it, and this map shows the share of that consultation "
     "landing on each place of the guess, mapped back to the image at block resolution, at the last DDIM step, "
     "averaged over heads and ensemble members, stitched across sliding windows; the file holds it divided by its "
-    "99.5th percentile in the brain (0 to 1), the pictures as a multiple of the brain's average. High values mean the network relied on its rough guess there",
+    "99.5th percentile in the brain (0 to 1), the pictures as a multiple of the brain's average. High values mean the network relied on its rough guess there. "
+    "In models trained with an attention loss (loss.attention > 0, the demo's default) this map was *taught* to "
+    "point at the tumour during training: it shows where the model thinks the tumour is, not an unsupervised "
+    "finding; `medseg-diff diagnose` measures on a checkpoint how much it concentrates on the tumour and whether "
+    "blanking what it points at changes the prediction",
     "gate": "attention gates of the Attention U-Net (Oktay et al. 2018): at each level of its decoder a learned gate "
     "between 0 and 1 decides how much of the image detail passed along from the encoder is let through at each "
     "place; this map is those gates resized to the image and averaged over the levels, stitched across sliding "
