@@ -215,7 +215,7 @@ def test_mlflow_training_runs_have_config_provenance_and_epoch_metrics(pipeline)
         assert params["model.kind"] == kind and params["train.epochs"] == "2"
         assert params["data.roi_size"] == "[16, 16, 16]" and params["data.manifest"] == cfg["data"]["manifest"]
         mine = {f"{section}.{key}" for section, values in cfg.items() for key in values} - {
-            "model.unet", "model.denoiser"}
+            "model.unet", "model.denoiser", "model.attention_unet"}
         assert {k for k in mine if not k.startswith(("model.denoiser", "diffusion") if kind == "unet" else
                                                    ("model.unet",))} <= set(params)
         # a training run logs only its own model's settings

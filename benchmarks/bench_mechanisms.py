@@ -1,0 +1,118 @@
+"""Issue-17 development loop: train one variant with the demo's recipe and data (20 phantoms at 3 mm, seed 0, the
+demo's 6 held out) and measure, on the held-out cases at the model's grid (windowed like predict), the mechanism
+numbers: mean Dice (TC/WT/ET) of one x0 prediction at alpha-bar ~ 0.9 from the true / inverted / empty mask noised;
+the sampler at K1xN1, the config's default and K4xN4; mean member variance in the whole tumour dilated 3 voxels;
+entropy and variance AUROC for errors; Dice with a rough-outline prior (models that take one); enrichment and
+pointing game of the cross and self maps. One JSON line per run is appended to OUT/results.jsonl.
+Overrides apply on top of configs/demo_cpu.yaml as it is now; the runs in benchmarks/README.md were made on the
+demo config of commit d384397 (before issue 17) plus the overrides listed there. A quick screen for choosing
+defaults; `medseg-diff diagnose` is the full audit and benchmarks/study.py the fair study.
+
+    OUT=/tmp/dev .venv/bin/python benchmarks/bench_mechanisms.py NAME [--set-style overrides ...]
+    OUT=/tmp/dev .venv/bin/python benchmarks/bench_mechanisms.py v7 diffusion.x_skip=true \
+        model.denoiser.token_source=prior loss.attention=0.5 diffusion.eta=1.0 model.denoiser.self_condition=true
+"""
+import os
+import sys, time, json
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medseg_diff.config import load_config
+from medseg_diff.data.manifest import build_manifest, write_manifest, load_manifest
+from medseg_diff.data.synth import synthesize
+from medseg_diff.data.conventions import get_convention
+from medseg_diff.data.dataset import case_record
+from medseg_diff.data.transforms import eval_transforms
+from medseg_diff.evaluation.run import select_cases
+from medseg_diff.evaluation.metrics import dice, uncertainty_auroc, evaluation_mask
+from medseg_diff.inference.loading import load_model
+from medseg_diff.inference.sliding_window import infer_volume, DiffusionSegmenter
+from medseg_diff.inference.adapters import rough_outline
+from medseg_diff.diffusion.sampler import DDIMSampler, predict_x0
+from medseg_diff.audit.scores import enrichment, pointing_game, dilated
+from medseg_diff.training.run import train
+from monai.inferers import sliding_window_inference
+
+D = Path(os.environ.get("OUT", "/tmp/dev"))
+def data():
+    m = D / "data" / "manifest.json"
+    if not m.exists():
+        synthesize(D / "data", cases=20, spacing=3.0, seed=0, layout="brats2021", workers=2)
+        write_manifest(build_manifest(D / "data", name="synthetic-brats", convention="brats2021", folds=5, test_fraction=0.3, seed=0), m)
+    return m
+
+def run(name, overrides, retrain=False):
+    m = data()
+    out = D / "runs" / name
+    t0 = time.time()
+    if retrain or not (out / "best.pt").exists():
+        cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"), ["model.kind=diffusion", f"data.manifest={m}", f"experiment.output_dir={out}", "tracking.enabled=false", "train.progress=false"] + overrides)
+        train(cfg)
+    ttrain = time.time() - t0
+    model = load_model(out / "best.pt", "cpu")
+    net, cfg = model.net.eval(), model.cfg
+    man = load_manifest(m); conv = get_convention(man.convention)
+    tf = eval_transforms(conv, cfg.data.spacing, with_label=True)
+    roi = cfg.infer.roi_size or cfg.data.roi_size
+    sch = model.adapter.scheduler()
+    a = sch.alphas_cumprod
+    t09 = int((a - 0.9).abs().argmin())
+    res = {k: [] for k in ["xt_true", "xt_inv", "xt_empty", "k1n1", "default", "k4n4", "var_wt", "auroc_ent", "auroc_var", "outline", "cross_enr", "cross_pt", "self_enr", "self_pt"]}
+    cases = select_cases(man, "test")
+    for case in cases:
+        d = tf(case_record(man, case))
+        img = d["image"].as_tensor()[None].float(); reg = d["label"].as_tensor()[None].float()
+        gt = reg[0].numpy() > 0.5
+        head = (img[0] != 0).any(0).numpy()
+        def md(p): 
+            m_ = (p > 0.5) & head
+            return float(np.mean([dice(m_[r], gt[r]) for r in range(3)]))
+        # x_t test, windowed
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(reg.shape, generator=g)
+        for key, x0 in [("xt_true", reg * 2 - 1), ("xt_inv", 1 - reg * 2), ("xt_empty", -torch.ones_like(reg))]:
+            xt = sch.add_noise(x0, noise, torch.tensor([t09]))
+            def pred(w):
+                c = net.encode(w[:, :4])
+                return (predict_x0(net, sch, w[:, 4:], torch.full((w.shape[0],), t09), c) + 1) / 2
+            with torch.no_grad():
+                p = sliding_window_inference(torch.cat([img, xt], 1), roi, 2, pred, overlap=0.25, mode="gaussian")
+            res[key].append(md(p[0].numpy()))
+        d_ = cfg.diffusion
+        for key, k, n in [("k1n1", 1, 1), ("default", d_.sample_steps, d_.ensemble), ("k4n4", 4, 4)]:
+            if d_.mode == "direct" and key != "default":
+                continue
+            seg = model.adapter.segmenter(net)
+            seg.sampler.steps, seg.sampler.ensemble = k, n
+            seg.attention = key == "default"
+            with torch.no_grad():
+                v = infer_volume(seg, img, roi, overlap=cfg.infer.overlap, sw_batch_size=2)
+            p = v.probs.numpy()
+            res[key].append(md(p))
+            if key == "default":
+                wt3 = dilated(gt[1], 3)
+                res["var_wt"].append(float(v.variance[0].numpy()[wt3].mean()) if v.variance is not None else 0.0)
+                err = ((p > 0.5) & head) != gt
+                em = evaluation_mask((p > 0.5) & head, gt)
+                res["auroc_ent"].append(uncertainty_auroc(v.entropy[0].numpy(), err.any(0), em.any(0)))
+                if v.variance is not None:
+                    res["auroc_var"].append(uncertainty_auroc(v.variance[0].numpy(), err.any(0), em.any(0)))
+                for kind in ("cross", "self"):
+                    if kind in v.attention:
+                        mp = v.attention[kind][0].numpy()
+                        res[f"{kind}_enr"].append(enrichment(mp, wt3, head)); res[f"{kind}_pt"].append(pointing_game(mp, wt3, head))
+        if model.adapter.optional_prior or model.adapter.external_prior:
+            seg = model.adapter.segmenter(net); seg.attention = False
+            prior = rough_outline(reg, 2, 1)
+            with torch.no_grad():
+                v = infer_volume(seg, img, roi, overlap=cfg.infer.overlap, sw_batch_size=2, prior=prior)
+            res["outline"].append(md(v.probs.numpy()))
+    summ = {k: (float(np.nanmean(v)) if v else None) for k, v in res.items()}
+    summ["train_s"] = ttrain
+    summ["params"] = sum(p.numel() for p in net.parameters())
+    print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()}), flush=True)
+    (D / "results.jsonl").open("a").write(json.dumps({"name": name, "overrides": overrides, **summ}) + "\n")
+
+if __name__ == "__main__":
+    name = sys.argv[1]; ov = sys.argv[2:]
+    run(name, ov)
