@@ -84,6 +84,9 @@ def run(name, overrides, retrain=False):
                 continue
             seg = model.adapter.segmenter(net)
             seg.sampler.steps, seg.sampler.ensemble = k, n
+            for item in filter(None, os.environ.get("SAMPLER_SET", "").split(",")):  # e.g. members=bernoulli,eta=0
+                attr, value = item.split("=")
+                setattr(seg.sampler, attr, type(getattr(seg.sampler, attr))(value))
             seg.attention = key == "default"
             with torch.no_grad():
                 v = infer_volume(seg, img, roi, overlap=cfg.infer.overlap, sw_batch_size=2)
@@ -110,8 +113,9 @@ def run(name, overrides, retrain=False):
     summ = {k: (float(np.nanmean(v)) if v else None) for k, v in res.items()}
     summ["train_s"] = ttrain
     summ["params"] = sum(p.numel() for p in net.parameters())
-    print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()}), flush=True)
-    (D / "results.jsonl").open("a").write(json.dumps({"name": name, "overrides": overrides, **summ}) + "\n")
+    label = f"{name}[{os.environ['SAMPLER_SET']}]" if os.environ.get("SAMPLER_SET") else name
+    print(label, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()}), flush=True)
+    (D / "results.jsonl").open("a").write(json.dumps({"name": label, "overrides": overrides, **summ}) + "\n")
 
 if __name__ == "__main__":
     name = sys.argv[1]; ov = sys.argv[2:]

@@ -101,12 +101,20 @@ def finished_run(cfg: Config) -> bool:
 
 
 def _training_part(raw: dict) -> dict:
+    """The settings that shape the trained weights: no sampler or tracking settings, and of ``model``, ``loss`` and
+    ``diffusion`` only what the run's own model kind uses (a U-Net run is not stale when the diffusion defaults move)."""
     out = {}
+    kind = raw.get("model", {}).get("kind")
     for section, values in raw.items():
         skip = _NOT_TRAINING.get(section, ())
-        if skip is None:
+        if skip is None or (section == "diffusion" and kind != "diffusion"):
             continue
         out[section] = {k: v for k, v in values.items() if k not in skip} if isinstance(values, dict) else values
+    if kind is not None:
+        own = {"diffusion": "denoiser"}.get(kind, kind)
+        out["model"] = {k: v for k, v in out.get("model", {}).items() if k in ("kind", own)}
+        if kind != "diffusion":
+            out["loss"] = {k: v for k, v in out.get("loss", {}).items() if k in ("dice", "bce")}
     return out
 
 

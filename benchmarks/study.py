@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -330,6 +331,24 @@ def run_metrics(rows: list[dict], name: str, seed: int) -> dict[str, float]:
 # --- main ---------------------------------------------------------------------------------------------
 
 
+def measured(name, seed, checkpoint: Path, manifest, cases, conv, heads, priors) -> tuple[list[dict], dict]:
+    """``measure_run``, kept beside the checkpoint (``study_rows.pkl``) and reused while the checkpoint file and the
+    held-out cases are the same: a study over more variants or another --out combines finished runs without
+    predicting them again (copy or link run folders under OUT/runs)."""
+    cache = checkpoint.parent / "study_rows.pkl"
+    key = {"name": name, "seed": seed, "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns,
+           "checkpoint_size": checkpoint.stat().st_size, "cases": [c.id for c in cases], "version": 1}
+    if cache.exists():
+        with cache.open("rb") as f:
+            saved_key, rows, facts = pickle.load(f)
+        if saved_key == key:
+            return rows, facts
+    rows, facts = measure_run(name, seed, checkpoint, manifest, cases, conv, heads, priors)
+    with cache.open("wb") as f:
+        pickle.dump((key, rows, facts), f)
+    return rows, facts
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     start = time.perf_counter()
@@ -355,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = train_or_reuse(cfg)
         print(f"{name} seed {seed}: {'reused' if trained.reused else 'trained'} ({trained.seconds:.0f} s)", flush=True)
         t0 = time.perf_counter()
-        new, facts = measure_run(name, seed, trained.checkpoint, manifest, cases, conv, heads, args.out / "priors")
+        new, facts = measured(name, seed, trained.checkpoint, manifest, cases, conv, heads, args.out / "priors")
         rows += new
         runs[(name, seed)] = {**facts, "train_seconds": trained.seconds, "reused": trained.reused,
                               "checkpoint": str(trained.checkpoint), "overrides": overrides,

@@ -124,6 +124,7 @@ class DiffusionConfig:
     x_skip: bool = False  # x0 logits += 2√ᾱ x_t / (1-ᾱ), x_t's own posterior log-odds (prediction "sample" only)
     eta: float = 0.0  # DDIM η: 0 deterministic, 1 DDPM-like fresh noise at every step (members differ more)
     recycle: float = 0.0  # fraction of training samples noised from the model's own estimate (Fu et al. 2023)
+    prior_none: float = 0.7  # prior_source optional: fraction of training crops given no prior
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,7 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("diffusion.snr_shift", diff.snr_shift)
     for name in ("sample_steps", "ensemble", "val_sample_steps", "val_ensemble"):
         positive(f"diffusion.{name}", getattr(diff, name))
-    for name in ("eta", "recycle"):
+    for name in ("eta", "recycle", "prior_none"):
         if not 0.0 <= getattr(diff, name) <= 1.0:
             fail(f"diffusion.{name}", f"must be in [0, 1], got {getattr(diff, name)}")
     if diff.x_skip and diff.prediction != "sample":

@@ -6,7 +6,9 @@ The loop (the network knows nothing of it; the scheduler owns the maths):
    was trained without noise)
 3. for each of K trailing timesteps: predict (a self-conditioned model also sees the previous x0 estimate, Chen et
    al. 2022), then the scheduler's DDIM step (Song et al. 2021, eq. 12; η > 0 adds fresh seeded noise, eq. 16)
-   gives the x0 estimate and x at the next timestep; the last estimate is the output, so the last step's x is unused
+   gives the x0 estimate and x at the next timestep; the last estimate is the output, so the last step's x is unused.
+   ``members="bernoulli"``: between steps each member moves towards a mask drawn from its estimate (Bernoulli per
+   voxel, seeded) instead of the soft estimate itself, so members differ where the estimate is unsure
 4. member probabilities = the last x0 estimate (or the step-uncertainty-weighted mean over steps, Diff-UNet)
 5. (a model with a refiner) the last estimate refined at full resolution, once per member
 6. output mean probability, predictive entropy, member variance, attention maps of the last step
@@ -65,7 +67,7 @@ class DDIMSampler:
     """K-step DDIM with N ensemble members run as one batch. Deterministic for a given ``seed``."""
 
     def __init__(self, scheduler, steps: int = 10, ensemble: int = 4, step_uncertainty_weighting: bool = False,
-                 seed: int = 0, eta: float = 0.0, start: str = "noise"):
+                 seed: int = 0, eta: float = 0.0, start: str = "noise", members: str = "mean"):
         if isinstance(scheduler, DDIMScheduler) and not isinstance(scheduler, TrailingDDIMScheduler):
             # MONAI's own linspace timesteps disagree with the stride its step() moves by
             raise TypeError("DDIMSampler needs a TrailingDDIMScheduler (see build_scheduler), not a plain "
@@ -79,7 +81,9 @@ class DDIMSampler:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if start not in ("noise", "zeros"):
             raise ValueError(f"start must be 'noise' or 'zeros', got {start!r}")
-        self.eta, self.start = eta, start
+        if members not in ("mean", "bernoulli"):
+            raise ValueError(f"members must be 'mean' or 'bernoulli', got {members!r}")
+        self.eta, self.start, self.members = eta, start, members
 
     @torch.no_grad()
     def sample(self, model: nn.Module, image: Tensor, external_prior: Tensor | None = None,
@@ -114,8 +118,17 @@ class DDIMSampler:
             # "predicted x0", clipped to [-1, 1]); for x0 prediction the scheduler takes x0 = 2σ(logits) - 1 itself
             # (logits with the skip from x_t when the scheduler has one). The last step's x_{t-1} is not used
             x_in = x
-            x, x0 = self.scheduler.step(scheduler_input(self.scheduler, output, x, t_batch), int(t), x,
-                                        eta=self.eta if not last else 0.0, generator=generator if self.eta else None)
+            estimate = scheduler_input(self.scheduler, output, x, t_batch)
+            step_input = estimate
+            if self.members == "bernoulli" and not last and self.scheduler.prediction_type == "sample":
+                # each member commits to a mask drawn from its estimate (BerDiff-like), so members part ways
+                # exactly where the estimate is unsure; the soft estimate stays the self-conditioning input
+                drawn = torch.rand(estimate.shape, generator=generator, device=estimate.device) < (estimate + 1) / 2
+                step_input = drawn.to(estimate.dtype) * 2.0 - 1.0
+            x, x0 = self.scheduler.step(step_input, int(t), x, eta=self.eta if not last else 0.0,
+                                        generator=generator if self.eta else None)
+            if step_input is not estimate:
+                x0 = estimate.clamp(-1.0, 1.0)
             if self.step_uncertainty_weighting:
                 member_probs = (x0 + 1.0) / 2.0
                 w = self._step_weight(member_probs, b, n, i)

@@ -78,7 +78,7 @@ class ModelAdapter(ABC):
         """The prior input during training and validation: None unless the network takes an external prior;
         for an optional prior, a mix of none and priors of varying quality in training, none in validation."""
         if self.optional_prior:
-            return None if validation else simulated_priors(regions, generator)
+            return None if validation else simulated_priors(regions, generator, self.cfg.diffusion.prior_none)
         return simulated_prior(regions, generator) if self.external_prior else None
 
     def check_prior(self, has_prior: bool, where: str | Path | None, case: str | None = None) -> None:
@@ -183,14 +183,14 @@ def rough_outline(regions: Tensor, dilate: int = 2, blur: int = 1) -> Tensor:
     return wt.expand(-1, 3, -1, -1, -1).clamp(0, 1)
 
 
-def simulated_priors(regions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def simulated_priors(regions: Tensor, generator: torch.Generator | None = None, none: float = 0.4) -> Tensor:
     """Priors of varying quality for training ``prior_source="optional"``, one draw per case,
     ``-> [B, 4, X, Y, Z]`` (3 prior channels and the given/absent flag the network reads):
 
-    * 40 %: no prior (zeros, flag 0) -- so the model works without one;
-    * 20 %: a rough outline (:func:`rough_outline`, 1-3 voxels dilation);
-    * 20 %: the outline shifted by up to 4 voxels per axis (a misplaced or other-visit outline);
-    * 20 %: the regions blurred and scaled by a confidence in [0.5, 1] (another model's soft mask).
+    * ``none`` (default 40 %): no prior (zeros, flag 0) -- so the model works without one;
+    * of the rest, a third each: a rough outline (:func:`rough_outline`, 1-3 voxels dilation); the outline shifted
+      by up to 4 voxels per axis (a misplaced or other-visit outline); the regions blurred and scaled by a
+      confidence in [0.5, 1] (another model's soft mask).
     """
     b = regions.shape[0]
     device = regions.device
@@ -200,12 +200,12 @@ def simulated_priors(regions: Tensor, generator: torch.Generator | None = None) 
     soft = simulated_prior(regions, generator)
     out = regions.new_zeros(b, 4, *regions.shape[2:])
     for i in range(b):
-        kind = float(draw[i])
-        if kind < 0.4:
+        if float(draw[i]) < none:
             continue
-        if kind < 0.8:
+        kind = (float(draw[i]) - none) / max(1.0 - none, 1e-9)  # uniform in [0, 1) among the cases given a prior
+        if kind < 2 / 3:
             prior = rough_outline(regions[i : i + 1], int(dilation[i]))[0]
-            if kind >= 0.6:
+            if kind >= 1 / 3:
                 prior = torch.roll(prior, tuple(int(s) for s in shifts[i]), dims=(1, 2, 3))
         else:
             prior = soft[i]
