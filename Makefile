@@ -14,7 +14,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	@# Torch: keep one that is already importable; else a CUDA build only where an NVIDIA GPU exists;
 	@# else the CPU build (never a multi-GB CUDA download on a CPU-only machine).
 	@if $(PY) -c "import torch" 2>/dev/null; then \

@@ -216,7 +216,10 @@ class EncodeDenoise(nn.Module):
         if getattr(self.net, "self_condition", False):
             estimate = None
             if self_cond is not None and bool(self_cond.any()):
-                estimate = self._estimate(x_t, t, cond) * self_cond.view(-1, 1, 1, 1, 1).to(x_t.dtype)
+                # the first pass only for the cases drawn for self-conditioning; the others get zeros
+                chosen = self_cond.nonzero().flatten()
+                estimate = torch.zeros_like(x_t)
+                estimate[chosen] = self._estimate(x_t[chosen], t[chosen], cond.select(chosen)).to(x_t.dtype)
             kwargs["self_cond"] = estimate
         if attention:
             out = self.net.forward_with_attention(x_t, t, cond, in_space=False, **kwargs)

@@ -36,6 +36,22 @@ class Conditioning:
     detail: Tensor | None = None
     full: Tensor | None = None
 
+    def select(self, index: Tensor) -> "Conditioning":
+        """The batch elements ``index`` (a 1-D index tensor), ``[B, ...] -> [len(index), ...]``."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return replace(
+            self,
+            features=[f[index] for f in self.features],
+            prior=pick(self.prior),
+            prior_logits=pick(self.prior_logits),
+            tokens=pick(self.tokens),
+            detail=pick(self.detail),
+            full=pick(self.full),
+        )
+
     def repeat(self, n: int) -> "Conditioning":
         """Each batch element repeated ``n`` times (ensemble members), ``[B, ...] -> [B*n, ...]``."""
 
