@@ -175,7 +175,11 @@ def map_definitions(overlay: CaseOverlay) -> dict[str, str]:
     definitions = {
         "uncertainty": entropy,
         "variance": (f"variance across the {n}DDIM ensemble members of each region's probability (population "
-                     f"variance), averaged over the 3 regions: 0 when all members agree, at most {VARIANCE_MAX:g}"),
+                     f"variance), averaged over the 3 regions: 0 when all members agree, at most {VARIANCE_MAX:g}. "
+                     "On the demo's phantoms the members differ by little (mean variance near the tumour about "
+                     "3e-4; `medseg-diff diagnose` measures it for this model), and the variance ranked the "
+                     "model's errors worse than a plain U-Net's entropy: read a dark map as 'the members agree', "
+                     "not as 'the segmentation is right'"),
     }
     for name in overlay.attention:
         definitions[f"attention_{name}"] = _ATTENTION_TEXT.get(name, "an internal attention map of the network")
