@@ -26,9 +26,9 @@ from medseg_diff.data.transforms import eval_transforms
 from medseg_diff.evaluation.run import select_cases
 from medseg_diff.evaluation.metrics import dice, uncertainty_auroc, evaluation_mask
 from medseg_diff.inference.loading import load_model
-from medseg_diff.inference.sliding_window import infer_volume, DiffusionSegmenter
+from medseg_diff.inference.sliding_window import infer_volume
 from medseg_diff.inference.adapters import rough_outline
-from medseg_diff.diffusion.sampler import DDIMSampler, predict_x0
+from medseg_diff.diffusion.sampler import predict_x0
 from medseg_diff.audit.scores import enrichment, pointing_game, dilated
 from medseg_diff.training.run import train
 from monai.inferers import sliding_window_inference

@@ -185,19 +185,19 @@ def head_of(record: dict, conv: LabelConvention) -> np.ndarray:
 
 
 def outline_prior(pred, image_path: str, conv: LabelConvention, folder: Path) -> Path:
-    """``folder/CASE.nii.gz``: the truth's WT dilated 2 voxels, Gaussian blur sigma 1 voxel, in 3 channels."""
+    """``folder/CASE.nii.gz``: the audit's rough outline (``audit.cases.rough_outline``: the truth's WT dilated 2
+    voxels, Gaussian blur sigma 1 voxel, in 3 channels), as a 4D NIfTI on the case's grid."""
     import nibabel as nib
-    from scipy.ndimage import gaussian_filter
 
+    from medseg_diff.audit.cases import rough_outline
     from medseg_diff.data.io import read_image
 
     path = folder / f"{pred.case_id}.nii.gz"
     if not path.exists():
-        wt = dilated(conv.to_regions(pred.ground_truth)[1], 2).astype(np.float32)
-        outline = np.clip(gaussian_filter(wt, sigma=1.0), 0.0, 1.0)
+        outline = rough_outline(conv.to_regions(pred.ground_truth))  # [3, X, Y, Z]
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{pred.case_id}.tmp.nii.gz"
-        nib.save(nib.Nifti1Image(np.repeat(outline[..., None], 3, axis=-1), read_image(image_path).affine), str(tmp))
+        nib.save(nib.Nifti1Image(np.moveaxis(outline, 0, -1), read_image(image_path).affine), str(tmp))
         tmp.replace(path)
     return path
 

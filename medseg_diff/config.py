@@ -428,27 +428,18 @@ def _check_semantics(cfg: Config, source) -> None:
     non_negative("data.num_workers", d.num_workers)
     if d.max_val_cases is not None:
         non_negative("data.max_val_cases", d.max_val_cases)
-    # model.unet
-    u = cfg.model.unet
-    if len(u.channels) < 2:
-        fail("model.unet.channels", f"needs at least 2 levels, got {list(u.channels)}")
-    each(positive, "model.unet.channels", u.channels)
-    if len(u.strides) != len(u.channels) - 1:
-        fail("model.unet.strides", f"needs one stride fewer than model.unet.channels ({len(u.channels)} levels), "
-                                   f"got {list(u.strides)}")
-    each(positive, "model.unet.strides", u.strides)
-    non_negative("model.unet.num_res_units", u.num_res_units)
-    below_one("model.unet.dropout", u.dropout)
-    # model.attention_unet
-    a = cfg.model.attention_unet
-    if len(a.channels) < 2:
-        fail("model.attention_unet.channels", f"needs at least 2 levels, got {list(a.channels)}")
-    each(positive, "model.attention_unet.channels", a.channels)
-    if len(a.strides) != len(a.channels) - 1:
-        fail("model.attention_unet.strides", f"needs one stride fewer than model.attention_unet.channels "
-                                             f"({len(a.channels)} levels), got {list(a.strides)}")
-    each(positive, "model.attention_unet.strides", a.strides)
-    below_one("model.attention_unet.dropout", a.dropout)
+    # model.unet and model.attention_unet: channels per level, one stride fewer, dropout
+    for name in ("unet", "attention_unet"):
+        section, key = getattr(cfg.model, name), f"model.{name}"
+        if len(section.channels) < 2:
+            fail(f"{key}.channels", f"needs at least 2 levels, got {list(section.channels)}")
+        each(positive, f"{key}.channels", section.channels)
+        if len(section.strides) != len(section.channels) - 1:
+            fail(f"{key}.strides", f"needs one stride fewer than {key}.channels ({len(section.channels)} levels), "
+                                   f"got {list(section.strides)}")
+        each(positive, f"{key}.strides", section.strides)
+        below_one(f"{key}.dropout", section.dropout)
+    non_negative("model.unet.num_res_units", cfg.model.unet.num_res_units)
     # model.denoiser (GroupNorm takes the largest group count <= norm_groups that divides the width, so widths
     # need not be multiples of norm_groups: models.blocks.group_norm)
     den = cfg.model.denoiser

@@ -124,8 +124,6 @@ class DiffusionLoss:
                 plan["noise"] = noise
         # 2. predict: ``model`` is an ``EncodeDenoise`` (possibly DDP-wrapped), one forward per step
         out = model(x_t, t, image, external_prior, attention=self.weights.attention > 0, **plan)
-        if isinstance(out, tuple):  # a plain (output, prior_logits) module
-            out = TrainForward(*out)
         x_t = out.x_t if out.x_t is not None else x_t
         loss = self.from_output(out.output, out.prior_logits, x_t, x0, noise, t, regions)
         if out.refined is not None:  # the refined estimate gets the same Dice + BCE; each half the weight
