@@ -1,27 +1,17 @@
 """PNG montage of one case: axial / coronal / sagittal slices through the largest predicted lesion.
 
-Display orientation does not depend on how the file stores its voxels: every array is first
-reoriented to RAS (``nibabel.orientations``, closest axes of the affine), then sliced in the
-**radiological convention** — the patient's right on the image left; axial seen from the feet with
-anterior up, coronal seen from the front with superior up, sagittal with anterior on the left and
-superior up. Pixels are drawn at their size in mm, so anisotropic voxels keep their true aspect.
-An LPS file and a RAS file of the same head give identical panels (:func:`montage_panels`).
-
 Rows (:func:`montage_rows`): the prediction's region contours on FLAIR and on T1ce (enhancing tumour is judged
 on T1ce), the ground truth's, one row per attention map, the predictive entropy and the ensemble variance.
-Slices go through the centre of the **largest connected lesion** of the predicted whole tumour, so scattered
-false positives do not pull them off the tumour; the ground-truth row goes through the truth's own largest
-lesion when that lies more than ``SAME_SLICES_MM`` away. Heat maps use the scales of :func:`heat_scale`:
-fixed, absolute ones for entropy and variance (one scale for every model and case, values above the top
-marked); attention as a multiple of the brain's average, coloured inside the brain above 1x on the fixed
-scale 1x to ``ATTENTION_SCALE_TOP``.
+Which slices, and how each becomes a panel in the radiological convention at true voxel size, is
+``export.slices``'s; the heat maps' colour scales (shared with the interactive viewer) are ``export.scales``'s.
+This module draws: the grey underlay, the outlines, the heat maps, colour bars, legends and captions.
 """
 
 from __future__ import annotations
 
 import io
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -32,38 +22,23 @@ from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
-from scipy import ndimage
 
 from medseg_diff.data.conventions import REGIONS
-from medseg_diff.export.types import (
-    ATTENTION_SCALE_TOP,
-    ENTROPY_SCALE_TOP,
-    REGION_NAMES,
-    REGION_RGB,
-    VARIANCE_SCALE_TOP,
-    CaseOverlay,
+from medseg_diff.export.scales import OVER_RGB, HeatScale, colour_bar_ticks, heat_rgba, heat_scale
+from medseg_diff.export.slices import (
+    EDGES,
+    Panel,
+    Slicer,
 )
+from medseg_diff.data.vocabulary import REGION_NAMES, REGION_RGB
+from medseg_diff.predictions.types import CaseOverlay
 
-VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
-#: letters at the (left, right, top, bottom) edges of each view
-EDGES: dict[str, tuple[str, str, str, str]] = {
-    "axial": ("R", "L", "A", "P"),
-    "coronal": ("R", "L", "S", "I"),
-    "sagittal": ("A", "P", "S", "I"),
-}
-#: the ground-truth row gets its own slices when its largest lesion's centre is farther than this (mm, any axis)
-SAME_SLICES_MM = 5.0
 #: region -> contour line width in points, drawn widest first: where outlines coincide the narrower line lies on
 #: the wider one, so every colour shows. Every line is solid and sits on a dark halo (visible on bright FLAIR).
 CONTOUR_WIDTHS: dict[str, float] = {"WT": 4.0, "TC": 3.0, "ET": 1.2}
 HALO_POINTS = 2.0  # the halo is this much wider than its line
 HALO_RGB = (0.0, 0.0, 0.0)
-#: colour of heat-map values above the top of a fixed scale (the colour bar's top reads "≥ top"): Okabe-Ito
-#: orange, used for nothing else (white would be lost on bright FLAIR tumour)
-OVER_RGB = (230 / 255, 159 / 255, 0.0)
 _DIM = 0.6  # brightness of the grey underlay under heat maps
-_ALPHA_RAMP = 0.3  # heat-map opacity rises from 0 at the bottom of its scale to its maximum at 30 % of it
 CAPTION = (
     "Radiological convention: patient's right on the image left (see the letters at the panel edges). Axial seen "
     "from the feet, anterior up; coronal seen from the front; sagittal with anterior on the left. "
@@ -77,32 +52,9 @@ CAPTION = (
 )
 _ROW_INCHES = 2.9
 _SIDE_INCHES = 2.5
-_MARGIN = 4  # voxels kept around the brain's bounding box
 _FINE = 4  # contour grid refinement, so outlines follow voxel edges
 _BACKGROUND = "#111111"
 _TEXT = "#eeeeee"
-
-
-@dataclass(frozen=True)
-class Panel:
-    """One view's 2D arrays, already in display orientation (row 0 at the top, column 0 at the left)."""
-
-    view: str  # "axial" | "coronal" | "sagittal"
-    image: np.ndarray  # [rows, cols] grey MRI of the main underlay (FLAIR), raw intensities
-    regions: np.ndarray  # [3, rows, cols] bool, REGIONS order (TC, WT, ET)
-    truth: np.ndarray | None  # [3, rows, cols] bool, ground-truth regions
-    attention: dict[str, np.ndarray]  # name -> [rows, cols] normalised to [0, 1]
-    uncertainty: np.ndarray | None  # [rows, cols] predictive entropy
-    pixel_mm: tuple[float, float]  # (row height, column width) in mm
-    position: str  # where the slice is, e.g. "S +12.0 mm"
-    brain: np.ndarray | None = None  # [rows, cols] bool
-    variance: np.ndarray | None = None  # [rows, cols] ensemble member variance
-    underlays: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> [rows, cols] grey, image included
-
-    @property
-    def size_mm(self) -> tuple[float, float]:
-        """(height, width) of the panel in mm."""
-        return self.image.shape[0] * self.pixel_mm[0], self.image.shape[1] * self.pixel_mm[1]
 
 
 @dataclass(frozen=True)
@@ -126,193 +78,6 @@ class RenderedMontage:
     positions: tuple[str, ...]  # slice positions of the prediction rows (axial, coronal, sagittal)
 
 
-@dataclass(frozen=True)
-class HeatScale:
-    """How a heat map's values become colours: ``cmap`` over [low, top]; values at or below ``low`` and outside
-    the brain are transparent; with ``over_range``, values above ``top`` are drawn in ``OVER_RGB``."""
-
-    low: float
-    top: float
-    cmap: str
-    label: str  # colour-bar label
-    max_alpha: float
-    over_range: bool  # values can exceed ``top``: the colour bar's top reads "≥ top"
-    over_colour: bool = True  # ... and they are drawn in ``OVER_RGB`` (else in the colour map's top colour)
-
-
-@dataclass(frozen=True)
-class RasFrame:
-    """How to turn a file-ordered ``[X, Y, Z]`` array into a RAS-ordered, brain-cropped one."""
-
-    transform: np.ndarray  # nibabel orientation transform, file axes -> RAS
-    affine: np.ndarray  # [4, 4] RAS voxel -> world
-    box: tuple[slice, slice, slice]  # crop in RAS voxels
-
-    @classmethod
-    def from_affine(cls, affine: np.ndarray, brain: np.ndarray) -> "RasFrame":
-        transform = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
-        ras_affine = affine @ inv_ornt_aff(transform, brain.shape)
-        ras_brain = apply_orientation(brain, transform)
-        return cls(transform, ras_affine, _bounding_box(ras_brain))
-
-    def __call__(self, array: np.ndarray) -> np.ndarray:
-        """``[X, Y, Z]`` file order -> ``[x, y, z]`` RAS order, cropped to the brain."""
-        return np.ascontiguousarray(apply_orientation(np.asarray(array), self.transform)[self.box])
-
-    @property
-    def zooms(self) -> np.ndarray:
-        """Voxel size in mm along R, A, S."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-
-    def world(self, index: tuple[int, int, int]) -> np.ndarray:
-        """World (RAS mm) coordinates of a voxel of the cropped RAS array."""
-        full = np.array([i + s.start for i, s in zip(index, self.box)] + [1.0])
-        return (self.affine @ full)[:3]
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
-    nonzero = np.nonzero(mask)
-    return tuple(
-        slice(max(int(ax.min()) - _MARGIN, 0), min(int(ax.max()) + _MARGIN + 1, n))
-        for ax, n in zip(nonzero, mask.shape)
-    )
-
-
-def display_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
-    """2D display array of a RAS-ordered ``[x, y, z]`` volume (radiological convention, see module doc)."""
-    if view == "axial":  # rows anterior -> posterior, columns right -> left
-        return volume[::-1, ::-1, index].T
-    if view == "coronal":  # rows superior -> inferior, columns right -> left
-        return volume[::-1, index, ::-1].T
-    if view == "sagittal":  # rows superior -> inferior, columns anterior -> posterior
-        return volume[index, ::-1, ::-1].T
-    raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
-
-
-def _pixel_mm(zooms: np.ndarray, view: str) -> tuple[float, float]:
-    zx, zy, zz = (float(z) for z in zooms)
-    return {"axial": (zy, zx), "coronal": (zz, zx), "sagittal": (zz, zy)}[view]
-
-
-def tumour_centre(whole_tumour: np.ndarray) -> tuple[int, int, int]:
-    """Centre voxel of a RAS ``[x, y, z]`` mask: its centre of mass, each coordinate moved to the nearest
-    slice that contains tumour (a crescent's centre of mass can lie outside it); the array centre if empty."""
-    if not whole_tumour.any():
-        return tuple(n // 2 for n in whole_tumour.shape)
-    coords = np.nonzero(whole_tumour)
-    centre = []
-    for along_axis in coords:
-        occupied = np.unique(along_axis)
-        centre.append(int(occupied[np.argmin(np.abs(occupied - along_axis.mean()))]))
-    return tuple(centre)
-
-
-def largest_lesion(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a bool ``[x, y, z]`` mask (the first of equal ones); empty stays."""
-    pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if n <= 1:
-        return np.asarray(mask, dtype=bool)
-    sizes = np.bincount(pieces.ravel())[1:]
-    return pieces == int(np.argmax(sizes)) + 1
-
-
-def lesion_centre(whole_tumour: np.ndarray) -> tuple[int, int, int]:
-    """:func:`tumour_centre` of the :func:`largest_lesion`: scattered false positives do not move it."""
-    return tumour_centre(largest_lesion(whole_tumour))
-
-
-@dataclass(frozen=True)
-class _RasLayers:
-    """Every layer of the montage as a RAS-ordered, brain-cropped volume."""
-
-    grey: dict[str, np.ndarray]  # underlay modality -> [x, y, z]; the first is the main one (FLAIR)
-    regions: np.ndarray  # [x, y, z, 3] bool
-    truth: np.ndarray | None  # [x, y, z, 3] bool
-    attention: dict[str, np.ndarray]  # name -> [x, y, z] in [0, 1]
-    uncertainty: np.ndarray | None  # [x, y, z]
-    variance: np.ndarray | None  # [x, y, z]
-    brain: np.ndarray  # [x, y, z] bool
-
-    def panel(self, view: str, index: int, pixel_mm: tuple[float, float], position: str) -> Panel:
-        def cut(volume: np.ndarray | None) -> np.ndarray | None:
-            return None if volume is None else np.ascontiguousarray(display_slice(volume, view, index))
-
-        def cut_regions(volume: np.ndarray | None) -> np.ndarray | None:
-            return None if volume is None else np.stack([cut(volume[..., r]) for r in range(volume.shape[-1])])
-
-        underlays = {name: cut(volume) for name, volume in self.grey.items()}
-        return Panel(
-            view=view, image=next(iter(underlays.values())), regions=cut_regions(self.regions),
-            truth=cut_regions(self.truth), attention={name: cut(v) for name, v in self.attention.items()},
-            uncertainty=cut(self.uncertainty), pixel_mm=pixel_mm, position=position, brain=cut(self.brain),
-            variance=cut(self.variance), underlays=underlays,
-        )
-
-
-class _Slicer:
-    """The RAS layers of a case and the slices through a centre voxel."""
-
-    def __init__(self, overlay: CaseOverlay, affine: np.ndarray):
-        frame = RasFrame.from_affine(np.asarray(affine, dtype=float), overlay.brain_mask)
-
-        def regions_of(labels: np.ndarray) -> np.ndarray:
-            return frame(np.moveaxis(overlay.convention.to_regions(labels), 0, -1))
-
-        def maybe(volume: np.ndarray | None) -> np.ndarray | None:
-            return None if volume is None else frame(np.asarray(volume, dtype=np.float32))
-
-        contrast = overlay.contrast_modality
-        underlays = [overlay.grey_modality] + ([contrast] if contrast not in (None, overlay.grey_modality) else [])
-        self.frame = frame
-        self.layers = _RasLayers(
-            grey={m: frame(np.asarray(overlay.images[m], dtype=np.float32)) for m in underlays},
-            regions=regions_of(overlay.labels),
-            truth=None if overlay.ground_truth is None else regions_of(overlay.ground_truth),
-            attention={name: frame(overlay.relative_attention(name)) for name in overlay.attention},
-            uncertainty=maybe(overlay.uncertainty), variance=maybe(overlay.variance), brain=frame(overlay.brain_mask),
-        )
-
-    def centres(self) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
-        """(centre of the prediction rows, the truth row's own centre or None when it uses the same slices).
-
-        The prediction rows go through the predicted whole tumour's largest lesion (the truth's when nothing is
-        predicted, the brain's centre when neither has tumour)."""
-        whole = REGIONS.index("WT")
-        predicted = self.layers.regions[..., whole]
-        truth = None if self.layers.truth is None else self.layers.truth[..., whole]
-        source = predicted if predicted.any() or truth is None else truth
-        centre = lesion_centre(source)
-        if truth is None or not truth.any() or source is truth:
-            return centre, None
-        own = lesion_centre(truth)
-        apart_mm = np.abs(np.subtract(own, centre)) * self.frame.zooms
-        return centre, (own if (apart_mm > SAME_SLICES_MM).any() else None)
-
-    def panels(self, centre: tuple[int, int, int]) -> list[Panel]:
-        world = self.frame.world(centre)
-        return [
-            self.layers.panel(view, centre[axis], _pixel_mm(self.frame.zooms, view),
-                              f"{'RAS'[axis]} {world[axis]:+.1f} mm")
-            for axis, view in ((2, "axial"), (1, "coronal"), (0, "sagittal"))
-        ]
-
-
-def montage_slices(overlay: CaseOverlay, affine: np.ndarray) -> tuple[list[Panel], list[Panel] | None]:
-    """The panels (axial, coronal, sagittal) of the prediction rows, and those of the ground-truth row when it
-    goes through the truth's own largest lesion (None: no truth, or it uses the prediction's slices).
-
-    ``affine`` is the reference's voxel-to-world matrix (the grid of every array in ``overlay``).
-    """
-    slicer = _Slicer(overlay, affine)
-    centre, own = slicer.centres()
-    return slicer.panels(centre), None if own is None else slicer.panels(own)
-
-
-def montage_panels(overlay: CaseOverlay, affine: np.ndarray) -> list[Panel]:
-    """The three panels of the prediction rows (see :func:`montage_slices`), in display orientation."""
-    return montage_slices(overlay, affine)[0]
-
-
 def montage_rows(overlay: CaseOverlay, own_truth_slices: bool = False) -> list[MontageRow]:
     """The rows of the montage, top to bottom, each with its grey underlay."""
     grey, contrast = overlay.grey_modality, overlay.contrast_modality
@@ -334,53 +99,9 @@ def montage_rows(overlay: CaseOverlay, own_truth_slices: bool = False) -> list[M
     return rows
 
 
-def heat_scale(overlay: CaseOverlay, kind: str, name: str | None = None) -> HeatScale:
-    """The colour scale of a heat-map row. Entropy and variance: fixed and absolute, the same for every model and
-    case (0 to ``ENTROPY_SCALE_TOP`` / ``VARIANCE_SCALE_TOP``, values above drawn in ``OVER_RGB``). Attention:
-    multiples of the brain's average, 1 to ``ATTENTION_SCALE_TOP`` (fixed; values above in the top colour);
-    voxels at or below the average are not coloured."""
-    if kind == "attention":
-        return HeatScale(1.0, ATTENTION_SCALE_TOP, "inferno",
-                         "attention, \u00d7 the brain's average;\ncoloured above average", 0.6, True, False)
-    if kind == "uncertainty":
-        units = overlay.uncertainty_units
-        return HeatScale(0.0, ENTROPY_SCALE_TOP[units], "viridis", f"predictive entropy ({units})", 0.8, True)
-    if kind == "variance":
-        return HeatScale(0.0, VARIANCE_SCALE_TOP, "viridis", "variance across members", 0.8, True)
-    raise ValueError(f"no heat scale for row kind {kind!r}")
-
-
-def heat_rgba(values: np.ndarray, scale: HeatScale, brain: np.ndarray | None = None) -> np.ndarray:
-    """``[..., 4]`` colours of ``values`` on ``scale``: transparent at or below ``scale.low`` and outside
-    ``brain``; opacity rising to ``scale.max_alpha`` over the first 30 % of the scale; above ``scale.top``
-    (with ``over_range``) ``OVER_RGB`` at full ``max_alpha``."""
-    values = np.asarray(values, dtype=np.float32)
-    fraction = (values - scale.low) / max(scale.top - scale.low, 1e-12)
-    rgba = matplotlib.colormaps[scale.cmap](np.clip(fraction, 0.0, 1.0))
-    alpha = scale.max_alpha * np.clip(fraction / _ALPHA_RAMP, 0.0, 1.0)
-    if scale.over_range and scale.over_colour:
-        over = values > scale.top
-        rgba[over, :3] = OVER_RGB
-        alpha[over] = scale.max_alpha
-    alpha[values <= scale.low] = 0.0
-    if brain is not None:
-        alpha[~np.asarray(brain, dtype=bool)] = 0.0
-    rgba[..., 3] = alpha
-    return rgba
-
-
-def colour_bar_ticks(scale: HeatScale) -> tuple[list[float], list[str]]:
-    """Tick values and labels of a heat scale's colour bar; an over-range top reads "≥ top"."""
-    values = [scale.low, (scale.low + scale.top) / 2, scale.top]
-    labels = [f"{v:.2g}" for v in values]
-    if scale.over_range:
-        labels[-1] = f"\u2265 {scale.top:.2g}"
-    return values, labels
-
-
 def render_montage(overlay: CaseOverlay, affine: np.ndarray, dpi: int = 120) -> RenderedMontage:
     """The montage PNG (rows of :func:`montage_rows`, columns axial / coronal / sagittal) and its rows."""
-    slicer = _Slicer(overlay, affine)
+    slicer = Slicer(overlay, affine)
     centre, own = slicer.centres()
     panels = slicer.panels(centre)
     truth_panels = panels if own is None else slicer.panels(own)

@@ -1,14 +1,14 @@
 """The trained model in MLflow: logged as a pyfunc that runs the whole prediction, registered, and fetched back.
 
 ``log_model(tracker, checkpoint, registered_name)`` logs the checkpoint into the training run as an MLflow
-*pyfunc* model (``tracking.pyfunc_model.CaseSegmenter``; models-from-code: the model holds a three-line script
+*pyfunc* model (``stages.serve.CaseSegmenter``; models-from-code: the model holds a three-line script
 that imports that class, so loading unpickles nothing) and registers it. Its signature::
 
     input  (one row per case, all strings): case_id, t1, t1ce, t2, flair, convention, out_dir
     params (optional, 0 = as trained):      sample_steps, ensemble
     output:                                 case_id, seg_path, seconds
 
-``predict`` writes a prediction folder ``out_dir/CASE_ID/`` per row (``inference.prediction_folder``) and
+``predict`` writes a prediction folder ``out_dir/CASE_ID/`` per row (``predictions``) and
 returns the paths of the label maps. ``mlflow.pyfunc.load_model("models:/NAME/1").predict(frame)`` therefore
 needs the ``medseg-diff`` package where it runs (the model's ``requirements.txt`` pins it and MLflow).
 
@@ -48,7 +48,9 @@ import warnings
 from pathlib import Path
 
 from medseg_diff.errors import DataError, ServiceError
-from medseg_diff.tracking import _sqlite_file, git_commit, relocate_store, resolve_uri, runs_table_url
+import medseg_diff.tracking.mlflow_store as mlflow_store
+from medseg_diff.tracking.provenance import git_commit
+from medseg_diff.tracking.uris import resolve_uri, runs_table_url
 
 __all__ = ["checkpoint_of_model", "log_model", "model_signature", "runs_table_url"]
 
@@ -61,10 +63,10 @@ OUTPUT_COLUMNS = ("case_id", "seg_path", "seconds")
 PARAMS = ("sample_steps", "ensemble")
 
 # models-from-code: the file MLflow stores with the model and runs to build it
-_MODEL_CODE = '''"""medseg-diff pyfunc: the class lives in the installed package (medseg_diff.tracking.pyfunc_model)."""
+_MODEL_CODE = '''"""medseg-diff pyfunc: the class lives in the installed package (medseg_diff.stages.serve)."""
 from mlflow.models import set_model
 
-from medseg_diff.tracking.pyfunc_model import CaseSegmenter
+from medseg_diff.stages.serve import CaseSegmenter
 
 set_model(CaseSegmenter())
 '''
@@ -144,8 +146,9 @@ def _log_model(client, run_id: str, checkpoint: Path, registered_name: str | Non
     logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                         params=params, model_type=kind,
                                         tags={"checkpoint": checkpoint.name, "epoch": str(epoch)})
-    with (tempfile.TemporaryDirectory(prefix="medseg-pyfunc-") as tmp, _tracking_uri(client.tracking_uri),
-          warnings.catch_warnings()):
+    # parts of Model.log use the process's tracking URI: the run's, for this block only
+    with (tempfile.TemporaryDirectory(prefix="medseg-pyfunc-") as tmp,
+          mlflow_store.process_tracking_uri(client.tracking_uri), warnings.catch_warnings()):
         # no input example on purpose: its paths would mean nothing elsewhere, and MLflow would run a prediction
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         code = Path(tmp) / "medseg_model.py"
@@ -161,34 +164,6 @@ def _log_model(client, run_id: str, checkpoint: Path, registered_name: str | Non
     if registered_name:
         return f"models:/{registered_name}/{info.registered_model_version}"
     return f"runs:/{run_id}/{MODEL_NAME}"
-
-
-class _tracking_uri:
-    """Make ``uri`` the process's tracking URI for a block (parts of ``Model.log`` use the global one), then put
-    back both the global and ``$MLFLOW_TRACKING_URI``, which ``mlflow.set_tracking_uri`` also sets."""
-
-    ENV = "MLFLOW_TRACKING_URI"
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    def __enter__(self):
-        import mlflow
-        from mlflow.tracking._tracking_service import utils
-
-        self.saved, self.saved_env = utils._tracking_uri, os.environ.get(self.ENV)
-        mlflow.set_tracking_uri(self.uri)
-        return self
-
-    def __exit__(self, *exc):
-        import mlflow
-
-        mlflow.set_tracking_uri(self.saved)  # None: unset, as it was
-        if self.saved_env is None:
-            os.environ.pop(self.ENV, None)
-        else:
-            os.environ[self.ENV] = self.saved_env
-        return False
 
 
 # --- fetching a model back ---------------------------------------------------------------------------------
@@ -212,11 +187,10 @@ def checkpoint_of_model(uri: str, tracking_uri: str | None = None) -> Path:
     naming ``uri``.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     tracking_uri = resolve_uri(tracking_uri)
     _check_store(uri, tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_store.client(tracking_uri)
     try:
         model_id, fallback = _resolve(client, uri)
         if model_id is not None:
@@ -251,11 +225,11 @@ def _check_store(uri: str, tracking_uri: str) -> None:
             reason = getattr(err, "reason", err)
             raise ServiceError(f"{uri}: the tracking server {_safe(tracking_uri)} does not answer ({reason})") from None
     elif scheme == "sqlite":
-        db = _sqlite_file(tracking_uri)
+        db = mlflow_store.sqlite_file(tracking_uri)
         if db is not None and not db.exists():
             raise DataError(uri, f"no tracking store at {db} (tracking URI {tracking_uri})")
         if db is not None:
-            relocate_store(db)
+            mlflow_store.relocate_store(db)
 
 
 def _safe(tracking_uri: str) -> str:
@@ -268,13 +242,11 @@ def _safe(tracking_uri: str) -> str:
 
 
 def _problem(err, tracking_uri: str) -> str:
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
     text = str(getattr(err, "message", err)).strip().splitlines()
     first = text[0] if text else type(err).__name__
     if "download" in first.lower():
         return f"its files could not be fetched from {_safe(tracking_uri)} ({first.rstrip(':')})"
-    if getattr(err, "error_code", None) == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or "not found" in first.lower():
+    if mlflow_store.is_missing(err) or "not found" in first.lower():
         return f"not found in {_safe(tracking_uri)} ({first})"
     return f"{_safe(tracking_uri)} refused it ({first})"
 
