@@ -40,8 +40,11 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# Cost of the diffusion model vs the U-Net on the CPU (FLOPs, bytes saved for backward, step and volume times;
+# a few minutes on 2 cores). Tables printed and written to $(BENCH_OUT)/cost.{md,json}. Every benchmark: benchmarks/README.md
+BENCH_OUT ?= /tmp/medseg-diff-bench
 bench: setup
-	$(PY) benchmarks/bench_cpu.py
+	$(PY) -m benchmarks.bench_cost --out $(BENCH_OUT)
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -12,35 +12,32 @@ bootstrap CI, Wilcoxon signed-rank p; ``evaluation.stats.compare_models``).
 3. predict the held-out cases for each (variant, K, N), timing each case; per-case rows -> ``OUT/per_case.csv``
 4. tables -> ``OUT/ablation.md`` (and ``.json``)
 
-Usage::
+Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_ablation.py --out /tmp/ablation --samplers 5x2 10x4   # the README table, ~1 h
-    .venv/bin/python benchmarks/bench_ablation.py --out /tmp/ablation --variants unet s4 --samplers 10x4
+    .venv/bin/python -m benchmarks.bench_ablation --out /tmp/ablation --samplers 5x2 10x4   # the README table, ~1 h
+    .venv/bin/python -m benchmarks.bench_ablation --out /tmp/ablation --variants unet s4 --samplers 10x4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DEMO_CONFIG, phantom_manifest, run_config, scored_rows, train_or_reuse  # noqa: E402
-
-from medseg_diff.config import load_config  # noqa: E402
-from medseg_diff.data.conventions import REGIONS, get_convention  # noqa: E402
-from medseg_diff.data.dataset import case_record  # noqa: E402
-from medseg_diff.data.manifest import load_manifest  # noqa: E402
-from medseg_diff.evaluation.run import select_cases  # noqa: E402
-from medseg_diff.evaluation.stats import MEAN_REGION, compare_models  # noqa: E402
-from medseg_diff.evaluation.tables import write_per_case_csv  # noqa: E402
-from medseg_diff.inference.case import predict_case  # noqa: E402
-from medseg_diff.inference.loading import load_model  # noqa: E402
+from benchmarks.harness import DEMO_CONFIG, phantom_manifest, run_config, scored_rows, train_or_reuse
+from medseg_diff.config import load_config
+from medseg_diff.data.conventions import REGIONS, get_convention
+from medseg_diff.data.dataset import case_record
+from medseg_diff.data.manifest import load_manifest
+from medseg_diff.evaluation.run import select_cases
+from medseg_diff.evaluation.stats import MEAN_REGION, compare_models
+from medseg_diff.evaluation.tables import write_per_case_csv
+from medseg_diff.inference.case import predict_case
+from medseg_diff.inference.loading import load_model
 
 CONFIG = DEMO_CONFIG
 # name -> (--set overrides on configs/demo_cpu.yaml, what it is)

@@ -14,12 +14,13 @@ peak RSS during the first step, measured in a fresh subprocess per configuration
 cache, and tracemalloc cannot see it). "largest" is the largest single tensor any op creates in the first step,
 counted by a dispatch mode; for CPU runs that are skipped it is counted on the ``meta`` device instead (fp32, free).
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/bench_attention.py                          # CPU: 8^3..32^3 tokens, markdown table
-    python benchmarks/bench_attention.py --device cuda --sides 32 48 64 --linear-sides   # GPU, bf16 autocast
+    python -m benchmarks.bench_attention                          # CPU: 8^3..32^3 tokens, markdown table
+    python -m benchmarks.bench_attention --device cuda --sides 32 48 64 --linear-sides   # GPU, bf16 autocast
 
-From Python (e.g. on a GPU machine): ``measure("linear", 64, device="cuda")`` -> :class:`Result`.
+From Python (e.g. on a GPU machine): ``benchmarks.bench_attention.measure("linear", 64, device="cuda")`` ->
+:class:`Result`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +42,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medseg_diff.models import LinearAttention3d  # noqa: E402
+from benchmarks.harness import GIB, ROOT, pin_threads, sync
+from medseg_diff.models import LinearAttention3d
 
 KINDS = ("linear", "sdpa", "sdpa-math", "explicit")
-GIB = 2**30
 
 
 @dataclass
@@ -121,11 +120,6 @@ def _step(block: nn.Module, x: Tensor, amp_dtype: torch.dtype | None) -> None:
     x.grad = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -150,7 +144,7 @@ def measure(
     dev = torch.device(device)
     block = build_block(kind, dim, heads, dim_head).to(dev)
     x = torch.randn(batch, dim, side, side, side, device=dev, requires_grad=True)
-    _sync(dev)
+    sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -158,13 +152,13 @@ def measure(
         base = _peak_rss_bytes()
     with _LargestTensor() as largest:  # also the warm-up
         _step(block, x, amp_dtype)
-    _sync(dev)
+    sync(dev)
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_bytes()) - base
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         _step(block, x, amp_dtype)
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - start)
     return Result(kind, side, 1000 * statistics.median(times), max(peak, 0), largest.bytes)
 
@@ -174,8 +168,9 @@ def measure_cpu_isolated(kind: str, side: int, repeats: int, max_gib: float) -> 
     largest = largest_intermediate(kind, side)  # the meta device takes SDPA's math path: an upper bound
     if kind != "sdpa" and 3 * largest > max_gib * GIB:
         return Result(kind, side, None, None, largest, note=f"skipped: would need > {3 * largest / GIB:.0f} GiB")
-    cmd = [sys.executable, __file__, "--worker", kind, str(side), "--repeats", str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--worker", kind, str(side), "--repeats", str(repeats),
+           "--threads", str(torch.get_num_threads())]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return Result(kind, side, None, None, largest, note=f"failed (exit {done.returncode})")
     return Result(**json.loads(done.stdout.strip().splitlines()[-1]))
@@ -218,15 +213,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-gib", type=float, default=12.0, help="CPU: skip runs that would need more memory")
     p.add_argument("--fp32", action="store_true", help="CUDA: no bf16 autocast")
-    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch threads (default MEDSEG_DIFF_THREADS, else torch's choice)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "SIDE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     if args.worker:
         print(json.dumps(asdict(measure(args.worker[0], int(args.worker[1]), repeats=args.repeats))))
         return

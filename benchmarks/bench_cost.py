@@ -1,21 +1,25 @@
 """Diffusion model vs U-Net cost on the CPU: FLOPs, bytes saved for backward, wall time, sliding windows.
 
 Both models are built from the training configs (``--diffusion-config``, ``--unet-config``) with
-``load_config`` + ``build_adapter``, the same ``--set`` overrides applied to both, randomly initialised with a
-fixed seed (cost does not depend on the weights). ``DEFAULT_OVERRIDES`` (64³ crops, native grid of the
+``harness.bench_config`` + ``harness.build_trainer``, the same ``--set`` overrides applied to both, randomly
+initialised with a fixed seed (cost does not depend on the weights). ``DEFAULT_OVERRIDES`` (64³ crops, native grid of the
 phantom, no caching, no tracking) always come first; ``--set`` items follow and win; ``--steps`` / ``--ensemble``
-become ``diffusion.sample_steps`` / ``diffusion.ensemble``. Measured, with ``torch.set_num_threads(--threads)``:
+become ``diffusion.sample_steps`` / ``diffusion.ensemble``. Measured with ``--threads`` torch threads (default
+``MEDSEG_DIFF_THREADS``, else 2):
 
-1. one training step: a batch of ``data.batch_size × data.samples_per_volume`` random crops of
-   ``data.roi_size`` (normal image, nested blob regions, seeded), ``objective.loss(objective.train_module(), ...)``
-   in train mode, then ``backward()``:
+1. one training step of the package's ``Trainer`` (``harness.build_trainer``): a batch of
+   ``data.batch_size × data.samples_per_volume`` random crops of ``data.roi_size`` (normal image, nested blob
+   regions, seeded; ``harness.blob_batch``); the trainer's objective, ``objective.loss(trainer.module, ...)`` in train
+   mode, then ``backward()``:
    - FLOPs of forward + loss + backward with ``torch.utils.flop_counter.FlopCounterMode``. It counts matrix
      products, convolutions and attention kernels only, not elementwise ops (norms, activations, adds);
    - bytes saved for backward: the forward runs under ``torch.autograd.graph.saved_tensors_hooks``; every
      tensor autograd saves is keyed by its storage, and the sum of ``untyped_storage().nbytes()`` over unique
      storages that are not the model's parameters is reported (roughly the activation memory of training);
-   - CPU wall time: median of ``--repeats`` steps (forward, loss, backward, AdamW step; no EMA, no clipping)
-     after one warm-up, both models in the same run. Other busy processes distort it a lot (thread contention);
+   - CPU wall time: median of ``--repeats`` calls of ``Trainer.train_step`` (the step training runs: forward,
+     loss, backward, clipping, AdamW, LR schedule, and the EMA update for the diffusion model) after one warm-up,
+     both models in the same run. (Runs before issue 18 timed forward, loss, backward and AdamW only, without
+     clipping or EMA.) Other busy processes distort it a lot (thread contention);
 2. one whole-volume prediction of a synthetic phantom at ``--spacing`` mm through ``inference.case.predict_case``
    (eval transforms, sliding windows, inversion), diffusion sampler K = ``--steps`` × N = ``--ensemble``:
    FLOPs of the whole call (a first, counted run), then the wall time of a second, uncounted run: inference
@@ -24,17 +28,18 @@ become ``diffusion.sample_steps`` / ``diffusion.ensemble``. Measured, with ``tor
    the eval pipeline's foreground crop, windows for 128³ at overlap 0.5 / 0.25 and 96³ at 0.5, with and
    without the crop.
 
-Usage (a few minutes on 2 CPU cores with the defaults)::
+Usage (from the repository root; a few minutes on 2 CPU cores with the defaults; ``make bench`` runs the first)::
 
-    .venv/bin/python benchmarks/bench_cost.py --out benchmarks/results/cost
-    .venv/bin/python benchmarks/bench_cost.py --set 'data.roi_size=[96,96,96]' --steps 10 --ensemble 4 --skip-real
+    .venv/bin/python -m benchmarks.bench_cost --out /tmp/cost
+    .venv/bin/python -m benchmarks.bench_cost --set 'data.roi_size=[96,96,96]' --steps 10 --ensemble 4 --skip-real
+    .venv/bin/python -m benchmarks.bench_cost --set 'data.roi_size=[32,32,32]' --steps 2 --ensemble 2 --repeats 1 \
+        --spacing 5 --skip-real --threads 1                   # smoke run, well under a minute
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -45,27 +50,24 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampler import median_seconds  # noqa: E402
-from medseg_diff.config import load_config  # noqa: E402
-from medseg_diff.data.conventions import get_convention  # noqa: E402
-from medseg_diff.data.dataset import files_record  # noqa: E402
-from medseg_diff.data.discovery import discover  # noqa: E402
-from medseg_diff.data.synth import synthesize  # noqa: E402
-from medseg_diff.data.transforms import IMAGE, eval_transforms  # noqa: E402
-from medseg_diff.inference.run import input_records  # noqa: E402
-from medseg_diff.inference.case import predict_case  # noqa: E402
-from medseg_diff.inference.loading import LoadedModel  # noqa: E402
-from medseg_diff.inference.adapters import build_adapter  # noqa: E402
-from medseg_diff.training.objectives import build_objective  # noqa: E402
-from medseg_diff.models import count_parameters  # noqa: E402
+from benchmarks.harness import (
+    DIFFUSION_CONFIG, ROOT, UNET_CONFIG, bench_config, blob_batch, build_trainer, median_seconds, pin_threads, windows,
+    write_atomic,
+)
+from medseg_diff.data.conventions import get_convention
+from medseg_diff.data.dataset import files_record
+from medseg_diff.data.discovery import discover
+from medseg_diff.data.synth import synthesize
+from medseg_diff.data.transforms import IMAGE, eval_transforms
+from medseg_diff.inference.case import predict_case
+from medseg_diff.inference.loading import LoadedModel
+from medseg_diff.stages.predict import input_records
+from medseg_diff.models import count_parameters
 
-ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 REAL = ROOT.parent / "shared" / "data" / "real"
 KINDS = ("diffusion", "unet")
 DEFAULT_OVERRIDES = ["data.spacing=null", "data.roi_size=[64,64,64]", "data.cache=none", "data.max_val_cases=0",
@@ -83,14 +85,14 @@ ROWS = [  # (json key, table label, scale, format)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--diffusion-config", type=Path, default=ROOT / "configs" / "diffusion.yaml")
-    p.add_argument("--unet-config", type=Path, default=ROOT / "configs" / "baseline_unet.yaml")
+    p.add_argument("--diffusion-config", type=Path, default=DIFFUSION_CONFIG)
+    p.add_argument("--unet-config", type=Path, default=UNET_CONFIG)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for both models, after DEFAULT_OVERRIDES (repeatable)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps K (default 10)")
     p.add_argument("--ensemble", type=int, default=4, help="ensemble members N (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed training steps, median reported (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default MEDSEG_DIFF_THREADS, else 2)")
     p.add_argument("--spacing", type=float, default=2.0, help="phantom spacing in mm (default 2)")
     p.add_argument("--real-root", type=Path, default=REAL, help="real BraTS cases (default ../shared/data/real)")
     p.add_argument("--out", type=Path, default=None, help="write cost.md and cost.json here")
@@ -135,44 +137,17 @@ def forward_backward_cost(forward: Callable[[], Tensor], module: nn.Module) -> t
     return counter.get_total_flops(), saved.nbytes
 
 
-def windows(shape, roi, overlap: float) -> int:
-    """Sliding windows over ``shape`` as MONAI's ``sliding_window_inference`` places them."""
-    count = 1
-    for size, r in zip(shape, roi):
-        stride = max(int(r * (1 - overlap)), 1)
-        count *= 1 if size <= r else math.ceil((size - r) / stride) + 1
-    return count
-
-
 # -- 1. one training step --------------------------------------------------------------------------------------
-def train_batch(cfg, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``batch_size × samples_per_volume`` crops: normal image ``[B,4,...]``, nested blob regions ``[B,3,...]``."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (cfg.data.batch_size * cfg.data.samples_per_volume, *cfg.data.roi_size)
-    image = torch.randn(shape[0], 4, *shape[1:], generator=g)
-    blur = F.avg_pool3d(torch.randn(shape[0], 1, *shape[1:], generator=g), 7, stride=1, padding=3)
-    blur = blur / blur.std()
-    regions = torch.cat([blur > 1.0, blur > 0.5, blur > 1.5], dim=1).float()  # TC ⊂ WT, ET ⊂ TC
-    return image, regions
-
-
-def measure_train(task, cfg, image: Tensor, regions: Tensor, repeats: int) -> dict:
-    objective = build_objective(task)
-    module = objective.train_module()
-    module.train()
+def measure_train(trainer, image: Tensor, regions: Tensor, repeats: int) -> dict:
+    """FLOPs and saved bytes of the trainer's forward + loss + backward (noise drawn from a generator seeded 0,
+    so both counts are reproducible), then the median time of ``trainer.train_step``."""
 
     def forward() -> Tensor:
-        return objective.loss(module, image, regions, torch.Generator().manual_seed(0)).total
+        return trainer.objective.loss(trainer.module, image, regions, torch.Generator().manual_seed(0)).total
 
-    flops, saved = forward_backward_cost(forward, task.net)
-    optimizer = torch.optim.AdamW(task.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        forward().backward()
-        optimizer.step()
-
-    return {"flops": flops, "saved_bytes": saved, "seconds": median_seconds(step, repeats)}
+    flops, saved = forward_backward_cost(forward, trainer.net)
+    seconds = median_seconds(lambda: trainer.train_step(image, regions), repeats)
+    return {"flops": flops, "saved_bytes": saved, "seconds": seconds}
 
 
 # -- 2. one whole-volume prediction ----------------------------------------------------------------------------
@@ -252,21 +227,21 @@ def _relative(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads, default=2)
     overrides = DEFAULT_OVERRIDES + args.overrides + [f"diffusion.sample_steps={args.steps}",
                                                       f"diffusion.ensemble={args.ensemble}"]
     paths = {"diffusion": args.diffusion_config, "unet": args.unet_config}
-    cfgs = {k: load_config(paths[k], overrides + [f"model.kind={k}"]) for k in KINDS}
+    cfgs = {k: bench_config(paths[k], overrides + [f"model.kind={k}"]) for k in KINDS}
     start = time.perf_counter()
-    tasks, models = {}, {}
+    trainers, tasks, models = {}, {}, {}
     for kind in KINDS:
-        torch.manual_seed(0)
-        tasks[kind] = build_adapter(cfgs[kind])
+        trainers[kind] = build_trainer(cfgs[kind], CPU)  # weights from torch.manual_seed(0)
+        tasks[kind] = trainers[kind].adapter
         models[kind] = {"parameters": count_parameters(tasks[kind].net), "stride": tasks[kind].stride}
     # 1. one training step per model, same batch for both
-    image, regions = train_batch(cfgs["diffusion"])
+    image, regions = blob_batch(cfgs["diffusion"])
     for kind in KINDS:
-        models[kind]["train"] = measure_train(tasks[kind], cfgs[kind], image, regions, args.repeats)
+        models[kind]["train"] = measure_train(trainers[kind], image, regions, args.repeats)
         print(f"  1. {kind}: {models[kind]['train']}", file=sys.stderr, flush=True)
     # 2. one whole-volume prediction per model, same phantom
     volume_shape = None
@@ -299,8 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"total {result['meta']['seconds']:.0f} s")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cost.md").write_text(text, encoding="utf-8")
-        (args.out / "cost.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_atomic(args.out / "cost.md", text)
+        write_atomic(args.out / "cost.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -6,20 +6,27 @@ entropy and variance AUROC for errors; Dice with a rough-outline prior (models t
 pointing game of the cross and self maps. One JSON line per run is appended to OUT/results.jsonl.
 Overrides apply on top of configs/demo_cpu.yaml as it is now; the runs in benchmarks/README.md were made on the
 demo config of commit d384397 (before issue 17) plus the overrides listed there. A quick screen for choosing
-defaults; `medseg-diff diagnose` is the full audit and benchmarks/study.py the fair study.
+defaults; `medseg-diff diagnose` is the full audit and `benchmarks.study` the fair study. A run whose
+``OUT/runs/NAME/best.pt`` exists is measured again without training (``--retrain`` trains it anew).
 
-    OUT=/tmp/dev .venv/bin/python benchmarks/bench_mechanisms.py NAME [--set-style overrides ...]
-    OUT=/tmp/dev .venv/bin/python benchmarks/bench_mechanisms.py v7 diffusion.x_skip=true \
+Usage (from the repository root; ``--out`` defaults to ``$OUT``, else /tmp/dev)::
+
+    .venv/bin/python -m benchmarks.bench_mechanisms NAME [--set-style overrides ...] --out /tmp/dev
+    .venv/bin/python -m benchmarks.bench_mechanisms v7 diffusion.x_skip=true \
         model.denoiser.token_source=prior loss.attention=0.5 diffusion.eta=1.0 model.denoiser.self_condition=true
 """
+import argparse
+import json
 import os
-import sys, time, json
+import time
 from pathlib import Path
-import numpy as np, torch
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medseg_diff.config import load_config
-from medseg_diff.data.manifest import build_manifest, write_manifest, load_manifest
-from medseg_diff.data.synth import synthesize
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from benchmarks.harness import phantom_manifest, run_config
+from medseg_diff.data.manifest import load_manifest
 from medseg_diff.data.conventions import get_convention
 from medseg_diff.data.dataset import case_record
 from medseg_diff.data.transforms import eval_transforms
@@ -27,27 +34,24 @@ from medseg_diff.evaluation.run import select_cases
 from medseg_diff.evaluation.metrics import dice, uncertainty_auroc, evaluation_mask
 from medseg_diff.inference.loading import load_model
 from medseg_diff.inference.sliding_window import infer_volume
-from medseg_diff.inference.adapters import rough_outline
+from medseg_diff.kinds.priors import rough_outline
 from medseg_diff.diffusion.sampler import predict_x0
 from medseg_diff.audit.scores import enrichment, pointing_game, dilated
 from medseg_diff.training.run import train
-from monai.inferers import sliding_window_inference
 
-D = Path(os.environ.get("OUT", "/tmp/dev"))
-def data():
-    m = D / "data" / "manifest.json"
-    if not m.exists():
-        synthesize(D / "data", cases=20, spacing=3.0, seed=0, layout="brats2021", workers=2)
-        write_manifest(build_manifest(D / "data", name="synthetic-brats", convention="brats2021", folds=5, test_fraction=0.3, seed=0), m)
-    return m
 
-def run(name, overrides, retrain=False):
-    m = data()
+def data(root: Path) -> Path:
+    """The demo's data: 20 phantoms at 3 mm, seed 0, 6 held out (test fraction 0.3)."""
+    return phantom_manifest(root / "data", cases=20, held_out=6, spacing=3.0, seed=0, name="synthetic-brats", workers=2)
+
+
+def run(root: Path, name: str, overrides: list[str], retrain: bool = False) -> None:
+    D = root
+    m = data(root)
     out = D / "runs" / name
     t0 = time.time()
     if retrain or not (out / "best.pt").exists():
-        cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"), ["model.kind=diffusion", f"data.manifest={m}", f"experiment.output_dir={out}", "tracking.enabled=false", "train.progress=false"] + overrides)
-        train(cfg)
+        train(run_config(m, out, ["model.kind=diffusion", *overrides]))
     ttrain = time.time() - t0
     model = load_model(out / "best.pt", "cpu")
     net, cfg = model.net.eval(), model.cfg
@@ -117,6 +121,17 @@ def run(name, overrides, retrain=False):
     print(label, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()}), flush=True)
     (D / "results.jsonl").open("a").write(json.dumps({"name": label, "overrides": overrides, **summ}) + "\n")
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("name", help="the run's name: OUT/runs/NAME")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides on configs/demo_cpu.yaml")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/dev")))
+    p.add_argument("--retrain", action="store_true", help="train even when OUT/runs/NAME/best.pt exists")
+    args = p.parse_args(argv)
+    run(args.out, args.name, args.overrides, args.retrain)
+    return 0
+
+
 if __name__ == "__main__":
-    name = sys.argv[1]; ov = sys.argv[2:]
-    run(name, ov)
+    raise SystemExit(main())

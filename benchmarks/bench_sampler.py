@@ -1,6 +1,6 @@
 """DDIM ensemble sampler on the CPU: cost of K steps x N members, what caching the encoder saves, whole volumes.
 
-The model is the ``configs/demo_cpu.yaml`` denoiser (``load_config`` + ``build_adapter``), randomly initialised
+The model is the ``configs/demo_cpu.yaml`` denoiser (``load_config`` + ``kinds.build_kind``), randomly initialised
 with a fixed seed: speed does not depend on the weights. Three markdown tables:
 
 (a) ``DDIMSampler.sample`` wall time for K in ``--steps`` and N in ``--members`` on ``--batch`` windows of
@@ -14,21 +14,19 @@ with a fixed seed: speed does not depend on the weights. Three markdown tables:
     Gaussian blending) of a synthetic 3 mm phantom, normalised channel-wise, diffusion (K = 10, N = 4) vs the
     plain U-Net of the same config.
 
-Usage (about 3 minutes on 2 idle CPU cores)::
+Usage (from the repository root; about 3 minutes on 2 idle CPU cores)::
 
-    .venv/bin/python benchmarks/bench_sampler.py
-    .venv/bin/python benchmarks/bench_sampler.py --steps 1 2 5 10 --members 1 2 4 --repeats 3 --threads 2
+    .venv/bin/python -m benchmarks.bench_sampler
+    .venv/bin/python -m benchmarks.bench_sampler --steps 1 2 5 10 --members 1 2 4 --repeats 3 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -37,47 +35,28 @@ import torch
 from einops import rearrange
 from monai.transforms import NormalizeIntensity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medseg_diff.config import load_config  # noqa: E402
-from medseg_diff.data.conventions import BRATS2021, MODALITIES  # noqa: E402
-from medseg_diff.data.synth import case_files, synthesize  # noqa: E402
-from medseg_diff.diffusion.sampler import DDIMSampler, summarise_members  # noqa: E402
-from medseg_diff.diffusion.schedules import (  # noqa: E402
-    build_scheduler,
-    scheduler_input,
-    set_trailing_timesteps,
-    x0_from_output,
-)
-from medseg_diff.inference.sliding_window import DiffusionSegmenter, UNetSegmenter, infer_volume  # noqa: E402
-from medseg_diff.inference.adapters import build_adapter  # noqa: E402
-from medseg_diff.models import count_parameters  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import DEMO_CONFIG, ROOT, bench_config, build_model, median_seconds, pin_threads, windows
+from medseg_diff.data.conventions import BRATS2021, MODALITIES
+from medseg_diff.data.synth import case_files, synthesize
+from medseg_diff.diffusion.sampler import DDIMSampler, summarise_members
+from medseg_diff.diffusion.schedules import build_scheduler, scheduler_input, x0_from_output
+from medseg_diff.inference.sliding_window import DiffusionSegmenter, UNetSegmenter, infer_volume
+from medseg_diff.models import count_parameters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo_cpu.yaml")
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.add_argument("--window", type=int, default=32, help="window side in voxels (default 32)")
     p.add_argument("--batch", type=int, default=1, help="windows per sample() call (default 1)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10], help="K values (default 1 2 5 10)")
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 4], help="N values (default 1 2 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell, median reported (default 3)")
     p.add_argument("--spacing", type=float, default=3.0, help="phantom spacing in mm for (c) (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default MEDSEG_DIFF_THREADS, else torch's choice)")
     p.add_argument("--skip", choices=["a", "b", "c"], nargs="*", default=[], help="tables to leave out")
     return p.parse_args(argv)
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_sampler(cfg, steps: int, members: int) -> DDIMSampler:
@@ -109,7 +88,8 @@ def sample_reencoding(sampler: DDIMSampler, net, image: torch.Tensor, per_member
     generator = torch.Generator(device=image.device).manual_seed(sampler.seed)
     x = torch.randn((b * n, 3, *image.shape[2:]), generator=generator, device=image.device)
     groups = [[j] for j in range(b * n)] if per_member else [list(range(b * n))]
-    timesteps = set_trailing_timesteps(sampler.scheduler, sampler.steps, device=image.device)
+    sampler.scheduler.set_timesteps(sampler.steps, device=image.device)  # as DDIMSampler.sample does
+    timesteps = sampler.scheduler.timesteps
     member_probs = torch.empty_like(x)
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1
@@ -163,9 +143,8 @@ def phantom(spacing: float) -> torch.Tensor:
 
 def table_volume(cfg, diffusion_task, args, steps: int = 10, members: int = 4) -> list[str]:
     image = phantom(args.spacing)
-    unet_cfg = load_config(args.config, ["model.kind=unet"])
-    torch.manual_seed(0)
-    unet = build_adapter(unet_cfg).net.eval()
+    unet_cfg = bench_config(args.config, ["model.kind=unet"])
+    unet = build_model(unet_cfg).net.eval()
     roi = tuple(cfg.infer.roi_size or cfg.data.roi_size)
     segmenters = {
         f"diffusion (K = {steps}, N = {members})":
@@ -173,8 +152,8 @@ def table_volume(cfg, diffusion_task, args, steps: int = 10, members: int = 4) -
         "U-Net": UNetSegmenter(unet, name="unet"),
     }
     size = "×".join(map(str, image.shape[2:]))
-    windows = np.prod([_windows(s, r, cfg.infer.overlap) for s, r in zip(image.shape[2:], roi)])
-    rows = [f"| model ({size} voxels at {args.spacing:g} mm, {windows} windows of {roi[0]}³, overlap "
+    count = windows(image.shape[2:], roi, cfg.infer.overlap)
+    rows = [f"| model ({size} voxels at {args.spacing:g} mm, {count} windows of {roi[0]}³, overlap "
             f"{cfg.infer.overlap}, sw_batch {cfg.infer.sw_batch_size}) | parameters | s | peak RSS MB |",
             "|---|---:|---:|---:|"]
     for name, segmenter in segmenters.items():
@@ -187,19 +166,11 @@ def table_volume(cfg, diffusion_task, args, steps: int = 10, members: int = 4) -
     return rows
 
 
-def _windows(size: int, roi: int, overlap: float) -> int:
-    """Windows along one axis, as MONAI's ``sliding_window_inference`` places them."""
-    stride = max(int(roi * (1 - overlap)), 1)
-    return 1 if size <= roi else int(np.ceil((size - roi) / stride)) + 1
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    torch.manual_seed(0)
-    task = build_adapter(cfg)
+    pin_threads(args.threads)
+    cfg = bench_config(args.config)
+    task = build_model(cfg)
     net = task.net.eval()
     print(f"# DDIM sampler on the CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__})\n")

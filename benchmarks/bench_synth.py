@@ -1,11 +1,11 @@
 """Speed of the synthetic phantom generator (``medseg_diff.data.synth.synthesize``).
 
-Target (SPEC §3, demo on 2 CPU cores): 20 cases at 2 mm in under a minute, < 3 s per case on one
-worker. Prints one line per run: cases, spacing, workers, template load seconds, wall seconds
+Target (so that the demo's phantoms are quick on 2 CPU cores): 20 cases at 2 mm in under a minute, < 3 s per
+case on one worker. Prints one line per run: cases, spacing, workers, template load seconds, wall seconds
 (generation + writing, template load excluded), seconds per case, MB written; plus the tumour label
 statistics (how many cases have a small or faint ET, no ET, no NCR).
 
-    .venv/bin/python benchmarks/bench_synth.py --cases 20 --spacing 2 --workers 1 2
+    .venv/bin/python -m benchmarks.bench_synth --cases 20 --spacing 2 --workers 1 2   # from the repository root
 """
 
 from __future__ import annotations

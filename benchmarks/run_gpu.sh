@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The one device call of the SPEC §7 GPU benchmark (benchmarks/GPU.md explains it):
+# The one device call of the GPU benchmark of the issue-7 GPU targets (benchmarks/GPU.md explains it):
 #
 #   run(command="bash benchmarks/run_gpu.sh", carry=[".whl"], timeout_s=540)
 #
 # 1. installs the carried wheels (.whl/: monai, einops, nibabel -- pure Python; torch is already on the
 #    machine and is NOT carried) into /tmp/site, 2. puts the repo root and /tmp/site on PYTHONPATH,
-# 3. runs benchmarks/gpu_bench.py on CUDA. $OUT gets results.json, results.md (rewritten after every
-# measurement, so a run cut short keeps what it measured) and log.txt (everything printed).
-# Arguments are passed on to gpu_bench.py, e.g. `bash benchmarks/run_gpu.sh --budget-s 300 --no-compile`.
+# 3. runs `python -m benchmarks.gpu_bench` on CUDA from the repo root. $OUT gets results.json, results.md
+# (rewritten after every measurement, so a run cut short keeps what it measured) and log.txt (everything printed).
+# Arguments are passed on to benchmarks.gpu_bench, e.g. `bash benchmarks/run_gpu.sh --budget-s 300 --no-compile`.
 # Environment: OUT (default /tmp/gpu_bench_out), PYTHON (default python3), SITE (default /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,10 +35,11 @@ if ! "$PYTHON" - 2>&1 <<'EOF' | tee -a "$LOG"; then
 import einops, monai, nibabel, torch
 print(f"python ok: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}); "
       f"monai {monai.__version__} from {monai.__file__}; einops {einops.__version__}; nibabel {nibabel.__version__}")
-import medseg_diff.config, medseg_diff.inference.sliding_window, medseg_diff.inference.adapters  # noqa: F401,E401
+import medseg_diff.config, medseg_diff.inference.sliding_window, medseg_diff.kinds.diffusion  # noqa: F401,E401
+import medseg_diff.training.trainer, benchmarks.harness  # noqa: F401,E401
 EOF
   echo "run_gpu.sh: the imports failed; nothing was measured" | tee -a "$LOG"
   exit 4
 fi
 
-"$PYTHON" benchmarks/gpu_bench.py --device cuda --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
+"$PYTHON" -m benchmarks.gpu_bench --device cuda --out "$OUT" "$@" 2>&1 | tee -a "$LOG"

@@ -1,11 +1,13 @@
 """The fair multi-seed study (issue 17, item 2): every variant trained with the demo's recipe and budget, several
-training seeds, scored on held-out phantoms, compared with paired statistics pooled over seeds.
+training seeds, scored on held-out phantoms, compared with paired statistics pooled over seeds. (A little over 400
+lines: the five steps below read top to bottom; the statistics and tables are in ``benchmarks.study_stats``.)
 
-Command (the full study, about an hour on 2 CPU cores; ``--quick``, a smoke test of the whole pipeline, 2-3 minutes)::
+Command (from the repository root; the full study, about an hour on 2 CPU cores; ``--quick``, a smoke test of the
+whole pipeline, 2-3 minutes)::
 
-    .venv/bin/python benchmarks/study.py --out /tmp/study                       # 9 variants x seeds 0 1 2
-    .venv/bin/python benchmarks/study.py --out /tmp/study --variants unet diffusion --seeds 0 1 2 3 4
-    .venv/bin/python benchmarks/study.py --out /tmp/study_quick --quick         # smoke test, not a result
+    .venv/bin/python -m benchmarks.study --out /tmp/study                       # 9 variants x seeds 0 1 2
+    .venv/bin/python -m benchmarks.study --out /tmp/study --variants unet diffusion --seeds 0 1 2 3 4
+    .venv/bin/python -m benchmarks.study --out /tmp/study_quick --quick         # smoke test, not a result
 
 1. **Data.** ``--train-cases`` (14, the demo's training + validation cases) + ``--held-out`` (24) phantoms at 3 mm
    (``data.synth.synthesize``, seed ``--data-seed``), the manifest holding exactly ``--held-out`` test cases
@@ -45,31 +47,29 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DEMO_CONFIG, finished_run, phantom_manifest, run_config, scored_rows, train_or_reuse  # noqa: E402
-from study_stats import (  # noqa: E402
+from benchmarks.harness import DEMO_CONFIG, finished_run, phantom_manifest, run_config, scored_rows, train_or_reuse
+from benchmarks.study_stats import (
     CASE, DICE_REGIONS, Spec, build_table, compare, comparison_json, comparisons_markdown, summary,
     variants_markdown,
 )
-
-from medseg_diff.audit.scores import dilated, enrichment, pointing_game  # noqa: E402
-from medseg_diff.config import Config  # noqa: E402
-from medseg_diff.data.conventions import LabelConvention, get_convention  # noqa: E402
-from medseg_diff.data.dataset import case_record  # noqa: E402
-from medseg_diff.data.manifest import load_manifest  # noqa: E402
-from medseg_diff.errors import ConfigError, DataError  # noqa: E402
-from medseg_diff.evaluation.run import select_cases, uncertainty_quality  # noqa: E402
-from medseg_diff.evaluation.tables import write_per_case_csv  # noqa: E402
-from medseg_diff.inference.adapters import UNetAdapter, build_adapter, build_network  # noqa: E402
-from medseg_diff.inference.case import predict_case  # noqa: E402
-from medseg_diff.inference.loading import load_model  # noqa: E402
-from medseg_diff.models import count_parameters  # noqa: E402
+from medseg_diff.audit.scores import dilated, enrichment, pointing_game
+from medseg_diff.config import Config
+from medseg_diff.data.conventions import LabelConvention, get_convention
+from medseg_diff.data.dataset import case_record
+from medseg_diff.data.manifest import load_manifest
+from medseg_diff.errors import ConfigError, DataError
+from medseg_diff.evaluation.run import select_cases, uncertainty_quality
+from medseg_diff.evaluation.tables import write_per_case_csv
+from medseg_diff.kinds import build_kind, build_network
+from medseg_diff.kinds.unet import UNetKind
+from medseg_diff.inference.case import predict_case
+from medseg_diff.inference.loading import load_model
+from medseg_diff.models import count_parameters
 
 REFERENCE = "diffusion"
 D = "model.kind=diffusion"
@@ -120,14 +120,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _parameters(cfg: Config) -> int:
-    return count_parameters(build_adapter(cfg).net)
+    return count_parameters(build_kind(cfg).net)
 
 
 def equal_unet_channels(unet_cfg: Config, target: int) -> tuple[list[int], int]:
     """The demo U-Net's widths times the factor whose parameter count is closest to ``target`` (bisection on the
     factor; the count grows with it), and that count."""
     base = unet_cfg.model.unet.channels
-    spec = UNetAdapter.network_spec(unet_cfg)
+    spec = UNetKind.network_spec(unet_cfg)
 
     def widths(f: float) -> list[int]:
         return [max(1, round(c * f)) for c in base]

@@ -1,4 +1,4 @@
-"""The study's statistics and tables (``study.py``): seed-pooled per-case values, paired comparisons, markdown.
+"""The study's statistics and tables (``benchmarks.study``): seed-pooled per-case values, paired comparisons, markdown.
 
 Rows are the study's per-case rows (one per label, seed, case and region; ``label`` is the variant, or the variant
 under another condition: ``diffusion@K1N1``, ``diffusion+outline``). A metric is either per region (Dice: TC, WT,

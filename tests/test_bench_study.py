@@ -3,19 +3,13 @@ a parameter count, and which comparisons a set of variants yields. (The study it
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(BENCH))
-    import study as module
+    from benchmarks import study as module
 
     return module
 
@@ -31,7 +25,7 @@ def _rows(label: str, dice: dict[tuple[str, int], float], auroc: float = 0.8) ->
 
 
 def test_seed_pooling_and_paired_comparison(study):
-    from study_stats import CASE, Spec, build_table, compare, pooled, summary
+    from benchmarks.study_stats import CASE, Spec, build_table, compare, pooled, summary
 
     cases = [f"c{i}" for i in range(6)]
     a = {(c, s): 0.5 + 0.05 * i + 0.1 * s for i, c in enumerate(cases) for s in (0, 1)}  # seed 1: +0.1
@@ -53,7 +47,7 @@ def test_seed_pooling_and_paired_comparison(study):
 
 
 def test_a_nan_seed_is_ignored_in_the_case_mean(study):
-    from study_stats import build_table, pooled
+    from benchmarks.study_stats import build_table, pooled
 
     rows = _rows("a", {("c0", 0): 0.4, ("c0", 1): 0.6})
     rows[0]["uncertainty_auroc"] = float("nan")  # seed 0's TC row carries the per-case value

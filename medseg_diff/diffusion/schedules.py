@@ -97,15 +97,6 @@ def x0_logits(scheduler: DDIMScheduler, output: Tensor, x_t: Tensor | None = Non
     return output + skip.clamp(-SKIP_LOGIT_LIMIT, SKIP_LOGIT_LIMIT).to(output.dtype)
 
 
-def set_trailing_timesteps(scheduler: TrailingDDIMScheduler, steps: int,
-                           device: torch.device | str | None = None) -> Tensor:
-    """``scheduler.set_timesteps(steps, device)``, returning the timesteps (kept for benchmarks/bench_sampler.py)."""
-    if not isinstance(scheduler, TrailingDDIMScheduler):
-        raise TypeError(f"expected a TrailingDDIMScheduler (see build_scheduler), got {type(scheduler).__name__}")
-    scheduler.set_timesteps(steps, device=device)
-    return scheduler.timesteps
-
-
 def x0_from_output(scheduler: DDIMScheduler, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """Estimate of x0 in [-1, 1] from the network output at timesteps ``t`` ``[B]`` (DDIM eq. 12)."""
     prediction = scheduler.prediction_type
