@@ -4,8 +4,8 @@ Shared by training (which writes them) and inference (which reads them); neither
 Everything in a checkpoint is a tensor or a plain Python value, so the safe unpickler can read it:
 RNG states of Python, NumPy and torch are converted to tensors/lists.
 
-Keys: ``format``, ``model_kind``, ``network`` (``{"name", "kwargs"}``: the network is ``NETWORKS[name](**kwargs)``,
-see ``inference.adapters``), ``config`` (the whole run config: data, inference and sampler settings),
+Keys: ``format``, ``model_kind``, ``network`` (``{"name", "kwargs"}``: the network is ``Net(**kwargs)``, built by
+``kinds.build_network``), ``config`` (the whole run config: data, inference and sampler settings),
 ``inference_model`` (weights used for prediction: the EMA when there is one), and for resuming ``model``, ``ema``,
 ``optimizer``, ``lr_schedule``, ``rng``, ``epoch``, ``step``, ``best_metric``, ``best_epoch``, ``run_id``, ``history``.
 """

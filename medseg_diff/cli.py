@@ -1,13 +1,17 @@
-"""``medseg-diff`` console script. Each subcommand parses its arguments and calls one API function;
+"""``medseg-diff`` console script. Each subcommand parses its arguments and calls one stage (``medseg_diff.stages``);
 ``pipelines/*.py`` call the same functions. Every expected failure is one line on stderr naming the file, case or
 key: bad input (``MedsegError``) exits with status 2, a runtime fault (``OSError``: full disk, permission, read-only,
 unreachable server) with 1; ``--debug`` shows the traceback instead.
+
+Over 400 lines on purpose: the whole command-line surface (every subcommand, its flags and their help) in one
+file, so that a flag's name, its help text and the stage argument it becomes are read together.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,17 +71,13 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
 
 @command("synth", "write synthetic BraTS-like phantoms (MNI152 anatomy + grown tumour) and their manifest")(add_synth_args)
 def run_synth(args: argparse.Namespace) -> int:
-    from medseg_diff.data.manifest import build_manifest, write_manifest
-    from medseg_diff.data.synth import synthesize
+    from medseg_diff.stages.data import synthesize_dataset
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise DataError(args.out, "is a file" if not args.out.is_dir() else
                         "already holds files; synthesise into a new or empty folder (nothing was overwritten)")
-    folders = synthesize(args.out, cases=args.cases, spacing=args.spacing, seed=args.seed,
-                         layout=args.layout, workers=args.workers, progress=True)
-    manifest = build_manifest(args.out, name=args.out.name, convention=args.layout, folds=args.folds,
-                              test_fraction=args.test_fraction, seed=args.seed)
-    path = write_manifest(manifest, args.manifest or args.out / "manifest.json")
+    folders, path = synthesize_dataset(args.out, args.cases, args.spacing, args.seed, args.layout, args.workers,
+                                       args.manifest, args.folds, args.test_fraction)
     print(f"wrote {len(folders)} cases to {args.out} and manifest {path}")
     return 0
 
@@ -100,11 +100,10 @@ def add_manifest_args(p: argparse.ArgumentParser) -> None:
 
 @command("manifest", "build a manifest (paths, SHA-256, convention, splits) of a data set folder")(add_manifest_args)
 def run_manifest(args: argparse.Namespace) -> int:
-    from medseg_diff.data.manifest import build_manifest, write_manifest
+    from medseg_diff.stages.data import dataset_manifest
 
-    manifest = build_manifest(args.root, name=args.name, convention=args.convention, folds=args.folds,
-                              test_fraction=args.test_fraction, seed=args.seed, follow_symlinks=args.follow_symlinks)
-    path = write_manifest(manifest, args.out)
+    manifest, path = dataset_manifest(args.root, args.out, args.name, args.convention, args.folds,
+                                      args.test_fraction, args.seed, args.follow_symlinks)
     subsets = {s: sum(c.subset == s for c in manifest.cases) for s in ("train", "test", "unlabelled")}
     print(f"{manifest.name}: {len(manifest.cases)} cases, convention {manifest.convention}, "
           f"{manifest.folds} folds; train {subsets['train']}, test {subsets['test']}, "
@@ -124,18 +123,15 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
 
 @command("check", "verify a manifest: files readable, grids agree, labels valid, no NaN/Inf, checksums")(add_check_args)
 def run_check(args: argparse.Namespace) -> int:
-    from medseg_diff.data.check import check_manifest
-    from medseg_diff.data.manifest import load_manifest
-
-    manifest = load_manifest(args.manifest, root=args.root)
+    from medseg_diff.stages.data import check_dataset
 
     def report(case, problems) -> None:
         print(f"{'ok  ' if not problems else 'FAIL'} {case.id}", flush=True)
         for p in problems:
             print(f"     {p}", file=sys.stderr, flush=True)
 
-    problems = check_manifest(manifest, continue_on_error=args.continue_on_error,
-                              verify_checksums=not args.no_checksums, on_case=report)
+    manifest, problems = check_dataset(args.manifest, args.root, args.continue_on_error, not args.no_checksums,
+                                       on_case=report)
     if problems:
         print(f"{len(problems)} problem(s) in {args.manifest}", file=sys.stderr)
         return 1
@@ -162,12 +158,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train the diffusion model or the baseline (resumes from output_dir/last.pt; torchrun-ready)")(
     add_train_args)
 def run_train(args: argparse.Namespace) -> int:
-    from medseg_diff.config import load_config
-    from medseg_diff.training.run import train
+    from medseg_diff.stages.train import train_config
 
-    cfg = load_config(args.config, args.overrides)  # validated before any work starts
-    state = train(cfg, resume=not args.no_resume, check_data=not args.skip_data_check,
-                  verify_checksums=not args.no_checksums)
+    cfg, state = train_config(args.config, args.overrides, resume=not args.no_resume,  # config checked first
+                              check_data=not args.skip_data_check, verify_checksums=not args.no_checksums)
     best = f"{state.best_metric:.4f} (epoch {state.best_epoch})" if state.best_epoch > 0 else "n/a"
     print(f"finished {state.epoch} epochs; best val Dice {best}; checkpoints in {cfg.experiment.output_dir}; "
           f"MLflow run {state.run_id}")
@@ -219,7 +213,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "score models or prediction folders on held-out cases: BraTS global and lesion-wise metrics, "
                      "paired statistics, MLflow, overlays")(add_evaluate_args)
 def run_evaluate(args: argparse.Namespace) -> int:
-    from medseg_diff.evaluation.run import evaluate
+    from medseg_diff.stages.evaluate import evaluate
+    from medseg_diff.stages.options import Sampling, Scoring, Tracking
 
     if not args.models and not args.predictions:
         print("medseg-diff evaluate: error: give --model NAME=CHECKPOINT and/or --predictions NAME=DIR",
@@ -229,12 +224,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         print("medseg-diff evaluate: error: model names must differ", file=sys.stderr)
         return 2
-    report = evaluate(args.manifest, args.out, models=dict(args.models), predictions=dict(args.predictions),
-                      subset=args.subset, fold=args.fold, root=args.root, device=args.device,
-                      sample_steps=args.steps, ensemble=args.ensemble, overlap=args.overlap,
+    scoring = Scoring(subset=args.subset, fold=args.fold, root=args.root, prior_dir=args.prior_dir,
                       export_cases=args.export_cases, continue_on_error=args.continue_on_error,
-                      prior_dir=args.prior_dir, tracking=not args.no_tracking, tracking_uri=args.tracking_uri,
-                      experiment=args.experiment, lesion_task=args.lesion_task)
+                      lesion_task=args.lesion_task)
+    sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, overlap=args.overlap)
+    tracking = Tracking(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
+    report = evaluate(args.manifest, args.out, models=dict(args.models), predictions=dict(args.predictions),
+                      scoring=scoring, sampling=sampling, tracking=tracking)
     print(report.summary_markdown)
     for path in report.overlays:
         print(f"overlay report: {path}")
@@ -287,29 +283,30 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 @command("predict", "segment cases: BraTS labels, probabilities, uncertainty and attention on the input grid")(
     add_predict_args)
 def run_predict(args: argparse.Namespace) -> int:
-    from medseg_diff.dicom.rules import SeriesRule
-    from medseg_diff.inference.run import predict_cases
+    from medseg_diff.stages.options import Cases, Sampling, Writing
+    from medseg_diff.stages.predict import SeriesRule, predict_cases
 
     if (args.input is None) == (args.dicomweb is None):
         raise DataError(None, "give either --input (files) or --dicomweb URL --study UID (a PACS)")
     if (args.study is not None or args.no_store) and args.dicomweb is None:
         raise DataError(None, "--study and --no-store go with --dicomweb")
     rule = SeriesRule.from_file(args.series_rule) if args.series_rule is not None else None
-    common = dict(convention=args.convention, prior_dir=args.prior_dir, device=args.device,
-                  sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed, overlap=args.overlap,
-                  continue_on_error=args.continue_on_error, tracking_uri=args.tracking_uri,
-                  overwrite=args.overwrite, series_rule=rule)
+    sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed,
+                        overlap=args.overlap)
+    writing = Writing(overwrite=args.overwrite, continue_on_error=args.continue_on_error)
+    cases = Cases(convention=args.convention, prior_dir=args.prior_dir, series_rule=rule)
     if args.dicomweb is not None:
-        from medseg_diff.inference.dicomweb import predict_dicomweb
+        from medseg_diff.stages.dicomweb import predict_dicomweb
 
         if args.study is None:
             raise DataError(None, "--dicomweb needs --study STUDY_UID")
-        result = predict_dicomweb(args.checkpoint, args.dicomweb, args.study, args.out,
-                                  store=not args.no_store, **common)
+        result = predict_dicomweb(args.checkpoint, args.dicomweb, args.study, args.out, sampling, cases, writing,
+                                  store=not args.no_store, tracking_uri=args.tracking_uri)
         print(result.summary())  # the URL without credentials
         return 1 if result.predictions.failed else 0
-    report = predict_cases(args.checkpoint, args.input, args.out, subset=args.subset, root=args.root,
-                           verify_checksums=not args.no_checksums, **common)
+    cases = replace(cases, subset=args.subset, root=args.root, verify_checksums=not args.no_checksums)
+    report = predict_cases(args.checkpoint, args.input, args.out, sampling, cases, writing,
+                           tracking_uri=args.tracking_uri)
     print(report.summary())
     return 1 if report.failed else 0
 
@@ -326,7 +323,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 @command("export", "clinician overlays of predictions: NIfTI, Slicer/ITK-SNAP colour tables, montage, report.html")(
     add_export_args)
 def run_export(args: argparse.Namespace) -> int:
-    from medseg_diff.export.folders import export_predictions, prediction_folders
+    from medseg_diff.stages.export import export_predictions, prediction_folders
 
     report = export_predictions(prediction_folders(args.predictions), args.out, args.continue_on_error)
     print(report.summary())
@@ -372,9 +369,9 @@ def _int_list(text: str) -> tuple[int, ...]:
                      "differ, does the prior steer, do the attention maps look at the tumour (audit.json, audit.md)")(
     add_diagnose_args)
 def run_diagnose(args: argparse.Namespace) -> int:
-    from medseg_diff.audit import run_audit
+    from medseg_diff.stages.diagnose import diagnose
 
-    report = run_audit(args.checkpoint, args.manifest, args.out, subset=args.subset, fold=args.fold, root=args.root,
+    report = diagnose(args.checkpoint, args.manifest, args.out, subset=args.subset, fold=args.fold, root=args.root,
                        max_cases=args.max_cases, reference=args.reference, device=args.device, seed=args.seed,
                        tracking=False if args.no_tracking else None, tracking_uri=args.tracking_uri,
                        steps_grid=args.steps_grid, ensemble_grid=args.ensemble_grid)

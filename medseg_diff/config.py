@@ -10,12 +10,14 @@ any work starts.
 ``config_from_dict`` checks what the values themselves say; ``load_config`` (a config for a run on this
 machine) also runs ``check_environment``: the device is present and the output folder can be one. Configs read
 back from checkpoints go through ``config_from_dict`` only, so a model trained on ``cuda`` loads on a CPU.
+
+Over 400 lines on purpose: the schema (one dataclass per section), the loader and the value checks (in the
+order of the sections) are one contract; split, a new key would be declared in one file and checked in another.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 import typing
@@ -367,8 +369,9 @@ def _coerce(tp: Any, value: Any, key: str, source) -> Any:
 # --- value checks ------------------------------------------------------------------------------------
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-#: URI schemes MLflow has a tracking store for (``mlflow.tracking._tracking_service.utils``); a plain path
-#: (no scheme) is a local file store, and database URLs may name a driver (``postgresql+psycopg2://``).
+#: URI schemes MLflow has a tracking store for; a plain path (no scheme) is a local file store, and database URLs may
+#: name a driver (``postgresql+psycopg2://``). MLflow has no public API that lists them: tests/test_config.py checks
+#: this list against its (private) store registry, so that an MLflow upgrade that changes it fails a test.
 TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
                     "databricks-uc", "uc")
 REGISTER_MODEL_FIELDS = ("kind", "dataset")
@@ -376,15 +379,10 @@ REGISTER_MODEL_FIELDS = ("kind", "dataset")
 
 def network_stride(cfg: Config) -> tuple[int, str]:
     """``(stride, how it follows from the config)`` of ``model.kind``'s network: every crop and sliding-window
-    size must be a multiple of it. The same formulas as ``models.baseline.baseline_stride`` (the product of the
-    strides, for both U-Nets) and ``DiffusionSegUNet.stride`` (``patch_size * 2**(levels - 1)``)."""
-    if cfg.model.kind in ("unet", "attention_unet"):
-        strides = getattr(cfg.model, cfg.model.kind).strides
-        return math.prod(strides), f"the product of model.{cfg.model.kind}.strides {list(strides)}"
-    den = cfg.model.denoiser
-    levels = len(den.channels)
-    return (den.patch_size * 2 ** (levels - 1),
-            f"model.denoiser.patch_size {den.patch_size} x 2^({levels} levels of model.denoiser.channels - 1)")
+    size must be a multiple of it. The kind's own rule (``kinds``: ``ModelKind.config_stride``)."""
+    from medseg_diff.kinds import kind_class  # the kind's module loads torch: only when a config is checked
+
+    return kind_class(cfg.model.kind).config_stride(cfg)
 
 
 def _check_semantics(cfg: Config, source) -> None:
@@ -467,8 +465,9 @@ def _check_semantics(cfg: Config, source) -> None:
     weights = dataclasses.asdict(cfg.loss)
     for name, value in weights.items():
         non_negative(f"loss.{name}", value)
-    used = ["dice", "bce"] if cfg.model.kind in ("unet", "attention_unet") else ["dice", "bce", "mse"] + (
-        ["prior"] if den.prior_source in ("head", "optional") else [])
+    from medseg_diff.kinds import kind_class
+
+    used = kind_class(cfg.model.kind).loss_terms(cfg)
     if not any(weights[name] > 0 for name in used):
         fail("loss", f"the weights model.kind '{cfg.model.kind}' uses ({', '.join(used)}) are all 0: nothing "
                      "would be trained")

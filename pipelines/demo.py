@@ -4,7 +4,7 @@ synthesise → train the U-Net and the diffusion model → evaluate → MLflow �
 import argparse
 import sys
 
-from medseg_diff.demo import print_summary, run_demo
+from medseg_diff.stages.demo import print_summary, run_demo
 from medseg_diff.errors import MedsegError
 from medseg_diff.runtime import configure_logging
 

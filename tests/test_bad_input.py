@@ -294,10 +294,10 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one_and_no_tempora
 def test_a_full_disk_on_one_case_under_continue_on_error_finishes_the_others(model, tmp_path, capsys, monkeypatch):
     import errno
 
-    import medseg_diff.inference.run as inference_run
+    import medseg_diff.stages.predict as predict_stage
 
     checkpoint, manifest = model
-    real = inference_run.write_prediction
+    real = predict_stage.write_prediction
     calls = []
 
     def full_once(pred, folder, *args, **kwargs):
@@ -306,7 +306,7 @@ def test_a_full_disk_on_one_case_under_continue_on_error_finishes_the_others(mod
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / "x.nii.gz"))
         return real(pred, folder, *args, **kwargs)
 
-    monkeypatch.setattr(inference_run, "write_prediction", full_once)
+    monkeypatch.setattr(predict_stage, "write_prediction", full_once)
     rc, err = run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--out", tmp_path / "out",
                   "--device", "cpu", "--continue-on-error")
     assert rc == 1 and f"FAIL {calls[0]}:" in err and "No space left on device" in err

@@ -5,7 +5,7 @@ import errno
 
 import pytest
 
-import medseg_diff.inference.run as inference_run
+import medseg_diff.stages.predict as predict_stage
 from medseg_diff.cli import main
 from medseg_diff.errors import DataError
 
@@ -26,7 +26,7 @@ def test_one_line_and_an_exit_status_by_kind(tmp_path, monkeypatch, capsys, faul
     def fail(*args, **kwargs):
         raise fault
 
-    monkeypatch.setattr(inference_run, "predict_cases", fail)
+    monkeypatch.setattr(predict_stage, "predict_cases", fail)
     assert _predict(tmp_path) == status
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -38,6 +38,6 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x")
 
-    monkeypatch.setattr(inference_run, "predict_cases", fail)
+    monkeypatch.setattr(predict_stage, "predict_cases", fail)
     with pytest.raises(OSError, match="No space left"):
         _predict(tmp_path, "--debug")

@@ -93,7 +93,7 @@ def test_tiny_test_configs_validate(tmp_path, kind):
     ("model", {"kind": "unet", "unet": {"channels": [8, 16], "strides": [4], "num_res_units": 0}}),
 ])
 def test_network_stride_is_the_built_networks(section, values):
-    from medseg_diff.inference.adapters import build_adapter
+    from medseg_diff.kinds import build_kind as build_adapter
 
     cfg = config_from_dict({section: values, "data": {"roi_size": [32, 32, 32]}})
     assert network_stride(cfg)[0] == build_adapter(cfg).stride
@@ -302,3 +302,11 @@ def test_set_into_an_empty_section_and_the_tracking_shorthand(tmp_path):
     with pytest.raises(ConfigError, match="'lr' is not a section") as info:
         load_config(path, ["train.lr.x=1"])
     assert info.value.key == "train.lr.x" and info.value.source == "--set train.lr.x=1"
+
+
+def test_the_demo_finds_its_config_wherever_its_module_lives():
+    """``make demo`` reads configs/demo_cpu.yaml next to the package (a moved module once looked inside it)."""
+    from medseg_diff.stages.demo import DEMO_CONFIG
+
+    assert DEMO_CONFIG.is_file() and DEMO_CONFIG == Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+    assert load_config(DEMO_CONFIG).model.kind == "diffusion"

@@ -1,5 +1,6 @@
-"""The audit's summary: means over cases, one row per question with the measured value, the target (the Targets of
-issue 17 and SPEC §4) and a plain-language verdict; ``audit.json``, ``audit.md`` and the MLflow run."""
+"""The audit's summary: means over cases, one row per question with the measured value, the target (the project's
+mechanism targets, listed with each verdict in ``audit.verdicts`` and in README's audit table) and a plain-language
+verdict; ``audit.json``, ``audit.md`` and the MLflow run."""
 
 from __future__ import annotations
 
@@ -136,10 +137,10 @@ def _experiment_of_run(uri: str | None, run_id: str | None) -> str | None:
     """The experiment of the training run ``run_id`` in the store at ``uri``, when it is there."""
     if not run_id:
         return None
-    from medseg_diff.tracking import _check_server, resolve_uri
+    from medseg_diff.tracking import check_server, resolve_uri
 
     uri = resolve_uri(uri)
-    _check_server(uri)
+    check_server(uri)
     try:
         from mlflow.tracking import MlflowClient
 

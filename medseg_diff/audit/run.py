@@ -1,7 +1,7 @@
-"""``run_audit(...)``: what ``medseg-diff diagnose`` and ``pipelines/diagnose.py`` call.
+"""``run_audit(...)``: the mechanism audit the diagnose stage runs (``medseg-diff diagnose``, ``pipelines/diagnose.py``).
 
-1. load the model (``inference.loading.load_model``; an MLflow model URI works too) and, with ``reference``, a
-   second model (a U-Net) whose entropy is the bar for the diffusion model's uncertainty
+1. load the model (``loader``: a checkpoint file, or through ``stages.diagnose`` an MLflow model URI) and, with
+   ``reference``, a second model (a U-Net) whose entropy is the bar for the diffusion model's uncertainty
 2. preprocess each labelled case of the subset onto the model's grid (``audit.cases``)
 3. a diffusion model: questions 1-7 per case (``audit.probe``, ``audit.maps``); a U-Net: its Dice and the AUROC of
    its entropy, the diffusion questions marked "not applicable"
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from medseg_diff.audit.probe import (
 from medseg_diff.audit.report import summarise, write_report
 from medseg_diff.audit.windows import Windowing
 from medseg_diff.errors import ConfigError, DataError
+from medseg_diff.inference.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,13 @@ def run_audit(
     tracking_uri: str | None = None,
     steps_grid: Sequence[int] = STEPS_GRID,
     ensemble_grid: Sequence[int] = ENSEMBLE_GRID,
+    loader: Callable[..., LoadedModel] = load_model,
 ) -> AuditReport:
     """Audit ``checkpoint`` on the labelled cases of ``manifest``'s ``subset``; see the module docstring.
     ``seed`` (default: the checkpoint's) seeds the sampler, the x_t noise and the random occlusion;
-    ``tracking`` None follows the checkpoint's config (on also when ``tracking_uri`` is given)."""
-    from medseg_diff.inference.loading import load_model
+    ``tracking`` None follows the checkpoint's config (on also when ``tracking_uri`` is given). ``loader(source,
+    device, seed=)`` loads ``checkpoint`` and ``reference``: a checkpoint file by default; the diagnose stage passes
+    one that also fetches MLflow model URIs (``stages.models.load_model``)."""
     from medseg_diff.runtime import pin_reproducibility, resolve_device
     from medseg_diff.tracking import git_commit
 
@@ -119,16 +122,16 @@ def run_audit(
     pin_reproducibility()
     dev = resolve_device(device, key="--device")
     # 1. models
-    model = load_model(checkpoint, dev, seed=seed, tracking_uri=tracking_uri)
+    model = loader(checkpoint, dev, seed=seed)
     ref = None
     if reference is not None:
-        ref = load_model(reference, dev, seed=seed, tracking_uri=tracking_uri)
+        ref = loader(reference, dev, seed=seed)
         _check_reference(model, ref, reference)
     seed = int(model.cfg.experiment.seed)
     # 2. cases (two at a time: each with the next, whose outline is "another case's prior")
     manifest_obj, convention, records = case_records(manifest, subset, fold, root, max_cases)
     windowing = Windowing.of(model.cfg)
-    probe = DiffusionProbe(model, windowing, seed, steps_grid, ensemble_grid) if model.kind == "diffusion" else None
+    probe = DiffusionProbe(model, windowing, seed, steps_grid, ensemble_grid) if model.adapter.info.samples else None
     per_case: dict[str, dict] = {}
     started = time.perf_counter()
     cases = with_next(records, lambda r: load_case(r, convention, model.cfg.data.spacing, dev))

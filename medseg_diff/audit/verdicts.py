@@ -1,6 +1,7 @@
 """One row per audit question: what was measured, the target, and a plain-language verdict.
 
-Targets are those of issue 17's Targets table and SPEC §4 ("Each part must do its job"). ``met`` is True / False,
+Targets: each part of the diffusion model must do its job (the thresholds below, as README's audit table lists
+them). ``met`` is True / False,
 or None where the question does not apply or nothing was compared.
 """
 

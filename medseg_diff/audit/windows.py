@@ -30,9 +30,8 @@ from torch import Tensor, nn
 
 from medseg_diff.diffusion import sampler as sampler_module
 from medseg_diff.diffusion.schedules import x0_from_output
-from medseg_diff.inference.sliding_window import (
-    ATTENTION_PREFIX, ENTROPY, PROBS, VARIANCE, Segmenter, VolumePrediction, infer_volume,
-)
+from medseg_diff.inference.sliding_window import VolumePrediction, infer_volume
+from medseg_diff.kinds.segmenters import ATTENTION_PREFIX, ENTROPY, PROBS, VARIANCE, Segmenter
 from medseg_diff.models.attention import AttentionOutput
 from medseg_diff.models.encoder import resample_to_grid
 

@@ -5,7 +5,7 @@ Layouts recognised (the convention can always be forced):
 - brats2023: ``CASE/CASE-{t1n,t1c,t2w,t2f}...`` + optional ``CASE-seg`` (ET = 3)
 - msd:       ``imagesTr/NAME.nii.gz`` (4D: FLAIR, T1w, t1gd, T2w) + ``labelsTr/NAME.nii.gz``; also ``imagesTs``
 - DICOM studies: the root is a study folder as a scanner / PACS exports it, or holds study folders at any depth
-  (``medseg_diff.dicom.study``); series are mapped to modalities by a ``SeriesRule`` on their SeriesDescription.
+  (``medseg_diff.data.dicom.study``); series are mapped to modalities by a ``SeriesRule`` on their SeriesDescription.
   A case's image entries are the series' reference files (``data.io`` reads a DICOM file as its whole series);
   the case id is ``PATIENT_DATE_HASH``; the convention is brats2021 unless forced (it sets the output labels).
   Tried when the BraTS layouts give no complete case, so a BraTS case folder of DICOM series folders
@@ -24,8 +24,8 @@ from medseg_diff.data.io import image_suffix, is_image_path
 from medseg_diff.errors import DataError
 
 if TYPE_CHECKING:
-    from medseg_diff.dicom.rules import SeriesRule
-    from medseg_diff.dicom.study import DicomStudy
+    from medseg_diff.data.dicom.rules import SeriesRule
+    from medseg_diff.data.dicom.study import DicomStudy
 
 MAX_DEPTH = 3
 
@@ -142,7 +142,7 @@ def _detect(walk: _Walk, series_rule: SeriesRule | None = None) -> tuple[LabelCo
 
 def _dicom_cases(walk: _Walk, series_rule: SeriesRule | None) -> list[CaseFiles]:
     """A case per DICOM study under the root (none when it holds no DICOM images)."""
-    from medseg_diff.dicom.study import find_studies
+    from medseg_diff.data.dicom.study import find_studies
 
     cases = []
     for study in find_studies(walk.root, series_rule):

@@ -294,7 +294,7 @@ def _read_dicom_series(folder: Path) -> nib.Nifti1Image:
 
 def is_dicom_file(path: str | Path) -> bool:
     """True for a file that starts with the DICOM preamble (``DICM`` at byte 128)."""
-    from medseg_diff.dicom.study import is_dicom_file as _is_dicom_file
+    from medseg_diff.data.dicom.study import is_dicom_file as _is_dicom_file
 
     return _is_dicom_file(path)
 

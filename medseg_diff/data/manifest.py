@@ -26,7 +26,7 @@ from medseg_diff.errors import ManifestError
 
 SCHEMA_VERSION = 1
 _CHUNK = 1 << 20
-#: Case ids the writers can use as file / folder names (``export.types.check_name`` applies the same rule):
+#: Case ids the writers can use as file / folder names (``predictions.types.check_name`` applies the same rule):
 #: ASCII letters, digits, ``. _ + -``, starting with a letter or digit, and no "..".
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 IMAGE_LAYOUTS = ("separate", "4d")

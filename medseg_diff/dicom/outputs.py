@@ -1,6 +1,6 @@
 """A prediction folder of a DICOM case, written back as DICOM: a Segmentation and Parametric Maps.
 
-``write_dicom_outputs(prediction_folder, study, convention)`` reads what ``inference.prediction_folder`` wrote
+``write_dicom_outputs(prediction_folder, study, convention)`` reads what ``stages.predict`` wrote (``predictions``)
 (``{case}_seg.nii.gz`` on the input grid, and when present ``{case}_uncertainty.nii.gz``, ``{case}_variance.nii.gz``,
 ``{case}_attention_*.nii.gz``) and writes ``prediction_folder/dicom/``:
 
@@ -17,7 +17,7 @@ it, and another model's or run's result never takes its UIDs; every date and tim
 contributing-equipment stamp) is the modification time of ``{case}_seg.nii.gz`` (when the prediction was made).
 Series numbers start at the next free hundred above the study's series numbers (100, 101, ... for a study numbered
 below 100): those of the study as read, and ``taken_series_numbers`` (what a PACS holds beyond the fetched image
-series: ``inference.dicomweb`` asks it, so a second model's results do not repeat the first one's numbers).
+series: ``stages.dicomweb`` asks it, so a second model's results do not repeat the first one's numbers).
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ import numpy as np
 from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.io import read_array
 from medseg_diff.dicom.pmap import MapKind, attention_kind, parametric_map_dataset, uncertainty_kind, variance_kind
-from medseg_diff.dicom.seg import Provenance, segmentation_dataset
-from medseg_diff.dicom.study import DicomSeries, DicomStudy
+from medseg_diff.dicom.seg import Equipment, segmentation_dataset
+from medseg_diff.data.dicom.study import DicomSeries, DicomStudy
 from medseg_diff.errors import DataError
-
-DICOM_FOLDER = "dicom"
-_META = "prediction.json"
+from medseg_diff.predictions import layout
+from medseg_diff.predictions.meta import PredictionMeta, read_meta_if_any
 
 
 def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, convention: LabelConvention | str,
@@ -50,15 +49,15 @@ def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, conven
     volume not on the source series' grid, a map with NaN/Inf."""
     folder = Path(prediction_folder)
     conv = convention if isinstance(convention, LabelConvention) else get_convention(convention)
-    meta = _meta(folder)
-    case = str(meta.get("case_id") or study.case_id)
-    seg_path = folder / f"{case}_seg.nii.gz"
+    meta = read_meta_if_any(folder) or PredictionMeta(case_id=None)
+    case = str(meta.case_id or study.case_id)
+    seg_path = folder / layout.seg(case)
     if not seg_path.is_file():
         raise DataError(folder, f"holds no {seg_path.name}; not a prediction folder of this case (run predict)",
                         case=case)
     modality = _reference_modality(study, meta)
     series = study.series[modality]
-    provenance = Provenance(model_name=str(meta.get("model") or "medseg-diff"), run_id=meta.get("run_id"))
+    provenance = Equipment(model_name=str(meta.model or "medseg-diff"), run_id=meta.run_id)
     when = datetime.fromtimestamp(seg_path.stat().st_mtime).replace(microsecond=0)
     number = _first_series_number(study, taken_series_numbers)
     origin = _origin(meta, when)
@@ -71,33 +70,22 @@ def write_dicom_outputs(prediction_folder: str | Path, study: DicomStudy, conven
     objects = {}
     with _problems_named(seg_path, case, series):
         series_uid, sop_uid = _uids(study, series, "seg", labels, affine, origin)
-        objects[f"{case}_seg.dcm"] = segmentation_dataset(
+        objects[layout.dicom_object(case, layout.SEG)] = segmentation_dataset(
             labels, affine, series.datasets, conv, series_uid=series_uid, sop_uid=sop_uid, series_number=number,
             when=when, provenance=provenance)
     for offset, (name, path, kind) in enumerate(_maps(folder, case, meta), start=1):
         values, map_affine = read_array(path)
         with _problems_named(path, case, series):
             series_uid, sop_uid = _uids(study, series, name, values, map_affine, origin)
-            objects[f"{case}_{name}.dcm"] = parametric_map_dataset(
+            objects[layout.dicom_object(case, name)] = parametric_map_dataset(
                 values, map_affine, series.datasets, kind, series_uid=series_uid, sop_uid=sop_uid,
                 series_number=number + offset, when=when, provenance=provenance)
-    return _write_all(folder / DICOM_FOLDER, case, objects)
+    return _write_all(folder / layout.DICOM_FOLDER, case, objects)
 
 
-def _meta(folder: Path) -> dict:
-    path = folder / _META
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(path, f"unreadable ({err})") from None
-    return meta if isinstance(meta, dict) else {}
-
-
-def _reference_modality(study: DicomStudy, meta: dict) -> str:
+def _reference_modality(study: DicomStudy, meta: PredictionMeta) -> str:
     """The modality whose grid the prediction is on: the one ``prediction.json`` names as reference, else t1."""
-    reference = meta.get("reference")
+    reference = meta.reference
     if reference:
         found = study.modality_of(reference)
         if found is not None:
@@ -114,21 +102,20 @@ def _first_series_number(study: DicomStudy, taken: Iterable[int] = ()) -> int:
     return 100 * (max(numbers, default=0) // 100 + 1)
 
 
-def _maps(folder: Path, case: str, meta: dict) -> list[tuple[str, Path, MapKind]]:
+def _maps(folder: Path, case: str, meta: PredictionMeta) -> list[tuple[str, Path, MapKind]]:
     """``(name, file, kind)`` of each map present: uncertainty, variance, then the attention maps."""
     found = []
-    for name, kind in (("uncertainty", uncertainty_kind()), ("variance", variance_kind())):
-        path = folder / f"{case}_{name}.nii.gz"
+    for name, kind in ((layout.UNCERTAINTY, uncertainty_kind()), (layout.VARIANCE, variance_kind())):
+        path = folder / layout.volume(case, name)
         if path.is_file():
             found.append((name, path, kind))
-    names = meta.get("attention")  # this model's maps; others in the folder may be stale
+    names = meta.attention  # this model's maps; others in the folder may be stale
     if not isinstance(names, list):
-        prefix = f"{case}_attention_"
-        names = [p.name[len(prefix):-len(".nii.gz")] for p in sorted(folder.glob(f"{prefix}*.nii.gz"))]
+        names = layout.attention_names(folder, case)
     for name in names:
-        path = folder / f"{case}_attention_{name}.nii.gz"
+        path = folder / layout.attention(case, name)
         if not path.is_file():
-            raise DataError(path, "listed in prediction.json but missing", case=case)
+            raise DataError(path, f"listed in {layout.META} but missing", case=case)
         found.append((f"attention_{name}", path, attention_kind(str(name))))
     return found
 
@@ -147,13 +134,11 @@ def _uids(study: DicomStudy, series: DicomSeries, name: str, values: np.ndarray,
                  for what in ("series", "instance"))
 
 
-def _origin(meta: dict, when: datetime) -> str:
+def _origin(meta: PredictionMeta, when: datetime) -> str:
     """What makes one prediction of a study another's: model, run, checkpoint, time and code version."""
     from medseg_diff import __version__
 
-    keys = ("model", "model_kind", "run_id", "checkpoint", "model_uri")
-    return json.dumps({**{k: meta.get(k) for k in keys}, "when": when.isoformat(), "version": __version__},
-                      sort_keys=True)
+    return json.dumps({**meta.origin(), "when": when.isoformat(), "version": __version__}, sort_keys=True)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg_diff.dicom.geometry import LPS_TO_RAS
+from medseg_diff.data.dicom.geometry import LPS_TO_RAS
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 #: SeriesDescription of each canonical modality in a phantom study.

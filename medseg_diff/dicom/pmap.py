@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medseg_diff.dicom.geometry import volume_to_frames
-from medseg_diff.dicom.seg import Provenance, finish_dataset
+from medseg_diff.data.dicom.geometry import volume_to_frames
+from medseg_diff.dicom.seg import Equipment, finish_dataset
 
 UCUM_NO_UNITS = ("1", "UCUM", "no units")
 UCUM_NATS = ("{nat}", "UCUM", "nat")
@@ -50,7 +50,7 @@ def attention_kind(name: str) -> MapKind:
 
 
 def parametric_map_dataset(values: np.ndarray, affine: np.ndarray, source: Sequence, kind: MapKind, *,
-                           series_uid: str, sop_uid: str, series_number: int, when, provenance: Provenance,
+                           series_uid: str, sop_uid: str, series_number: int, when, provenance: Equipment,
                            series_description: str | None = None):
     """The ``hd.pm.ParametricMap`` of ``values`` (``[X, Y, Z]`` on RAS ``affine``) over the single-frame images
     ``source`` (headers in slice order). ``when``: a ``datetime`` for every date and time in it."""

@@ -1,6 +1,6 @@
 """A label map as a DICOM Segmentation (highdicom): one BINARY segment per tumour label of the convention.
 
-Segments are numbered in ``export.types.label_entries`` order (by label value): brats2021 NCR = 1, ED = 2, ET = 3.
+Segments are numbered in ``data.vocabulary.label_entries`` order (by label value): brats2021 NCR = 1, ED = 2, ET = 3.
 Each carries SNOMED CT codes (category "Morphologically Altered Structure"; type Necrosis, Edema or Neoplasm), its
 colour of the montage and colour tables (RecommendedDisplayCIELabValue), the label's short name as SegmentLabel and
 its description, and the algorithm (medseg-diff, its version, family "Artificial Intelligence"). BINARY is the
@@ -18,18 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from medseg_diff.data.conventions import LabelConvention
-from medseg_diff.dicom.geometry import volume_to_frames
-from medseg_diff.export.types import LabelEntry, label_entries
-
-#: SNOMED CT "Morphologically Altered Structure": the category of every tumour segment.
-CATEGORY = ("49755003", "SCT", "Morphologically Altered Structure")
-NECROSIS = ("6574001", "SCT", "Necrosis")
-EDEMA = ("79654002", "SCT", "Edema")
-NEOPLASM = ("108369006", "SCT", "Neoplasm")
+from medseg_diff.data.vocabulary import SNOMED_CATEGORY, label_entries, snomed_type
+from medseg_diff.data.dicom.geometry import volume_to_frames
 
 
 @dataclass(frozen=True)
-class Provenance:
+class Equipment:
     """What every DICOM object we write says about where it came from (General / Enhanced Equipment)."""
 
     model_name: str = "medseg-diff"  # ManufacturerModelName
@@ -48,17 +42,7 @@ class Provenance:
                 "software_versions": self.version, "device_serial_number": (self.run_id or "none")[:64]}
 
 
-def segment_type(entry: LabelEntry, convention: LabelConvention) -> tuple[str, str, str]:
-    """SNOMED CT (value, scheme, meaning) of a label: Necrosis (BraTS NCR), Edema, Neoplasm (enhancing and MSD's
-    non-enhancing tumour)."""
-    if entry.value == convention.edema:
-        return EDEMA
-    if entry.value == convention.core and convention.name != "msd":
-        return NECROSIS
-    return NEOPLASM
-
-
-def segment_descriptions(convention: LabelConvention, provenance: Provenance) -> list:
+def segment_descriptions(convention: LabelConvention, provenance: Equipment) -> list:
     """``hd.seg.SegmentDescription`` per tumour label, numbered from 1 in ``label_entries`` order."""
     import highdicom as hd
     from highdicom.sr import CodedConcept
@@ -72,8 +56,8 @@ def segment_descriptions(convention: LabelConvention, provenance: Provenance) ->
         description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=entry.short,
-            segmented_property_category=CodedConcept(*CATEGORY),
-            segmented_property_type=CodedConcept(*segment_type(entry, convention)),
+            segmented_property_category=CodedConcept(*SNOMED_CATEGORY),
+            segmented_property_type=CodedConcept(*snomed_type(entry, convention)),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*entry.rgb),
@@ -94,7 +78,7 @@ def segment_frames(labels: np.ndarray, affine: np.ndarray, source: Sequence, con
 
 
 def segmentation_dataset(labels: np.ndarray, affine: np.ndarray, source: Sequence, convention: LabelConvention,
-                         *, series_uid: str, sop_uid: str, series_number: int, when, provenance: Provenance,
+                         *, series_uid: str, sop_uid: str, series_number: int, when, provenance: Equipment,
                          series_description: str = "medseg-diff tumour segmentation"):
     """The ``hd.seg.Segmentation`` of ``labels`` (``[X, Y, Z]`` on RAS ``affine``) over the single-frame images
     ``source`` (pydicom headers in slice order; pixel data not needed). ``when``: a ``datetime`` for every date and

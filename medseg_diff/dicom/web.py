@@ -16,6 +16,9 @@ DICOM files (our SEG and parametric maps) with STOW-RS and checks the server's a
 
 An unreachable server, a study it does not hold, or an instance it refuses is a ``ServiceError`` (exit status 1)
 naming the URL and the study or file; an unusable argument or local file is a ``DataError`` (exit status 2).
+
+Over 400 lines on purpose: one protocol client (connect, QIDO-RS, WADO-RS, STOW-RS), each call checked against the
+server's own counts; its error handling is shared by every call.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medseg_diff.dicom.study import NON_IMAGE_MODALITIES, is_non_image_sop_class
+from medseg_diff.data.dicom.study import NON_IMAGE_MODALITIES, is_non_image_sop_class
 from medseg_diff.errors import DataError, ServiceError
 
 if TYPE_CHECKING:

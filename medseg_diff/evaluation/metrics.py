@@ -31,7 +31,7 @@ from monai.metrics import compute_hausdorff_distance
 from scipy.ndimage import binary_dilation
 from scipy.stats import rankdata
 
-from medseg_diff.data.conventions import REGIONS
+from medseg_diff.data.conventions import REGIONS, LabelConvention
 
 Spacing = Sequence[float]
 
@@ -132,6 +132,12 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
         raise ValueError(f"pred and gt shapes differ: {pred.shape} vs {gt.shape}")
     n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
     return _ratio(2 * int(np.count_nonzero(pred & gt)), n_pred + n_gt, empty=1.0)
+
+
+def dice_scores(labels: np.ndarray, truth: np.ndarray, convention: LabelConvention) -> dict[str, float]:
+    """Per-region Dice (TC, WT, ET) of two label maps of ``convention``; both empty -> 1.0 (BraTS)."""
+    pred, ref = convention.to_regions(labels), convention.to_regions(truth)
+    return {region: dice(pred[i], ref[i]) for i, region in enumerate(REGIONS)}
 
 
 def region_volumes_ml(regions: np.ndarray, voxel_ml: float) -> dict[str, float]:

@@ -1,10 +1,9 @@
-"""``evaluate(...)``: what ``pipelines/evaluate.py`` and ``medseg-diff evaluate`` call.
-
-Evaluation scores label maps, whoever made them:
+"""Scoring folders of label maps, whoever made them (``score_folders``); the evaluate stage (``stages.evaluate``,
+what ``pipelines/evaluate.py`` and ``medseg-diff evaluate`` call) does steps 1-2 and the overlays, then calls it:
 
 1. read the manifest and pick the cases (held-out test cases by default)
-2. ``models`` (checkpoints or MLflow model URIs) are first predicted into ``OUT/predictions/NAME/`` by
-   ``inference.run.predict_cases``; ``predictions`` are folders of any tool (``evaluation.sources``)
+2. ``models`` (checkpoints or MLflow model URIs) are first predicted into ``OUT/predictions/NAME/`` by the predict
+   stage; ``predictions`` are folders of any tool (``evaluation.sources``)
 3. per case and region: global Dice / HD95 / sensitivity / specificity / volumes (``evaluation.metrics``), the
    BraTS lesion-wise metrics (``evaluation.lesionwise``, through panoptica), and where a folder has probability
    and uncertainty maps, uncertainty AUROC and calibration
@@ -25,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from medseg_diff.data.conventions import REGIONS, LabelConvention, get_convention
-from medseg_diff.data.manifest import Manifest, load_manifest
-from medseg_diff.errors import ConfigError, DataError, MedsegError
-from medseg_diff.evaluation.lesionwise import get_task, lesion_row, lesionwise_metrics
+from medseg_diff.data.manifest import Manifest
+from medseg_diff.errors import DataError, MedsegError
+from medseg_diff.evaluation.lesionwise import lesion_row, lesionwise_metrics
 from medseg_diff.evaluation.metrics import (
     CaseResult, ReliabilityBins, UndefinedMetricWarning, case_metrics, evaluation_mask, metric_rows,
     reliability_bins, uncertainty_auroc,
@@ -35,7 +34,6 @@ from medseg_diff.evaluation.metrics import (
 from medseg_diff.evaluation.sources import ScoredInputs, read_case
 from medseg_diff.evaluation.stats import UnmatchedCasesWarning, compare_models
 from medseg_diff.evaluation.tables import METRIC_FORMAT, box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv
-from medseg_diff.runtime import pin_reproducibility
 from medseg_diff.tracking import source_tags, start_tracker
 
 log = logging.getLogger(__name__)
@@ -93,56 +91,17 @@ def select_cases(manifest: Manifest, subset: str, fold: int = 0):
     return chosen
 
 
-def evaluate(
-    manifest_path: str | Path,
-    out_dir: str | Path,
-    models: dict[str, str | Path] | None = None,
-    predictions: dict[str, str | Path] | None = None,
-    subset: str = "test",
-    fold: int = 0,
-    root: str | Path | None = None,
-    device: str = "auto",
-    sample_steps: int | None = None,
-    ensemble: int | None = None,
-    overlap: float | None = None,
-    export_cases: int = 2,
-    continue_on_error: bool = False,
-    prior_dir: str | Path | None = None,
-    tracking: bool = True,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    n_boot: int = 10000,
-    lesion_task: str = "GLI",
-) -> EvalReport:
-    """Score ``models`` (name → checkpoint or MLflow model URI, predicted first) and ``predictions`` (name →
-    prediction folder of any tool) on the manifest's ``subset``; see the module docstring."""
-    models, predictions = dict(models or {}), dict(predictions or {})
-    names = list(models) + list(predictions)
-    if not names:
-        raise DataError(None, "nothing to evaluate: give at least one --model NAME=CKPT or --predictions NAME=DIR")
-    if len(set(names)) != len(names):
-        raise DataError(None, f"model / prediction names must differ, got {names}")
-    try:
-        get_task(lesion_task)
-    except ValueError as err:
-        raise ConfigError("--lesion-task", str(err)) from None
-    pin_reproducibility()
-    out = Path(out_dir)
-    # 1. data
-    manifest = load_manifest(manifest_path, root=root)
+def score_folders(manifest: Manifest, cases: list, folders: dict[str, Path], names: list[str], out: Path, *,
+                  sources: dict[str, dict], failed: dict[str, str], params: dict, overlays: list[Path] = (),
+                  continue_on_error: bool = False,
+                  tracking: bool = True, tracking_uri: str | None = None, experiment: str | None = None,
+                  n_boot: int = 10000, lesion_task: str = "GLI") -> EvalReport:
+    """Steps 3-5 of the module docstring: score every folder of ``folders`` (name -> folder of label maps) on
+    ``cases``, write the tables and plots into ``out`` and log them to MLflow. ``sources``: what each name is
+    (``{"kind": "folder" | "model", ...}``, logged as it is); ``failed`` (``"NAME/CASE"`` -> why) holds the cases
+    that failed before scoring and receives those that fail here; ``params``: the run's MLflow parameters;
+    ``overlays``: the reports exported before scoring (logged with the run)."""
     conv = get_convention(manifest.convention)
-    cases = select_cases(manifest, subset, fold)
-    if out.exists() and not out.is_dir():
-        raise DataError(out, "the output folder is a file")
-    out.mkdir(parents=True, exist_ok=True)
-    failed: dict[str, str] = {}
-    # 2. models are predicted into folders first; then every folder is scored the same way
-    folders = {name: Path(path) for name, path in predictions.items()}
-    sources: dict[str, dict] = {name: {"kind": "folder", "path": str(path)} for name, path in folders.items()}
-    for name, source in models.items():
-        folders[name], sources[name] = _predict(name, source, manifest, cases, out, device, sample_steps, ensemble,
-                                                overlap, prior_dir, continue_on_error, tracking_uri, failed)
-    overlays = _export_overlays(folders, models, cases, export_cases, out, failed)
     # 3. score
     results, extra, bins = [], {}, {name: [] for name in names}
     for name in names:
@@ -167,12 +126,9 @@ def evaluate(
     for row in rows:
         row.update(extra[(row["model"], row["case"])][row["region"]])
     report = _write_artifacts(out, rows, names, bins, n_boot)
-    report.failed, report.overlays = failed, overlays
+    report.failed, report.overlays = failed, list(overlays)
     # 5. MLflow
     if tracking:
-        params = {"subset": subset, "fold": fold, "n_boot": n_boot, "bootstrap_seed": 0, "lesion_task": lesion_task,
-                  "sample_steps": sample_steps, "ensemble": ensemble, "overlap": overlap,
-                  "continue_on_error": continue_on_error, "cases": len(cases)}
         report.run_id = _track(report, sources, bins, manifest, params, tracking_uri, experiment)
     return report
 
@@ -205,49 +161,6 @@ def uncertainty_quality(probs: np.ndarray, uncertainty: np.ndarray, mask: np.nda
         auroc = uncertainty_auroc(uncertainty, wrong, neighbourhood)
     case_bins = reliability_bins(probs, truth, mask=np.broadcast_to(neighbourhood, truth.shape))
     return {"uncertainty_auroc": auroc, "ece": case_bins.ece}, case_bins
-
-
-def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble, overlap, prior_dir,
-             continue_on_error, tracking_uri, failed) -> tuple[Path, dict]:
-    """Predict ``cases`` with model ``source`` into ``OUT/predictions/NAME``; failures go to ``failed``."""
-    from medseg_diff.inference.loading import load_model
-    from medseg_diff.inference.run import predict_cases
-    from medseg_diff.runtime import resolve_device
-
-    folder = out / "predictions" / name
-    model = load_model(source, resolve_device(device, key="--device"), sample_steps, ensemble, overlap=overlap,
-                       tracking_uri=tracking_uri)
-    report = predict_cases(source, manifest.source, folder, root=manifest.root, prior_dir=prior_dir, device=device,
-                           continue_on_error=continue_on_error, case_ids=[c.id for c in cases], model=model,
-                           name=name, overwrite=True)  # evaluation's own output folder: replaced case by case
-    failed.update({f"{name}/{case}": err for case, err in report.failed.items()})
-    d = model.cfg.diffusion
-    info = {"kind": "model", "source": str(source), "checkpoint": str(model.checkpoint), "model_kind": model.kind,
-            "epoch": model.epoch, "train_run_id": model.run_id, "threshold": model.cfg.infer.threshold,
-            "overlap": model.cfg.infer.overlap, "seed": model.cfg.experiment.seed,
-            "sample_steps": d.sample_steps if model.kind == "diffusion" else None,
-            "ensemble": d.ensemble if model.kind == "diffusion" else None}
-    return folder, info
-
-
-def _export_overlays(folders, models, cases, export_cases, out, failed) -> list[Path]:
-    """Clinician overlays of the first ``export_cases`` predicted cases of each model."""
-    if export_cases <= 0 or not models:
-        return []
-    from medseg_diff.export import export_case
-    from medseg_diff.inference.prediction_folder import read_prediction
-
-    reports = []
-    for name in models:
-        done = [c.id for c in cases if f"{name}/{c.id}" not in failed][:export_cases]
-        for case in done:
-            try:
-                overlay, _ = read_prediction(folders[name] / case)
-                reports.append(export_case(overlay, out / "overlays" / name / case).report)
-            except MedsegError as err:  # an overlay is a by-product: its failure is reported, scoring goes on
-                failed[f"{name}/{case} (overlay)"] = str(err)
-                log.warning("overlay of %s/%s not written: %s", name, case, err)
-    return reports
 
 
 def pooled_bins(bins: list[ReliabilityBins]) -> ReliabilityBins:

@@ -13,7 +13,6 @@ affine within ``data.check.AFFINE_ATOL``), a 3D integral label map with values o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from medseg_diff.data.check import grid_mismatch
 from medseg_diff.data.conventions import LabelConvention
 from medseg_diff.data.io import read_array, read_image
 from medseg_diff.errors import DataError
-from medseg_diff.inference.prediction_folder import META as PREDICTION_META
+from medseg_diff.predictions import layout
+from medseg_diff.predictions.meta import read_meta_if_any
 
 
 @dataclass
@@ -45,15 +45,14 @@ def find_segmentation(folder: Path, case_id: str) -> Path:
     """The label map of ``case_id`` in a prediction folder (see the module docstring for the layouts)."""
     if not folder.is_dir():
         raise DataError(folder, "prediction folder does not exist" if not folder.exists() else "is not a folder")
-    found = [c for c in (folder / case_id / f"{case_id}_seg.nii.gz", folder / f"{case_id}.nii.gz",
-                         folder / f"{case_id}_seg.nii.gz") if c.is_file()]
+    found = [c for c in layout.segmentation_candidates(folder, case_id) if c.is_file()]
     if len(found) > 1:
         raise DataError(folder, f"two predictions for this case ({', '.join(p.name for p in found)}); keep one",
                         case=case_id)
     if found:
         return found[0]
-    raise DataError(folder, f"no prediction for this case (looked for {case_id}/{case_id}_seg.nii.gz, "
-                            f"{case_id}.nii.gz, {case_id}_seg.nii.gz)", case=case_id)
+    raise DataError(folder, f"no prediction for this case (looked for {layout.candidates_text(case_id)})",
+                    case=case_id)
 
 
 def read_label_map(path: Path, conv: LabelConvention, ref_path: Path, ref_shape, ref_affine,
@@ -83,13 +82,14 @@ def read_case(folder: Path, case_id: str, label_path: Path, conv: LabelConventio
     labels = read_label_map(seg, conv, label_path, ref.shape, ref.affine, case_id)
     spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
     out = ScoredInputs(case_id, labels, truth, spacing, seg)
-    if seg.name == f"{case_id}_seg.nii.gz" and seg.parent.name == case_id:  # this package's folder: extra maps
+    if layout.is_case_folder(seg, case_id):  # this package's folder: extra maps
         _read_extras(seg.parent, case_id, out, ref, label_path)
     return out
 
 
 def _read_extras(case_dir: Path, case_id: str, out: ScoredInputs, ref, label_path: Path) -> None:
-    probs_path, unc_path = case_dir / f"{case_id}_probabilities.nii.gz", case_dir / f"{case_id}_uncertainty.nii.gz"
+    probs_path = case_dir / layout.volume(case_id, layout.PROBABILITIES)
+    unc_path = case_dir / layout.volume(case_id, layout.UNCERTAINTY)
     if probs_path.is_file() and unc_path.is_file():
         for path in (probs_path, unc_path):
             img = read_image(path)
@@ -100,14 +100,10 @@ def _read_extras(case_dir: Path, case_id: str, out: ScoredInputs, ref, label_pat
         if probs.shape[0] != 3 or not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
             raise DataError(probs_path, "expected 3 probability maps (TC, WT, ET) in [0, 1]", case=case_id)
         out.probs, out.uncertainty = probs, read_array(unc_path)[0]
-    meta_path = case_dir / PREDICTION_META
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(meta_path, f"unreadable ({err})", case=case_id) from err
-        out.seconds = _number(meta.get("seconds"))
-        out.peak_memory_mb = _number(meta.get("peak_memory_mb"))
+    meta = read_meta_if_any(case_dir, case=case_id)
+    if meta is not None:
+        out.seconds = _number(meta.seconds)
+        out.peak_memory_mb = _number(meta.peak_memory_mb)
 
 
 def _number(value) -> float | None:

@@ -1,4 +1,5 @@
 """Clinician overlays of one case: NIfTI on the original grid, colour tables, PNG montage, HTML report.
+This package's public face; the prediction in memory and its volumes are ``predictions``', Dice is ``evaluation``'s.
 
 ``export_case(CaseOverlay(...), out_dir)`` writes ``{case}_seg.nii.gz``, ``{case}_uncertainty.nii.gz``,
 ``{case}_variance.nii.gz`` (diffusion ensembles), ``{case}_attention_{name}.nii.gz``,
@@ -6,29 +7,21 @@
 ``{case}_montage.png`` and ``report.html``.
 """
 
-from medseg_diff.export.montage import (
-    HeatScale,
-    MontageRow,
-    Panel,
-    RenderedMontage,
-    display_slice,
-    heat_rgba,
-    heat_scale,
-    largest_lesion,
-    montage_panels,
-    montage_rows,
-    montage_slices,
-    render_montage,
-)
-from medseg_diff.export.overlays import (
+from medseg_diff.export.montage import MontageRow, RenderedMontage, montage_rows, render_montage
+from medseg_diff.export.scales import HeatScale, heat_rgba, heat_scale
+from medseg_diff.export.slices import Panel, display_slice, largest_lesion, montage_panels, montage_slices
+from medseg_diff.data.vocabulary import label_entries
+from medseg_diff.evaluation.metrics import dice_scores
+from medseg_diff.export.overlays import export_case
+from medseg_diff.export.report import map_definitions, region_volumes_cm3, render_report
+from medseg_diff.export.types import ExportResult
+from medseg_diff.predictions.types import CaseOverlay, Provenance
+from medseg_diff.predictions.volumes import (
     ReferenceGrid,
-    export_case,
     itksnap_label_file,
     load_reference_grid,
     slicer_colour_table,
 )
-from medseg_diff.export.report import dice_scores, map_definitions, region_volumes_cm3, render_report
-from medseg_diff.export.types import CaseOverlay, ExportResult, Provenance, label_entries
 
 __all__ = [
     "CaseOverlay",

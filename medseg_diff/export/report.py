@@ -2,6 +2,9 @@
 
 Every piece of text that comes from the input (case id, model name, run id, file names) goes
 through ``html.escape``; the page loads nothing from the network.
+
+Over 400 lines on purpose: the sections of one HTML page (research note, agreement, maps and their definitions,
+provenance, files, how to open them in Slicer / ITK-SNAP); each is a short function, the page is one reading.
 """
 
 from __future__ import annotations
@@ -16,21 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from medseg_diff import __version__
-from medseg_diff.data.conventions import REGIONS, LabelConvention
-from medseg_diff.evaluation.metrics import dice, region_volumes_ml
-from medseg_diff.export.montage import SAME_SLICES_MM, MontageRow
+from medseg_diff.data.conventions import LabelConvention
+from medseg_diff.evaluation.metrics import dice_scores, region_volumes_ml
+from medseg_diff.kinds import REGISTRY
+from medseg_diff.predictions import layout
+from medseg_diff.export.montage import MontageRow
+from medseg_diff.export.slices import SAME_SLICES_MM
+from medseg_diff.data.vocabulary import REGION_NAMES, REGION_RGB, label_entries
 from medseg_diff.export.types import (
-    ATTENTION_PERCENTILE,
-    ATTENTION_SCALE_TOP,
-    ENTROPY_SCALE_TOP,
-    REGION_NAMES,
-    REGION_RGB,
-    VARIANCE_MAX,
-    VARIANCE_SCALE_TOP,
-    CaseOverlay,
-    OutputFile,
-    label_entries,
+    ATTENTION_SCALE_TOP, ENTROPY_SCALE_TOP, VARIANCE_MAX, VARIANCE_SCALE_TOP, OutputFile,
 )
+from medseg_diff.predictions.types import ATTENTION_PERCENTILE, CaseOverlay
 
 REPORT_NAME = "report.html"
 _TIMES = " \u00d7 "
@@ -117,12 +116,6 @@ def region_volumes_cm3(labels: np.ndarray, convention: LabelConvention, voxel_mm
     return volumes
 
 
-def dice_scores(labels: np.ndarray, truth: np.ndarray, convention: LabelConvention) -> dict[str, float]:
-    """Per-region Dice, BraTS convention: both empty -> 1.0."""
-    pred, ref = convention.to_regions(labels), convention.to_regions(truth)
-    return {region: dice(pred[i], ref[i]) for i, region in enumerate(REGIONS)}
-
-
 def render_report(overlay: CaseOverlay, context: ReportContext) -> str:
     """The HTML page, as a string."""
     e = html.escape
@@ -164,10 +157,10 @@ def map_definitions(overlay: CaseOverlay) -> dict[str, str]:
     top = "3\u00b7ln 2 \u2248 2.08 nats" if units == "nats" else "3 bits"
     formula = ("binary entropy \u2212p\u00b7log p \u2212 (1\u2212p)\u00b7log(1\u2212p) of each region's probability p, "
                f"summed over the 3 regions (TC, WT, ET), in {units}: 0 when every region is certain, at most {top}")
-    if kind in ("unet", "attention_unet"):
+    if kind in REGISTRY and not REGISTRY[kind].samples:
         entropy = ("predictive entropy of the U-Net's own probabilities from its single forward pass (no sampling, "
                    f"so no disagreement between runs is measured): the {formula}")
-    elif kind == "diffusion" or overlay.variance is not None:
+    elif (kind in REGISTRY and REGISTRY[kind].samples) or overlay.variance is not None:
         entropy = (f"predictive entropy of the mean probabilities of the {n}DDIM ensemble members: the {formula}, "
                    "with p the members' mean")
     else:
@@ -371,7 +364,7 @@ def _provenance_section(overlay: CaseOverlay) -> str:
     def value(x) -> str:
         return _NONE if x is None or x == "" else e(str(x))
 
-    if p.model_kind in ("unet", "attention_unet"):
+    if p.model_kind in REGISTRY and not REGISTRY[p.model_kind].samples:
         sampler = "none: one forward pass of the U-Net (deterministic)"
     elif p.sample_steps is not None or p.ensemble is not None:
         sampler = (f"DDIM, {_count(p.sample_steps, 'step')}, {_count(p.ensemble, 'ensemble member')}, seed "
@@ -411,10 +404,10 @@ def _files_section(overlay: CaseOverlay, context: ReportContext) -> str:
         for f in here
     )
     names = {f.path.name for f in here}
-    seg = next(n for n in names if n.endswith("_seg.nii.gz"))
-    ctbl = next(n for n in names if n.endswith("_labels.ctbl"))
-    snap = next(n for n in names if n.endswith("_labels_itksnap.txt"))
-    maps = sorted(n for n in names if "_attention_" in n or n.endswith(("_uncertainty.nii.gz", "_variance.nii.gz")))
+    seg = next(n for n in names if n.endswith(layout.seg("")))
+    ctbl = next(n for n in names if n.endswith(layout.slicer_table("")))
+    snap = next(n for n in names if n.endswith(layout.itksnap_table("")))
+    maps = sorted(n for n in names if layout.is_map_file(n))
     maps_text = ", ".join(f"<code>{e(n)}</code>" for n in maps) or "the map files"
     inputs = _input_files(overlay)
     ref = f"<code>{e(str(_absolute(overlay.reference)))}</code>"

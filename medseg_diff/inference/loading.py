@@ -1,10 +1,9 @@
 """Load a trained model for inference from its checkpoint, with nothing from training.
 
-The network is rebuilt from the checkpoint's own ``network`` spec (``NETWORKS[name](**kwargs)``) and takes the
+The network is rebuilt from the checkpoint's own ``network`` spec (the constructor of the kind that owns ``name``, ``kinds.build_network``) and takes the
 inference weights (the EMA when training kept one); the rest of the stored config gives the preprocessing,
-sliding-window and sampler settings, which the caller may override. ``source`` may also be an MLflow model URI
-(``models:/NAME/VERSION``, ``models:/NAME@alias``, ``runs:/RUN_ID/PATH``): its checkpoint is fetched from the
-tracking server first (``tracking.registry``).
+sliding-window and sampler settings, which the caller may override. A model registered in MLflow is loaded through
+``stages.load_model``, which fetches its checkpoint first (``tracking.registry``).
 """
 
 from __future__ import annotations
@@ -17,12 +16,13 @@ import torch
 from medseg_diff.checkpoint import load_checkpoint, upgrade_config
 from medseg_diff.config import Config, config_from_dict
 from medseg_diff.errors import ConfigError, DataError
-from medseg_diff.inference.adapters import ADAPTERS, ModelAdapter, build_adapter, build_network
+from medseg_diff.kinds import build_kind, build_network, kind_class
+from medseg_diff.kinds.base import ModelKind
 
 
 @dataclass
 class LoadedModel:
-    adapter: ModelAdapter
+    adapter: ModelKind
     net: torch.nn.Module
     cfg: Config
     checkpoint: Path
@@ -41,26 +41,30 @@ def is_model_uri(source: str | Path) -> bool:
     return str(source).startswith(("models:/", "runs:/"))
 
 
-def load_model(source: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
-               ensemble: int | None = None, seed: int | None = None, overlap: float | None = None,
-               tracking_uri: str | None = None) -> LoadedModel:
-    """Rebuild a trained model from a checkpoint file or an MLflow model URI.
-
-    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
-    sliding-window overlap (``infer.overlap``).
-    """
+def check_overrides(sample_steps: int | None = None, ensemble: int | None = None, overlap: float | None = None) -> None:
+    """``ConfigError`` naming the flag for a sampler or sliding-window override out of range."""
     for flag, value, ok, rule in (("--steps", sample_steps, lambda v: v >= 1, ">= 1"),
                                   ("--ensemble", ensemble, lambda v: v >= 1, ">= 1"),
                                   ("--overlap", overlap, lambda v: 0 <= v < 1, "in [0, 1)")):
         if value is not None and not ok(value):
             raise ConfigError(flag, f"must be {rule}, got {value}")
-    uri = str(source) if is_model_uri(source) else None
-    if uri is not None:
-        from medseg_diff.tracking.registry import checkpoint_of_model
 
-        path = checkpoint_of_model(uri, tracking_uri)
-    else:
-        path = Path(source)
+
+def load_model(source: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
+               ensemble: int | None = None, seed: int | None = None, overlap: float | None = None,
+               fetched: Path | None = None) -> LoadedModel:
+    """Rebuild a trained model from a checkpoint file; ``source`` may be an MLflow model URI when ``fetched`` is
+    the checkpoint it names (``stages.load_model`` fetches it: inference knows nothing of MLflow).
+
+    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
+    sliding-window overlap (``infer.overlap``).
+    """
+    check_overrides(sample_steps, ensemble, overlap)
+    uri = str(source) if is_model_uri(source) else None
+    if uri is not None and fetched is None:
+        raise DataError(uri, "an MLflow model URI: load it with medseg_diff.stages.load_model, which fetches its "
+                             "checkpoint from the tracking server")
+    path = Path(fetched) if uri is not None else Path(source)
     ckpt = load_checkpoint(path, map_location="cpu")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "inference_model" not in ckpt:
         raise DataError(path, "not a medseg-diff checkpoint (no config / weights inside)")
@@ -79,11 +83,11 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
     # formats 1-2 have no network spec: it follows from their (upgraded) config
     spec = ckpt.get("network")
     if spec is not None:
-        expected = ADAPTERS[kind].network_spec(cfg)["name"]
+        expected = kind_class(kind).network_spec(cfg)["name"]
         if not isinstance(spec, dict) or spec.get("name") != expected:
             name = spec.get("name") if isinstance(spec, dict) else spec
             raise DataError(path, f"the checkpoint's network {name!r} is not the {expected} of a '{kind}' model")
-    adapter = build_adapter(cfg, build_network(spec, path) if spec is not None else None)
+    adapter = build_kind(cfg, build_network(spec, path) if spec is not None else None)
     try:
         adapter.net.load_state_dict(weights)
     except RuntimeError as err:

@@ -46,5 +46,5 @@ def build_attention_unet(
     strides: Sequence[int] = (2, 2, 2),
     dropout: float = 0.0,
 ) -> AttentionUNet:
-    """The Attention U-Net from a checkpoint's ``network`` kwargs (``inference.adapters.NETWORKS``)."""
+    """The Attention U-Net from a checkpoint's ``network`` kwargs (``kinds.attention_unet``)."""
     return AttentionUNet(in_channels, out_channels, channels, strides, dropout)

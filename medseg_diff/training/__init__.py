@@ -1,5 +1,5 @@
 """Training: the generic trainer (exact resume, EMA, DDP), the per-model objectives and the MLflow hooks.
 
-``objectives`` (loss per model kind), ``trainer`` (the loop and checkpoints), ``hooks`` (MLflow, log lines),
+``trainer`` (the loop and checkpoints), ``hooks`` (MLflow, log lines),
 ``run`` (``train(cfg)``: manifest → datasets → trainer), ``distributed`` (torchrun plumbing).
 """

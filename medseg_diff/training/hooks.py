@@ -10,19 +10,18 @@ import torch
 
 from medseg_diff.config import Config
 from medseg_diff.data.manifest import Manifest
+from medseg_diff.kinds import KINDS, info
 from medseg_diff.tracking import source_tags, start_tracker
 from medseg_diff.training.trainer import BEST, LAST, Trainer
 
 log = logging.getLogger(__name__)
 
 #: Config sections that belong to one model kind only: a run logs its own and not the others'.
-_MODEL_SECTIONS = {"diffusion": ("model.denoiser.", "diffusion."), "unet": ("model.unet.",),
-                   "attention_unet": ("model.attention_unet.",)}
 
 
 def own_params(cfg: Config) -> dict[str, object]:
     """The flattened config without the other model kinds' settings."""
-    skip = tuple(p for kind, prefixes in _MODEL_SECTIONS.items() if kind != cfg.model.kind for p in prefixes)
+    skip = tuple(p for kind in KINDS if kind != cfg.model.kind for p in info(kind).params)
     return {k: v for k, v in cfg.flat().items() if not k.startswith(skip)}
 
 

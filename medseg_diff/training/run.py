@@ -22,7 +22,7 @@ from medseg_diff.data.dataset import case_record, make_dataset
 from medseg_diff.data.manifest import Manifest, load_manifest
 from medseg_diff.data.transforms import eval_transforms, train_transforms
 from medseg_diff.errors import ConfigError, DataError
-from medseg_diff.inference.adapters import build_adapter
+from medseg_diff.kinds import build_kind
 from medseg_diff.runtime import configure_logging, pin_reproducibility
 from medseg_diff.training.distributed import cleanup, init_distributed
 from medseg_diff.training.hooks import LogHook, MlflowHook
@@ -61,7 +61,7 @@ def train(cfg: Config, resume: bool = True, check_data: bool = True, verify_chec
 
             ensure_checksums(manifest, train_cases + val_cases)  # the run's manifest_hash must describe its bytes
         # 3. adapter, datasets, hooks
-        adapter = build_adapter(cfg)  # roi sizes against its stride: checked with the config (config.network_stride)
+        adapter = build_kind(cfg)  # roi sizes against its stride: checked with the config (config.network_stride)
         t_train = train_transforms(conv, cfg.data.spacing, cfg.data.roi_size, cfg.data.samples_per_volume,
                                    cfg.data.pos_neg)
         train_ds = make_dataset([case_record(manifest, c) for c in train_cases], t_train, cfg.data.cache,

@@ -1,5 +1,6 @@
-"""One trainer for both models (template method): the loop is here; the model-specific network, predictor and
-prior come from a ``ModelAdapter``, the loss from an ``Objective``, side effects (MLflow, logging) from ``TrainerHook``s.
+"""One trainer for every model kind (template method): the loop is here; the model-specific network, predictor and
+prior come from a ``ModelKind`` (``kinds``), the loss from its ``Objective``, side effects (MLflow, logging) from
+``TrainerHook``s.
 
 Exact resume: every epoch starts by reseeding the data order, the MONAI random transforms, the
 diffusion noise generator and torch's global RNG from (seed, epoch), and a checkpoint holds model,
@@ -33,11 +34,10 @@ from medseg_diff.data.transforms import IMAGE, LABEL
 from medseg_diff.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, upgrade_config
 from medseg_diff.errors import TrainingError
 from medseg_diff.evaluation.metrics import dice
-from medseg_diff.inference.adapters import ModelAdapter
+from medseg_diff.kinds.base import ModelKind, Objective
 from medseg_diff.inference.sliding_window import infer_volume
 from medseg_diff.runtime import show_progress
 from medseg_diff.training.distributed import DistInfo, barrier, mean_across
-from medseg_diff.training.objectives import Objective, build_objective
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,11 @@ def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, adapter: ModelAdapter, train_data, val_data, device: torch.device,
+    def __init__(self, cfg: Config, adapter: ModelKind, train_data, val_data, device: torch.device,
                  dist_info: DistInfo = DistInfo(), hooks: list[TrainerHook] | None = None,
                  train_transform=None, objective: Objective | None = None):
         self.cfg, self.adapter, self.device, self.dist = cfg, adapter, device, dist_info
-        self.objective = objective or build_objective(adapter)
+        self.objective = objective or adapter.objective()
         self.hooks = hooks or []
         self.train_data, self.val_data, self.train_transform = train_data, val_data, train_transform
         self.out_dir = Path(cfg.experiment.output_dir)
@@ -213,6 +213,20 @@ class Trainer:
     def _train_step(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
         image = batch[IMAGE].to(self.device, non_blocking=True)
         regions = batch[LABEL].to(self.device, non_blocking=True)
+
+        def where() -> str:  # the batch, named in the error of a non-finite loss
+            cases = sorted(set(batch.get(CASE_ID, []))) if isinstance(batch.get(CASE_ID), (list, tuple)) else []
+            named = f" on a batch of case(s) {', '.join(cases)}" if cases else ""
+            return f" at epoch {epoch + 1}, step {index + 1}{named}; check those cases (medseg-diff check MANIFEST)"
+
+        return self.train_step(image, regions, where)
+
+    def train_step(self, image: torch.Tensor, regions: torch.Tensor,
+                   where: Callable[[], str] | None = None) -> dict[str, float]:
+        """One optimisation step on a batch already on ``self.device`` (image ``[B, 4, ...]``, regions
+        ``[B, 3, ...]``): forward + loss (bf16 autocast on CUDA), the non-finite check, backward, gradient clipping,
+        AdamW, the LR schedule and the EMA. Returns the loss parts. The training loop runs it for every batch
+        (``where()`` then names the batch in the error of a non-finite loss); the benchmarks time it."""
         # 2. forward + loss (bf16 autocast on CUDA)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             out = self.objective.loss(self.module, image, regions, self.noise_generator)
@@ -220,11 +234,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             last = self.out_dir / LAST
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            cases = sorted(set(batch.get(CASE_ID, []))) if isinstance(batch.get(CASE_ID), (list, tuple)) else []
-            named = f" on a batch of case(s) {', '.join(cases)}" if cases else ""
             raise TrainingError(
-                f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {index + 1}{named}; check those cases "
-                f"(medseg-diff check MANIFEST); training stopped, {kept}")
+                f"non-finite loss ({loss_value}){where() if where is not None else ''}; training stopped, {kept}")
         # 3. backward, clip, step, schedule, EMA
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
@@ -305,7 +316,7 @@ class Trainer:
         kind = self.adapter.kind
         if ckpt.get("model_kind") != kind:
             raise TrainingError(f"{path}: checkpoint is of a '{ckpt.get('model_kind')}' model, not '{kind}'")
-        section = "denoiser" if kind == "diffusion" else kind  # the network's own settings: model.SECTION
+        section = self.adapter.info.section  # the network's own settings: model.SECTION
         saved = upgrade_config(ckpt.get("config", {}), ckpt.get("format", 1)).get("model", {}).get(section, {})
         differ = _differences(saved, self.cfg.to_dict()["model"][section], f"model.{section}")
         if differ:

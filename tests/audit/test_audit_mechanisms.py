@@ -221,7 +221,7 @@ def test_means_over_cases_average_numbers_count_booleans_and_skip_nan():
 def _loaded(prior_source: str):
     """An untrained tiny diffusion model of ``prior_source`` as ``load_model`` would hand it over (K = 1, N = 1)."""
     from factories import tiny_config
-    from medseg_diff.inference.adapters import build_adapter
+    from medseg_diff.kinds import build_kind as build_adapter
     from medseg_diff.inference.loading import LoadedModel
 
     cfg = tiny_config("unused.json", "unused", "diffusion", diffusion={"sample_steps": 1, "ensemble": 1},

@@ -353,7 +353,7 @@ def test_loaded_manifest_with_other_channels_is_refused(one_case, tmp_path, key,
 
 
 def test_case_id_rule_is_the_writers_rule():
-    from medseg_diff.export.types import _SAFE_NAME
+    from medseg_diff.predictions.types import _SAFE_NAME
 
     assert CASE_ID_PATTERN.pattern == _SAFE_NAME.pattern
 

@@ -1,4 +1,4 @@
-"""Synthetic BraTS-like phantoms (SPEC §3): files, geometry, labels, contrasts, reproducibility.
+"""Synthetic BraTS-like phantoms: files, geometry, labels, contrasts, reproducibility.
 
 Coarse spacings (4 mm, one 3 mm case) keep the whole module to a few seconds on 2 CPU cores.
 """

@@ -15,10 +15,11 @@ from dicom_support import SHAPE, dciodvfy, dcmqi, study_volumes, write_predictio
 from factories import BRATS2021
 from medseg_diff import __version__
 from medseg_diff.data.io import read_array
-from medseg_diff.dicom import read_study, write_dicom_outputs, write_phantom_study
-from medseg_diff.dicom.geometry import resample_exact
+from medseg_diff.data.dicom import read_study
+from medseg_diff.dicom import write_dicom_outputs, write_phantom_study
+from medseg_diff.data.dicom.geometry import resample_exact
 from medseg_diff.errors import DataError
-from medseg_diff.export.types import label_entries
+from medseg_diff.data.vocabulary import label_entries
 
 MAPS = ("uncertainty", "variance", "attention_cross", "attention_self")
 

@@ -11,7 +11,8 @@ from dicom_support import dciodvfy, study_volumes
 from factories import tiny_config
 from medseg_diff.cli import main
 from medseg_diff.data.io import read_array
-from medseg_diff.dicom import read_study, write_dicom_outputs, write_phantom_study
+from medseg_diff.data.dicom import read_study
+from medseg_diff.dicom import write_dicom_outputs, write_phantom_study
 
 pytestmark = pytest.mark.slow  # trains a tiny model first
 

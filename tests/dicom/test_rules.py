@@ -1,10 +1,10 @@
-"""``dicom.rules.SeriesRule``: the default rule on the usual SeriesDescriptions, rule files, bad rules."""
+"""``data.dicom.rules.SeriesRule``: the default rule on the usual SeriesDescriptions, rule files, bad rules."""
 
 import json
 
 import pytest
 
-from medseg_diff.dicom import SeriesRule
+from medseg_diff.data.dicom import SeriesRule
 from medseg_diff.errors import DataError
 
 USUAL = {
@@ -68,7 +68,7 @@ def test_predict_takes_a_series_rule_for_unusual_descriptions(tmp_path, capsys):
     from dicom_support import study_volumes
     from medseg_diff.cli import main
     from medseg_diff.dicom import write_phantom_study
-    from medseg_diff.inference.run import input_records
+    from medseg_diff.stages.predict import input_records
 
     site = {"t1": "SEQ A", "t1ce": "SEQ B", "t2": "SEQ C", "flair": "SEQ D"}
     folder = write_phantom_study(study_volumes(), tmp_path / "study", descriptions=site)

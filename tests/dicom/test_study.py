@@ -14,10 +14,11 @@ from factories import BRATS2021, LPS_AFFINE, RAS_AFFINE, tiny_images, tiny_label
 from medseg_diff.data.conventions import MODALITIES
 from medseg_diff.data.discovery import discover
 from medseg_diff.data.io import dicom_series_files, read_array, read_image
-from medseg_diff.dicom import SeriesRule, is_dicom_study, read_study, write_phantom_study
-from medseg_diff.dicom.geometry import position, resample_exact
+from medseg_diff.data.dicom import SeriesRule, is_dicom_study, read_study
+from medseg_diff.dicom import write_phantom_study
+from medseg_diff.data.dicom.geometry import position, resample_exact
 from medseg_diff.errors import DataError
-from medseg_diff.export.types import check_name
+from medseg_diff.predictions.types import check_name
 
 
 @pytest.mark.parametrize("layout,suffix", [("series", ""), ("flat", ""), ("nested", ".dcm")])
@@ -181,7 +182,7 @@ def test_inputs_of_predict_and_the_monai_loader(tmp_path):
 
     from medseg_diff.data.io import MedsegReader
     from medseg_diff.inference.case import check_grid
-    from medseg_diff.inference.run import input_records
+    from medseg_diff.stages.predict import input_records
 
     volumes = study_volumes()
     folder = write_phantom_study(volumes, tmp_path / "study", layout="flat")
@@ -209,7 +210,7 @@ def test_a_manifest_of_dicom_studies_builds_and_checks(tmp_path):
     assert check_manifest(load_manifest(root / "manifest.json")) == []
 
     # predicting from the manifest also writes DICOM outputs: its records name their study folder
-    from medseg_diff.inference.run import input_records
+    from medseg_diff.stages.predict import input_records
 
     _, records = input_records(root / "manifest.json")
     assert sorted(read_study(r["dicom_study"]).case_id for r in records) == sorted(c.id for c in manifest.cases)

@@ -16,9 +16,10 @@ from factories import LPS_AFFINE, tiny_config, tiny_images, tiny_label
 from medseg_diff.cli import main
 from medseg_diff.data.conventions import BRATS2021
 from medseg_diff.data.io import read_array
-from medseg_diff.dicom import read_study, write_phantom_study
+from medseg_diff.data.dicom import read_study
+from medseg_diff.dicom import write_phantom_study
 from medseg_diff.dicom.web import connect, find_results, store_instances
-from medseg_diff.export.types import label_entries
+from medseg_diff.data.vocabulary import label_entries
 
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"

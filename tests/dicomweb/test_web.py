@@ -248,7 +248,8 @@ def test_a_destination_with_other_files_is_refused(stored, tmp_path):
 def test_a_fetched_phantom_study_reads_as_a_case(orthanc, tmp_path):
     """``dicom.write_phantom_study`` up, ``fetch_study`` down, ``dicom.read_study`` finds its four modalities; an
     instance of a non-image SOP class (a parametric map) in a series labelled MR stays on the server."""
-    from medseg_diff.dicom import read_study, write_phantom_study
+    from medseg_diff.data.dicom import read_study
+    from medseg_diff.dicom import write_phantom_study
 
     rng = np.random.default_rng(0)
     affine = np.diag([2.0, 2.0, 3.0, 1.0])

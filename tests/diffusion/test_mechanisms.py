@@ -13,7 +13,7 @@ from medseg_diff.diffusion.loss import DiffusionLoss, DiffusionTraining, EncodeD
 from medseg_diff.diffusion.sampler import DDIMSampler, predict_x0
 from medseg_diff.diffusion.schedules import SKIP_LOGIT_LIMIT, build_scheduler, x0_logits
 from medseg_diff.errors import ConfigError
-from medseg_diff.inference.adapters import rough_outline, simulated_priors
+from medseg_diff.kinds.priors import rough_outline, simulated_priors
 from medseg_diff.models import DiffusionSegUNet
 from medseg_diff.models.types import Conditioning
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from medseg_diff.diffusion.sampler import DDIMSampler, SampleOutput, binary_entropy, summarise_members
 from medseg_diff.diffusion.schedules import build_scheduler, scheduler_input, x0_from_output
-from medseg_diff.inference.sliding_window import DiffusionSegmenter, UNetSegmenter, infer_volume
+from medseg_diff.inference.sliding_window import infer_volume
+from medseg_diff.kinds.segmenters import DiffusionSegmenter, UNetSegmenter
 from medseg_diff.models import Conditioning, DenoiserOutput, DiffusionSegUNet, build_baseline_unet
 
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "cosine", "sigmoid_beta")

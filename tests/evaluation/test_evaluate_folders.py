@@ -10,7 +10,8 @@ import pytest
 from medseg_diff.cli import main
 from medseg_diff.data.manifest import load_manifest
 from medseg_diff.errors import DataError
-from medseg_diff.evaluation.run import evaluate
+from medseg_diff.stages.evaluate import evaluate
+from medseg_diff.stages.options import Scoring, Tracking
 from medseg_diff.evaluation.lesionwise import LESION_COLUMNS
 
 
@@ -36,7 +37,7 @@ def test_an_outside_folder_is_scored_like_our_own(phantoms, tmp_path):
     shifted = tmp_path / "shifted"
     _nnunet_folder(phantoms, shifted, shift=2)
     report = evaluate(phantoms, tmp_path / "eval", predictions={"perfect": perfect, "shifted": shifted},
-                      tracking=False, n_boot=200)
+                      tracking=Tracking(enabled=False), scoring=Scoring(n_boot=200))
     rows = list(csv.DictReader((tmp_path / "eval" / "per_case.csv").open(encoding="utf-8")))
     assert {r["case"] for r in rows} == {c.id for c in cases}
     assert list(rows[0])[:4] == ["case", "model", "region", "dice"]  # the columns of before come first
@@ -59,7 +60,7 @@ def test_a_prediction_off_the_case_grid_is_refused_naming_the_file(phantoms, tmp
     img = nib.load(str(bad))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine), str(bad))
     with pytest.raises(DataError, match=rf"{cases[0].id}\.nii\.gz: not on the case's grid: shape"):
-        evaluate(phantoms, tmp_path / "eval", predictions={"tool": folder}, tracking=False)
+        evaluate(phantoms, tmp_path / "eval", predictions={"tool": folder}, tracking=Tracking(enabled=False))
 
 
 def test_labels_outside_the_convention_are_refused_and_continue_on_error_scores_the_rest(phantoms, tmp_path):
@@ -82,7 +83,7 @@ def test_a_missing_case_names_the_layouts_it_looked_for(phantoms, tmp_path):
     cases = _nnunet_folder(phantoms, folder)
     (folder / f"{cases[-1].id}.nii.gz").unlink()
     with pytest.raises(DataError, match=rf"case {cases[-1].id}: .*no prediction for this case .*{cases[-1].id}\.nii\.gz"):
-        evaluate(phantoms, tmp_path / "eval", predictions={"tool": folder}, tracking=False)
+        evaluate(phantoms, tmp_path / "eval", predictions={"tool": folder}, tracking=Tracking(enabled=False))
 
 
 def test_our_prediction_folder_layout_is_found(phantoms, tmp_path):
@@ -92,7 +93,7 @@ def test_our_prediction_folder_layout_is_found(phantoms, tmp_path):
     for case in cases:
         (folder / case.id).mkdir(parents=True)
         shutil.copy(flat / f"{case.id}.nii.gz", folder / case.id / f"{case.id}_seg.nii.gz")
-    report = evaluate(phantoms, tmp_path / "eval", predictions={"ours": folder}, tracking=False)
+    report = evaluate(phantoms, tmp_path / "eval", predictions={"ours": folder}, tracking=Tracking(enabled=False))
     assert all(float(r["dice"]) == 1.0 for r in report.rows)
 
 
@@ -100,8 +101,8 @@ def test_nothing_to_evaluate_and_an_empty_subset_say_what_to_do(phantoms, tmp_pa
     from medseg_diff.data.manifest import build_manifest, write_manifest
 
     with pytest.raises(DataError, match="nothing to evaluate"):
-        evaluate(phantoms, tmp_path / "eval", tracking=False)
+        evaluate(phantoms, tmp_path / "eval", tracking=Tracking(enabled=False))
     no_test = write_manifest(build_manifest(phantoms.parent, folds=2, test_fraction=0.0), tmp_path / "m.json")
     with pytest.raises(DataError, match=r"no labelled cases in subset 'test' .*'test': 0.*--test-fraction"):
-        evaluate(no_test, tmp_path / "eval", predictions={"x": tmp_path}, tracking=False)
+        evaluate(no_test, tmp_path / "eval", predictions={"x": tmp_path}, tracking=Tracking(enabled=False))
     assert not (tmp_path / "eval").exists()  # refused before any output folder was made

@@ -17,19 +17,11 @@ from medseg_diff.export import CaseOverlay, export_case, itksnap_label_file, loa
 from medseg_diff.export import montage as montage_module
 from medseg_diff.export import overlays as overlays_module
 from medseg_diff.export import slicer_colour_table
-from medseg_diff.export.montage import (
-    CONTOUR_WIDTHS,
-    HALO_POINTS,
-    OVER_RGB,
-    colour_bar_ticks,
-    heat_rgba,
-    heat_scale,
-    largest_lesion,
-    montage_rows,
-    montage_slices,
-    tumour_centre,
-)
-from medseg_diff.export.types import ATTENTION_SCALE_TOP, REGION_RGB, label_entries
+from medseg_diff.export.montage import CONTOUR_WIDTHS, HALO_POINTS, montage_rows
+from medseg_diff.export.scales import OVER_RGB, colour_bar_ticks, heat_rgba, heat_scale
+from medseg_diff.export.slices import largest_lesion, montage_slices, tumour_centre
+from medseg_diff.data.vocabulary import REGION_RGB, label_entries
+from medseg_diff.export.types import ATTENTION_SCALE_TOP
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
 SHAPE = (20, 24, 14)  # RAS voxels of the phantom

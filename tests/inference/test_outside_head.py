@@ -13,7 +13,7 @@ from medseg_diff.data.conventions import MODALITIES
 from medseg_diff.data.dataset import files_record
 from medseg_diff.data.discovery import discover
 from medseg_diff.errors import DataError
-from medseg_diff.inference.adapters import build_adapter
+from medseg_diff.kinds import build_kind as build_adapter
 from medseg_diff.inference.case import predict_case
 from medseg_diff.inference.loading import LoadedModel
 

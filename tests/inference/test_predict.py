@@ -15,7 +15,8 @@ from factories import LPS_AFFINE, REAL_DATA, save, tiny_config, write_case
 from medseg_diff.cli import main
 from medseg_diff.config import config_from_dict
 from medseg_diff.data.conventions import BRATS2021, BRATS2023
-from medseg_diff.inference.run import predict_cases
+from medseg_diff.stages.options import Cases, Sampling, Writing
+from medseg_diff.stages.predict import predict_cases
 from medseg_diff.training.run import train
 from medseg_diff.errors import DataError
 
@@ -120,7 +121,7 @@ def test_lps_and_ras_copies_of_a_case_give_the_same_world_space_prediction(model
         canonical = nib.as_closest_canonical(nib.load(path))
         nib.save(canonical, ras / path.name.replace("scan_lps", "scan_ras"))
     out = tmp_path / "out"
-    predict_cases(models["diffusion"], tmp_path / "data", out, device="cpu", sample_steps=1, ensemble=2)
+    predict_cases(models["diffusion"], tmp_path / "data", out, sampling=Sampling(device="cpu", sample_steps=1, ensemble=2))
     for name in ("uncertainty", "attention_self", "seg"):
         from_lps = nib.as_closest_canonical(nib.load(out / "scan_lps" / f"scan_lps_{name}.nii.gz"))
         from_ras = nib.load(out / "scan_ras" / f"scan_ras_{name}.nii.gz")
@@ -136,12 +137,12 @@ def test_prediction_folder_holds_variance_provenance_and_where_dice_came_from(mo
     """The diffusion model's member variance reaches the prediction folder (on the input grid) and the export; the
     folder records the checkpoint, its training data and the sampler; Dice says it was computed against the label
     file, not by an evaluation. The U-Net writes no variance and records no sampler."""
-    from medseg_diff.export.folders import export_predictions
-    from medseg_diff.inference.prediction_folder import read_prediction
+    from medseg_diff.predictions.folder import read_prediction
+    from medseg_diff.stages.export import export_predictions, read_for_export
 
     data = tmp_path / "data"
     write_case(data, "V1", seed=15)
-    predict_cases(models["diffusion"], data, tmp_path / "pred", device="cpu", sample_steps=1, ensemble=2, seed=5)
+    predict_cases(models["diffusion"], data, tmp_path / "pred", sampling=Sampling(device="cpu", sample_steps=1, ensemble=2, seed=5))
     folder = tmp_path / "pred" / "V1"
     variance, reference = nib.load(folder / "V1_variance.nii.gz"), nib.load(data / "V1" / "V1_t1.nii.gz")
     assert variance.shape == reference.shape and np.array_equal(variance.affine, reference.affine)
@@ -158,7 +159,7 @@ def test_prediction_folder_holds_variance_provenance_and_where_dice_came_from(mo
     label = data / "V1" / "V1_seg.nii.gz"
     assert meta["dice_source"] == f"computed at predict time against the case's label file {label}"
     assert set(meta["dice"]) == {"TC", "WT", "ET"}
-    overlay, _ = read_prediction(folder)
+    overlay = read_for_export(folder)  # with Dice against the label file, as the export shows it
     np.testing.assert_allclose(overlay.variance, values)
     assert overlay.provenance.ensemble == 2 and str(label) in overlay.dice_source
     page = export_predictions([folder], tmp_path / "export").written[0].read_text(encoding="utf-8")
@@ -166,10 +167,10 @@ def test_prediction_folder_holds_variance_provenance_and_where_dice_came_from(mo
     assert "evaluation" not in page.split("<h2>Agreement with ground truth</h2>")[1].split("<h2>")[0].replace(
         "not taken from an evaluation run", "")
     assert "<h2>Provenance</h2>" in page and "tiny-phantoms" in page and "DDIM, 1 step, 2 ensemble members" in page
-    predict_cases(models["unet"], data, tmp_path / "unet", device="cpu")
+    predict_cases(models["unet"], data, tmp_path / "unet", sampling=Sampling(device="cpu"))
     assert not (tmp_path / "unet" / "V1" / "V1_variance.nii.gz").exists()
     overlay, meta = read_prediction(tmp_path / "unet" / "V1")
-    assert overlay.variance is None and meta["variance"] is False
+    assert overlay.variance is None and meta.variance is False
     assert overlay.provenance.model_kind == "unet" and overlay.provenance.ensemble is None
 
 
@@ -236,7 +237,7 @@ def test_without_continue_on_error_the_first_bad_case_stops_the_run(models, bad_
     truncated, _ = bad["B_truncated"]
     out = tmp_path / "out"
     with pytest.raises(DataError, match="truncated or corrupt") as err:
-        predict_cases(models["unet"], data, out, device="cpu")
+        predict_cases(models["unet"], data, out, sampling=Sampling(device="cpu"))
     assert err.value.path == str(truncated) and err.value.case == "B_truncated"
     assert sorted(p.name for p in out.iterdir()) == ["A_good"]  # written before; nothing after the bad case
     rc = main(["predict", "--checkpoint", str(models["unet"]), "--input", str(data), "--out", str(tmp_path / "cli")])
@@ -250,14 +251,14 @@ def test_a_failed_case_leaves_its_earlier_outputs_untouched(models, tmp_path):
     data = tmp_path / "data"
     folder = write_case(data, "P1", seed=8)
     out = tmp_path / "out"
-    predict_cases(models["unet"], data, out, device="cpu")
+    predict_cases(models["unet"], data, out, sampling=Sampling(device="cpu"))
     before = _files(out)
     assert "P1/P1_seg.nii.gz" in before and "P1/prediction.json" in before
     t2 = folder / "P1_t2.nii.gz"
     t2.write_bytes(t2.read_bytes()[:200])
     with pytest.raises(DataError, match=re.escape(str(t2))):
-        predict_cases(models["unet"], data, out, device="cpu")
-    report = predict_cases(models["unet"], data, out, device="cpu", continue_on_error=True)
+        predict_cases(models["unet"], data, out, sampling=Sampling(device="cpu"))
+    report = predict_cases(models["unet"], data, out, sampling=Sampling(device="cpu"), writing=Writing(continue_on_error=True))
     assert report.written == [] and list(report.failed) == ["P1"]
     assert _files(out) == before  # same names (no temporaries left) and same bytes
 
@@ -265,21 +266,21 @@ def test_a_failed_case_leaves_its_earlier_outputs_untouched(models, tmp_path):
 def test_another_models_prediction_is_refused_unless_overwrite_which_replaces_the_folder_whole(models, tmp_path):
     """The U-Net predicting into a folder that holds a diffusion prediction is refused, naming the folder; with
     --overwrite the case folder is replaced whole, so the diffusion model's attention maps do not stay behind."""
-    from medseg_diff.inference.prediction_folder import read_prediction
+    from medseg_diff.predictions.folder import read_prediction
 
     write_case(tmp_path / "data", "R1", seed=12)
     out = tmp_path / "out"
-    predict_cases(models["diffusion"], tmp_path / "data", out, device="cpu", sample_steps=1, ensemble=1)
+    predict_cases(models["diffusion"], tmp_path / "data", out, sampling=Sampling(device="cpu", sample_steps=1, ensemble=1))
     assert read_prediction(out / "R1")[0].attention.keys() == {"self", "cross"}
     before = _files(out)
     with pytest.raises(DataError, match=r"R1: already holds a prediction of another model or run .*--overwrite"):
-        predict_cases(models["unet"], tmp_path / "data", out, device="cpu")
+        predict_cases(models["unet"], tmp_path / "data", out, sampling=Sampling(device="cpu"))
     assert _files(out) == before  # refused before anything was written
     # the same model again is no conflict (a rerun after an interruption)
-    predict_cases(models["diffusion"], tmp_path / "data", out, device="cpu", sample_steps=1, ensemble=1)
-    predict_cases(models["unet"], tmp_path / "data", out, device="cpu", overwrite=True)
+    predict_cases(models["diffusion"], tmp_path / "data", out, sampling=Sampling(device="cpu", sample_steps=1, ensemble=1))
+    predict_cases(models["unet"], tmp_path / "data", out, sampling=Sampling(device="cpu"), writing=Writing(overwrite=True))
     overlay, meta = read_prediction(out / "R1")
-    assert meta["model_kind"] == "unet" and overlay.attention == {}
+    assert meta.model_kind == "unet" and overlay.attention == {}
     assert not list((out / "R1").glob("*attention*")) and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -290,10 +291,10 @@ def test_a_folder_of_foreign_files_and_the_input_folder_are_refused(models, tmp_
     (out / "F1").mkdir(parents=True)
     (out / "F1" / "notes.txt").write_text("not ours")
     with pytest.raises(DataError, match=r"F1: already holds files that are not a medseg-diff prediction"):
-        predict_cases(models["unet"], data, out, device="cpu")
+        predict_cases(models["unet"], data, out, sampling=Sampling(device="cpu"))
     assert (out / "F1" / "notes.txt").read_text() == "not ours"
     with pytest.raises(DataError, match="holds this case's input files"):  # --out = the data folder itself
-        predict_cases(models["unet"], data, data, device="cpu", overwrite=True)
+        predict_cases(models["unet"], data, data, sampling=Sampling(device="cpu"), writing=Writing(overwrite=True))
     assert sorted(p.name for p in (data / "F1").iterdir()) == sorted(
         f"F1_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg"))
 
@@ -306,7 +307,7 @@ def test_what_a_killed_run_left_is_removed_by_the_next_one(models, tmp_path):
     (out / "K0").mkdir()
     (out / "K0" / ".K0_seg.nii.gz.1234.partial").write_bytes(b"half")  # a file being staged
     (out / "K0" / "keep.txt").write_text("kept")
-    predict_cases(models["unet"], tmp_path / "data", out, device="cpu")
+    predict_cases(models["unet"], tmp_path / "data", out, sampling=Sampling(device="cpu"))
     assert sorted(p.name for p in out.iterdir()) == ["K0", "K1"]
     assert sorted(p.name for p in (out / "K0").iterdir()) == ["keep.txt"]
 
@@ -324,7 +325,7 @@ def test_external_prior_model_without_prior_dir_fails_clearly(models, tmp_path, 
     assert str(models["external"]) in stderr
     assert not out.exists()
     with pytest.raises(DataError, match="takes no external prior"):  # and the converse: a prior for a U-Net
-        predict_cases(models["unet"], tmp_path / "data", out, prior_dir=tmp_path / "data", device="cpu")
+        predict_cases(models["unet"], tmp_path / "data", out, sampling=Sampling(device="cpu"), cases=Cases(prior_dir=tmp_path / "data"))
 
 
 def test_external_prior_from_the_baselines_prediction_folders(models, tmp_path):
@@ -349,8 +350,7 @@ def test_external_prior_from_the_baselines_prediction_folders(models, tmp_path):
     others = tmp_path / "reference_priors"
     others.mkdir()
     shutil.copy(data / "X1" / "X1_seg.nii.gz", others / "X1_seg.nii.gz")
-    report = predict_cases(models["external"], data, tmp_path / "out_other", prior_dir=others, device="cpu",
-                           sample_steps=1, ensemble=2, continue_on_error=True)
+    report = predict_cases(models["external"], data, tmp_path / "out_other", sampling=Sampling(device="cpu", sample_steps=1, ensemble=2), cases=Cases(prior_dir=others), writing=Writing(continue_on_error=True))
     assert [p.name for p in report.written] == ["X1"]
     assert "no prior for this case" in report.failed["X2"] and str(others) in report.failed["X2"]
     baseline_mask = nib.load(baseline / "X1" / "X1_seg.nii.gz").get_fdata()

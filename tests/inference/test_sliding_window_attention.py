@@ -12,14 +12,8 @@ from torch import Tensor
 
 from medseg_diff.diffusion.schedules import build_scheduler
 from medseg_diff.diffusion.sampler import DDIMSampler
-from medseg_diff.inference.sliding_window import (
-    ENTROPY,
-    PROBS,
-    VARIANCE,
-    AttentionStitcher,
-    DiffusionSegmenter,
-    infer_volume,
-)
+from medseg_diff.inference.sliding_window import AttentionStitcher, infer_volume
+from medseg_diff.kinds.segmenters import ENTROPY, PROBS, VARIANCE, DiffusionSegmenter
 from medseg_diff.models import DiffusionSegUNet
 
 ROI, OVERLAP = 32, 0.25  # stride 24, as `make demo` (configs/demo_cpu.yaml)

@@ -10,8 +10,8 @@ import torch
 from factories import tiny_config
 from medseg_diff.config import config_from_dict
 from medseg_diff.errors import ConfigError
-from medseg_diff.inference.adapters import ADAPTERS, build_adapter
-from medseg_diff.inference.sliding_window import ATTENTION_PREFIX, AttentionGateSegmenter
+from medseg_diff.kinds import build_kind as build_adapter, kind_class
+from medseg_diff.kinds.segmenters import ATTENTION_PREFIX, AttentionGateSegmenter
 from medseg_diff.models import AttentionUNet, build_attention_unet
 
 TINY = {"channels": [8, 16, 32], "strides": [2, 2]}  # stride 4
@@ -99,7 +99,7 @@ def test_adapter_is_registered_and_builds_from_its_spec():
     cfg = config_from_dict({"model": {"kind": "attention_unet", "attention_unet": TINY},
                             "data": {"roi_size": [32, 32, 32]}})
     adapter = build_adapter(cfg)
-    assert ADAPTERS["attention_unet"] is type(adapter) and adapter.kind == "attention_unet"
+    assert kind_class("attention_unet") is type(adapter) and adapter.kind == "attention_unet"
     assert adapter.spec["name"] == "MonaiAttentionUNet" and adapter.stride == 4 and not adapter.uses_ema
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medseg_diff.config import load_config
-from medseg_diff.inference.adapters import build_adapter
+from medseg_diff.kinds import build_kind as build_adapter
 from medseg_diff.models import DiffusionSegUNet
 from medseg_diff.models.blocks import StridedStem, check_patch, depth_to_space, space_to_depth
 

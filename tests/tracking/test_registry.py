@@ -216,7 +216,7 @@ def _assert_same_weights(net: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def test_load_model_takes_the_registered_weights_unchanged(trained):
-    from medseg_diff.inference.loading import load_model
+    from medseg_diff.stages.models import load_model
 
     uri = f"models:/{NAME}/1"
     model = load_model(uri, "cpu", tracking_uri=trained.url)
@@ -232,7 +232,7 @@ def test_load_model_takes_the_registered_weights_unchanged(trained):
 @pytest.mark.parametrize("uri", [f"models:/{NAME}/7", "models:/no-such-model/1", f"models:/{NAME}@nobody",
                                  f"runs:/{'0' * 32}/model"])
 def test_an_unknown_model_or_version_is_a_data_error_naming_it(trained, uri):
-    from medseg_diff.inference.loading import load_model
+    from medseg_diff.stages.models import load_model
 
     with pytest.raises(DataError) as caught:
         load_model(uri, "cpu", tracking_uri=trained.url)

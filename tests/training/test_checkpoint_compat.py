@@ -45,13 +45,13 @@ def test_format_1_checkpoint_loads_as_the_full_resolution_model(phantoms, tmp_pa
 @pytest.mark.parametrize("kind", ["diffusion", "unet"])
 def test_the_network_is_rebuilt_from_its_own_arguments_in_the_checkpoint(phantoms, tmp_path, kind):
     from medseg_diff.errors import DataError
-    from medseg_diff.inference.adapters import NETWORKS
+    from medseg_diff.kinds import kind_class
 
     train(tiny_config(phantoms, tmp_path / "run", kind, **ONE_EPOCH))
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt["format"] == FORMAT == 3
     spec = ckpt["network"]
-    net = NETWORKS[spec["name"]](**spec["kwargs"])  # Net(**cfg), nothing else needed
+    net = kind_class(kind).network_factory(**spec["kwargs"])  # Net(**cfg), nothing else needed
     net.load_state_dict(ckpt["inference_model"])
     # inference follows the spec, not the run config: a config that disagrees cannot change the network
     if kind == "diffusion":

@@ -161,7 +161,7 @@ def test_ddp_two_cpu_processes_gloo(phantoms, tmp_path):
 def test_train_compile_wraps_the_training_module_and_keeps_plain_checkpoints(tmp_path):
     """``train.compile: true`` hands the trainer a torch.compile-d module (compiled lazily, on its first call, so
     nothing is compiled here) that shares its parameters with the network the checkpoints are written from."""
-    from medseg_diff.inference.adapters import build_adapter
+    from medseg_diff.kinds import build_kind as build_adapter
     from medseg_diff.training.trainer import Trainer
 
     cfg = tiny_config(tmp_path / "m.json", tmp_path / "out", "diffusion", train={"compile": True})

@@ -1,5 +1,5 @@
-"""Synthetic BraTS-like phantoms (SPEC §3): MNI152 anatomy deformed per case, a tumour grown in it,
-T1/T1ce/T2/FLAIR contrasts with scanner artefacts, written in the BraTS 2021 or 2023 layout.
+"""Synthetic BraTS-like phantoms (the demo's data, no download): MNI152 anatomy deformed per case, a tumour grown in
+it, T1/T1ce/T2/FLAIR contrasts with scanner artefacts, written in the BraTS 2021 or 2023 layout.
 
 ``synthesize(out, cases, spacing, seed, layout, workers, progress) -> list[Path]`` is the API the
 ``medseg-diff synth`` command calls. Modules: anatomy (templates), fields (smooth random fields),

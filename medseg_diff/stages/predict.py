@@ -1,5 +1,5 @@
-"""Prediction of many cases into prediction folders; a bad case is skipped and reported
-(``continue_on_error``) instead of ending the run halfway.
+"""The predict stage: many cases into prediction folders (``predictions``), with DICOM objects for a DICOM study;
+a bad case is skipped and reported (``continue_on_error``) instead of ending the run halfway.
 
 Outputs are never half-done or mixed: each case is written into a hidden staging folder and moved into place whole;
 a case folder that holds another model's or another run's prediction (or files that are not a prediction) is
@@ -9,13 +9,10 @@ run is removed by the next one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg_diff.data.check import ensure_checksums
@@ -23,28 +20,26 @@ from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record, files_record
 from medseg_diff.data.discovery import discover
 from medseg_diff.data.manifest import load_manifest
-from medseg_diff.dicom.rules import SeriesRule
+from medseg_diff.data.dicom.rules import SeriesRule
 from medseg_diff.dicom.outputs import write_dicom_outputs
-from medseg_diff.dicom.study import is_dicom_file, read_study
+from medseg_diff.data.dicom.study import is_dicom_file, read_study
 from medseg_diff.errors import DataError, MedsegError
-from medseg_diff.inference.case import predict_case
-from medseg_diff.inference.loading import LoadedModel, load_model
-from medseg_diff.export.types import check_name
-from medseg_diff.inference.prediction_folder import META, prior_file, write_prediction
+from medseg_diff.evaluation.metrics import dice_scores
+from medseg_diff.inference.case import CasePrediction, predict_case
+from medseg_diff.inference.loading import LoadedModel
+from medseg_diff.inference.provenance import model_provenance
+from medseg_diff.data.transforms import LABEL
+from medseg_diff.predictions import folder as prediction_folder
+from medseg_diff.predictions import layout
+from medseg_diff.predictions.folder import case_images, input_paths, prior_file
+from medseg_diff.predictions.meta import PredictionMeta, load_raw
+from medseg_diff.predictions.types import CaseOverlay, Provenance, check_name
 from medseg_diff.runtime import pin_reproducibility, resolve_device
+from medseg_diff.stages.models import load_model
+from medseg_diff.stages.options import Cases, Sampling, Writing
+from medseg_diff.stages.report import RunReport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunReport:
-    written: list[Path] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # case -> error message
-
-    def summary(self) -> str:
-        lines = [f"{len(self.written)} case(s) written, {len(self.failed)} failed"]
-        lines += [f"  FAILED {case}: {err}" for case, err in self.failed.items()]
-        return "\n".join(lines)
 
 
 #: record key of a case read from a DICOM study: the study folder (its outputs are also written as DICOM)
@@ -83,19 +78,22 @@ def _with_dicom_study(record: dict) -> dict:
     return record
 
 
-def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Path, subset: str = "all",
-                  root: str | Path | None = None, convention: str | None = None, prior_dir: str | Path | None = None,
-                  device: str = "auto", sample_steps: int | None = None, ensemble: int | None = None,
-                  seed: int | None = None, continue_on_error: bool = False, overlap: float | None = None,
-                  case_ids: Sequence[str] | None = None, tracking_uri: str | None = None,
-                  model: LoadedModel | None = None, name: str | None = None, overwrite: bool = False,
-                  verify_checksums: bool = True, series_rule: SeriesRule | None = None,
-                  taken_series_numbers: Sequence[int] = ()) -> RunReport:
-    """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``inference.prediction_folder``).
-    ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``).
-    A case read from a DICOM study also gets ``CASE/dicom/``: a DICOM Segmentation and Parametric Maps that
-    reference its source series (``dicom.write_dicom_outputs``), written in the same staged step; their series
-    numbers start above the study's and ``taken_series_numbers``."""
+def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Path, sampling: Sampling = Sampling(),
+                  cases: Cases = Cases(), writing: Writing = Writing(), model: LoadedModel | None = None,
+                  tracking_uri: str | None = None) -> RunReport:
+    """Predict every case of ``source`` into ``out_dir/CASE/`` (see ``predictions``).
+    ``checkpoint``: a checkpoint file or an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``, fetched from
+    ``tracking_uri``); ``model``: the model already loaded from it. A case read from a DICOM study also gets
+    ``CASE/dicom/``: a DICOM Segmentation and Parametric Maps that reference its source series
+    (``dicom.write_dicom_outputs``), written in the same staged step; their series numbers start above the study's
+    and ``writing.taken_series_numbers``."""
+    device, sample_steps, ensemble, seed, overlap = (sampling.device, sampling.sample_steps, sampling.ensemble,
+                                                     sampling.seed, sampling.overlap)
+    subset, root, convention, case_ids, prior_dir, series_rule, verify_checksums = (
+        cases.subset, cases.root, cases.convention, cases.case_ids, cases.prior_dir, cases.series_rule,
+        cases.verify_checksums)
+    name, overwrite, continue_on_error, taken_series_numbers = (
+        writing.name, writing.overwrite, writing.continue_on_error, writing.taken_series_numbers)
     pin_reproducibility()
     dev = resolve_device(device, key="--device")
     if model is None:
@@ -197,16 +195,16 @@ def claim_case_folder(folder: Path, model: LoadedModel, record: dict, overwrite:
         raise DataError(folder, "is a file, not a case folder", case=record.get("case_id"))
     if not any(folder.iterdir()):
         return
-    meta_path = folder / META
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        raw = load_raw(folder / layout.META)
+    except (OSError, DataError):
         raise DataError(folder, "already holds files that are not a medseg-diff prediction; pass --overwrite to "
                                 "replace the folder, or choose another --out", case=record.get("case_id")) from None
-    same = meta.get("checkpoint") == str(model.checkpoint) and meta.get("run_id") == model.run_id
+    meta = PredictionMeta.from_dict(raw)
+    same = meta.checkpoint == str(model.checkpoint) and meta.run_id == model.run_id
     if not same:
-        raise DataError(folder, f"already holds a prediction of another model or run ({meta.get('checkpoint')}, "
-                                f"run {meta.get('run_id')}); pass --overwrite to replace it, or choose another --out",
+        raise DataError(folder, f"already holds a prediction of another model or run ({meta.checkpoint}, "
+                                f"run {meta.run_id}); pass --overwrite to replace it, or choose another --out",
                         case=record.get("case_id"))
 
 
@@ -219,3 +217,31 @@ def install_folder(staging: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, folder)
+
+
+def overlay_of(pred: CasePrediction, record: dict, conv: LabelConvention, model_name: str,
+               run_id: str | None, provenance: Provenance | None = None) -> CaseOverlay:
+    """A prediction in memory with its input images (read back from the record's files), and Dice against the
+    case's label file when it has one."""
+    dice = dice_scores(pred.labels, pred.ground_truth, conv) if pred.ground_truth is not None else None
+    source = f"computed at predict time against the case's label file {record.get(LABEL)}" if dice else None
+    return CaseOverlay(
+        case_id=pred.case_id, reference=pred.reference, images=case_images(record), labels=pred.labels,
+        convention=conv, probabilities=pred.probs, uncertainty=pred.entropy, attention=dict(pred.attention),
+        model_name=model_name, run_id=run_id, ground_truth=pred.ground_truth, dice=dice, variance=pred.variance,
+        provenance=provenance or Provenance(run_id=run_id), dice_source=source, image_paths=input_paths(record),
+    )
+
+
+def write_prediction(pred: CasePrediction, folder: Path, model_name: str, model: LoadedModel, conv: LabelConvention,
+                     record: dict) -> Path:
+    """Write the prediction folder of one case (``predictions.folder``); returns the folder."""
+    overlay = overlay_of(pred, record, conv, model_name, model.run_id, model_provenance(model))
+    meta = PredictionMeta(
+        case_id=pred.case_id, model=model_name, model_kind=model.kind, run_id=model.run_id,
+        checkpoint=str(model.checkpoint), model_uri=model.source, convention=conv.name,
+        reference=str(pred.reference), inputs=record, seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb,
+        spacing_mm=list(pred.spacing), provenance=overlay.provenance.to_dict(), dice=overlay.dice,
+        dice_source=overlay.dice_source,
+    )
+    return prediction_folder.write_prediction(overlay, folder, meta)

@@ -4,7 +4,7 @@ The folder may hold its files flat, one folder per series, or nested at any dept
 none). Every file starting with the DICOM preamble (``DICM`` at byte 128) is read (headers only); others (NIfTI,
 notes, ``DICOMDIR``) are left alone. Series that hold no images to segment (SEG, SR, parametric maps, presentation
 states, multi-frame objects) are ignored. The image series are mapped to t1, t1ce, t2 and flair by a
-:class:`~medseg_diff.dicom.rules.SeriesRule` on their SeriesDescription.
+:class:`~medseg_diff.data.dicom.rules.SeriesRule` on their SeriesDescription.
 
 ``read_study`` refuses, naming the folder and listing every series of the study (number, description, modality,
 instances): a modality no series matches, two series that match one modality, a series that matches two, and a
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg_diff.data.conventions import MODALITIES
-from medseg_diff.dicom.geometry import frame_affine, slice_order
-from medseg_diff.dicom.rules import SeriesRule
+from medseg_diff.data.dicom.geometry import frame_affine, slice_order
+from medseg_diff.data.dicom.rules import SeriesRule
 from medseg_diff.errors import DataError
 
 #: Modalities whose series hold no images to segment (PS3.3 C.7.3.1.1.1).

@@ -1,7 +1,8 @@
-"""The MLflow pyfunc that runs the whole prediction of a case (logged by ``tracking.registry.log_model``).
+"""The serve stage: the MLflow pyfunc that runs the whole prediction of a case (logged by
+``tracking.registry.log_model``, whose models-from-code script imports :class:`CaseSegmenter` from here).
 
-Kept apart from ``tracking.registry``, which ``inference.loading`` imports to fetch checkpoints: this module imports
-the inference stack, so the two directions stay separate modules (no import cycle).
+A stage, not part of ``tracking``: it composes inference and the prediction folder, while ``tracking`` stays below
+the libraries that log to it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from medseg_diff.data.transforms import IMAGE
 from medseg_diff.errors import DataError
 from medseg_diff.inference.case import predict_case
 from medseg_diff.inference.loading import LoadedModel, load_model
-from medseg_diff.inference.prediction_folder import write_prediction
+from medseg_diff.predictions import layout
+from medseg_diff.stages.predict import write_prediction
 from medseg_diff.tracking.registry import CHECKPOINT, INPUT_COLUMNS, OUTPUT_COLUMNS, PARAMS
 
 
@@ -55,6 +57,6 @@ class CaseSegmenter(mlflow.pyfunc.PythonModel):
             record = {CASE_ID: case, IMAGE: [str(row.t1), str(row.t1ce), str(row.t2), str(row.flair)]}
             pred = predict_case(model, record, conv, self.device)
             folder = write_prediction(pred, Path(str(row.out_dir)) / case, model.kind, model, conv, record)
-            rows.append({"case_id": case, "seg_path": str(folder / f"{case}_seg.nii.gz"),
+            rows.append({"case_id": case, "seg_path": str(folder / layout.seg(case)),
                          "seconds": float(pred.seconds)})
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))

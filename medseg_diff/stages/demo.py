@@ -18,11 +18,12 @@ from medseg_diff.config import load_config
 from medseg_diff.data.io import read_image
 from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest
 from medseg_diff.data.synth import synthesize
-from medseg_diff.evaluation.run import evaluate
+from medseg_diff.stages.evaluate import evaluate
+from medseg_diff.stages.options import Scoring, Tracking
 from medseg_diff.training.run import train
 from medseg_diff.tracking import resolve_uri, runs_table_url
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
 
 
 def run_demo(out: str | Path = "demo_out", cases: int = 20, spacing: float = 3.0, seed: int = 0,
@@ -53,8 +54,8 @@ def run_demo(out: str | Path = "demo_out", cases: int = 20, spacing: float = 3.0
         timings[f"train_{kind}_s"] = time.perf_counter() - t0
     # 3.-4. evaluate on held-out phantoms, MLflow, overlays
     t0 = time.perf_counter()
-    report = evaluate(data / "manifest.json", out / "evaluation", models=checkpoints, subset="test",
-                      export_cases=export_cases, tracking_uri=uri)
+    report = evaluate(data / "manifest.json", out / "evaluation", models=checkpoints,
+                      scoring=Scoring(subset="test", export_cases=export_cases), tracking=Tracking(uri=uri))
     timings["evaluate_s"] = time.perf_counter() - t0
     # 5. DICOM in, DICOM out
     t0 = time.perf_counter()
@@ -72,7 +73,7 @@ def dicom_round_trip(manifest_path: Path, out: Path, checkpoint: Path) -> list[P
     """The first held-out phantom as a DICOM MR study (``out/study``), predicted into ``out/predictions``: returns
     the DICOM Segmentation and Parametric Maps written for it (``CASE/dicom/*.dcm``)."""
     from medseg_diff.dicom import write_phantom_study
-    from medseg_diff.inference.run import predict_cases
+    from medseg_diff.stages.predict import predict_cases
 
     manifest = load_manifest(manifest_path)
     case = next(c for c in manifest.cases if c.subset == "test")

@@ -1,0 +1,28 @@
+"""A trained model from wherever it is kept: a checkpoint file, or an MLflow model URI (``models:/NAME/VERSION``,
+``models:/NAME@alias``, ``runs:/RUN_ID/PATH``) whose checkpoint is fetched from the tracking server first
+(``tracking.registry``), then rebuilt by ``inference.loading``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medseg_diff.inference.loading import LoadedModel, check_overrides, is_model_uri
+from medseg_diff.inference.loading import load_model as load_checkpoint_model
+
+
+def load_model(source: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
+               ensemble: int | None = None, seed: int | None = None, overlap: float | None = None,
+               tracking_uri: str | None = None) -> LoadedModel:
+    """``inference.loading.load_model`` of a checkpoint file or of the checkpoint an MLflow model URI names.
+
+    ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
+    sliding-window overlap (``infer.overlap``); they are checked before anything is fetched."""
+    if not is_model_uri(source):
+        return load_checkpoint_model(source, device, sample_steps, ensemble, seed, overlap)
+    check_overrides(sample_steps, ensemble, overlap)
+    from medseg_diff.tracking.registry import checkpoint_of_model  # MLflow is imported only for a model URI
+
+    fetched = checkpoint_of_model(str(source), tracking_uri)
+    return load_checkpoint_model(source, device, sample_steps, ensemble, seed, overlap, fetched=fetched)
