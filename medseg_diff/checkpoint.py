@@ -7,7 +7,9 @@ RNG states of Python, NumPy and torch are converted to tensors/lists.
 Keys: ``format``, ``model_kind``, ``network`` (``{"name", "kwargs"}``: the network is ``Net(**kwargs)``, built by
 ``kinds.build_network``), ``config`` (the whole run config: data, inference and sampler settings),
 ``inference_model`` (weights used for prediction: the EMA when there is one), and for resuming ``model``, ``ema``,
-``optimizer``, ``lr_schedule``, ``rng``, ``epoch``, ``step``, ``best_metric``, ``best_epoch``, ``run_id``, ``history``.
+``optimizer``, ``lr_schedule``, ``rng``, ``epoch``, ``step``, ``best_metric``, ``best_epoch``, ``run_id``, ``history``;
+``spacing_mm`` (the grid, in mm, the network was trained at: every input is resampled to it) and ``training_data``
+(the data set, synthetic or not, case count, voxel size, manifest hash).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 #: Version of the checkpoint layout. 2: the compact diffusion model (``model.denoiser.patch_size``); the
 #: configs inside format-1 checkpoints describe the full-resolution model and lack the compact keys.
 #: 3: the network's own constructor arguments (``network``) next to its weights.
-FORMAT = 3
+#: 4: the voxel size the network was trained at (``spacing_mm``) and what it was trained on (``training_data``,
+#: ``data.profile.training_record``); older checkpoints get them from their training manifest when it is readable.
+FORMAT = 4
 
 
 def upgrade_config(raw: dict[str, Any], fmt: int) -> dict[str, Any]:
@@ -90,3 +94,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def set_spacing(path: str | Path, spacing: list[float]) -> Path:
+    """Record in an older checkpoint (format < 4, trained with ``data.spacing`` null) the voxel size, in mm, its
+    training data had: inference then resamples every input to it. Written atomically; nothing else changes."""
+    if len(spacing) != 3 or not all(float(v) > 0 for v in spacing):
+        raise DataError(path, f"a voxel size is 3 positive numbers in mm, got {spacing}")
+    ckpt = load_checkpoint(path)
+    return save_checkpoint({**ckpt, "spacing_mm": [float(v) for v in spacing]}, path)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m medseg_diff.checkpoint",
+                                description="record the training voxel size in a checkpoint older than format 4")
+    p.add_argument("--set-spacing", nargs=4, metavar=("CHECKPOINT", "X", "Y", "Z"), required=True)
+    args = p.parse_args(argv)
+    path, *values = args.set_spacing
+    try:
+        spacing = [float(v) for v in values]
+        print(f"{set_spacing(path, spacing)}: spacing_mm = {spacing}")
+    except ValueError:
+        print(f"error: X Y Z must be numbers, got {values}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -15,7 +15,34 @@ from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
-from medseg_diff.errors import DataError, MedsegError, ServiceError
+from medseg_diff.errors import ConfigError, DataError, ManifestError, MedsegError, ServiceError
+
+
+# --- checks made before the heavy imports (torch, MONAI, MLflow): a mistyped path is one line within a second --------
+
+
+def _is_model_uri(source) -> bool:
+    return str(source).startswith(("models:/", "runs:/"))
+
+
+def _need_checkpoint(path) -> None:
+    if path is not None and not _is_model_uri(path) and not Path(path).is_file():
+        raise DataError(path, "checkpoint not found")
+
+
+def _need_manifest(path) -> None:
+    if path is not None and not Path(path).is_file():
+        raise ManifestError(path, "manifest not found")
+
+
+def _need_input(path) -> None:
+    """A manifest JSON, a data folder, a case folder or a DICOM study folder (checked in full by discovery)."""
+    if path is None:
+        return
+    if Path(path).suffix == ".json":
+        _need_manifest(path)
+    elif not Path(path).exists():
+        raise DataError(path, "data root is not a folder")
 
 # name -> (help, add_arguments, run)
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -123,6 +150,7 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
 
 @command("check", "verify a manifest: files readable, grids agree, labels valid, no NaN/Inf, checksums")(add_check_args)
 def run_check(args: argparse.Namespace) -> int:
+    _need_manifest(args.manifest)
     from medseg_diff.stages.data import check_dataset
 
     def report(case, problems) -> None:
@@ -158,6 +186,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train the diffusion model or the baseline (resumes from output_dir/last.pt; torchrun-ready)")(
     add_train_args)
 def run_train(args: argparse.Namespace) -> int:
+    if not Path(args.config).is_file():
+        raise ConfigError("-", "config file not found", args.config)
     from medseg_diff.stages.train import train_config
 
     cfg, state = train_config(args.config, args.overrides, resume=not args.no_resume,  # config checked first
@@ -213,9 +243,6 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "score models or prediction folders on held-out cases: BraTS global and lesion-wise metrics, "
                      "paired statistics, MLflow, overlays")(add_evaluate_args)
 def run_evaluate(args: argparse.Namespace) -> int:
-    from medseg_diff.stages.evaluate import evaluate
-    from medseg_diff.stages.options import Sampling, Scoring, Tracking
-
     if not args.models and not args.predictions:
         print("medseg-diff evaluate: error: give --model NAME=CHECKPOINT and/or --predictions NAME=DIR",
               file=sys.stderr)
@@ -224,6 +251,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         print("medseg-diff evaluate: error: model names must differ", file=sys.stderr)
         return 2
+    _need_manifest(args.manifest)
+    for _, checkpoint in args.models:
+        _need_checkpoint(checkpoint)
+    from medseg_diff.stages.evaluate import evaluate
+    from medseg_diff.stages.options import Sampling, Scoring, Tracking
+
     scoring = Scoring(subset=args.subset, fold=args.fold, root=args.root, prior_dir=args.prior_dir,
                       export_cases=args.export_cases, continue_on_error=args.continue_on_error,
                       lesion_task=args.lesion_task)
@@ -235,7 +268,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for path in report.overlays:
         print(f"overlay report: {path}")
     if report.run_id:
-        print(f"MLflow evaluation run {report.run_id}")
+        print(report.mlflow_hint())
     for case, err in report.failed.items():
         print(f"FAILED {case}: {err}", file=sys.stderr)
     return 1 if report.failed else 0
@@ -283,14 +316,17 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 @command("predict", "segment cases: BraTS labels, probabilities, uncertainty and attention on the input grid")(
     add_predict_args)
 def run_predict(args: argparse.Namespace) -> int:
-    from medseg_diff.stages.options import Cases, Sampling, Writing
-    from medseg_diff.stages.predict import SeriesRule, predict_cases
+    from medseg_diff.stages.options import Cases, Sampling, SeriesRule, Writing  # light: no torch
 
     if (args.input is None) == (args.dicomweb is None):
         raise DataError(None, "give either --input (files) or --dicomweb URL --study UID (a PACS)")
     if (args.study is not None or args.no_store) and args.dicomweb is None:
         raise DataError(None, "--study and --no-store go with --dicomweb")
+    if args.dicomweb is not None and args.study is None:
+        raise DataError(None, "--dicomweb needs --study STUDY_UID")
     rule = SeriesRule.from_file(args.series_rule) if args.series_rule is not None else None
+    _need_checkpoint(args.checkpoint)
+    _need_input(args.input)
     sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed,
                         overlap=args.overlap)
     writing = Writing(overwrite=args.overwrite, continue_on_error=args.continue_on_error)
@@ -298,12 +334,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.dicomweb is not None:
         from medseg_diff.stages.dicomweb import predict_dicomweb
 
-        if args.study is None:
-            raise DataError(None, "--dicomweb needs --study STUDY_UID")
         result = predict_dicomweb(args.checkpoint, args.dicomweb, args.study, args.out, sampling, cases, writing,
                                   store=not args.no_store, tracking_uri=args.tracking_uri)
         print(result.summary())  # the URL without credentials
         return 1 if result.predictions.failed else 0
+    from medseg_diff.stages.predict import predict_cases
+
     cases = replace(cases, subset=args.subset, root=args.root, verify_checksums=not args.no_checksums)
     report = predict_cases(args.checkpoint, args.input, args.out, sampling, cases, writing,
                            tracking_uri=args.tracking_uri)
@@ -369,6 +405,8 @@ def _int_list(text: str) -> tuple[int, ...]:
                      "differ, does the prior steer, do the attention maps look at the tumour (audit.json, audit.md)")(
     add_diagnose_args)
 def run_diagnose(args: argparse.Namespace) -> int:
+    _need_checkpoint(args.checkpoint)
+    _need_manifest(args.manifest)
     from medseg_diff.stages.diagnose import diagnose
 
     report = diagnose(args.checkpoint, args.manifest, args.out, subset=args.subset, fold=args.fold, root=args.root,

@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device or thread count is set, not to print --help
+    import torch
 
 LOGGER = "medseg_diff"
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
     """``auto``: the local GPU when there is one, else the CPU. ``cuda`` without a GPU is refused by name."""
+    import torch
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -83,6 +87,8 @@ def pin_reproducibility(deterministic: bool = True) -> int:
     """Fix what would otherwise vary between runs on the same machine kind: torch's intra-op thread count
     (``MEDSEG_DIFF_THREADS``, default ``default_threads()``) and, when ``deterministic``, deterministic algorithms
     (cuDNN included; ``CUBLAS_WORKSPACE_CONFIG`` is set for cuBLAS). Returns the thread count."""
+    import torch
+
     threads = int(os.environ.get("MEDSEG_DIFF_THREADS") or default_threads())
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

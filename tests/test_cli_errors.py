@@ -11,6 +11,7 @@ from medseg_diff.errors import DataError
 
 
 def _predict(tmp_path, *extra):
+    (tmp_path / "m.pt").touch()  # the CLI refuses a missing checkpoint before the stage runs; the stage is faked here
     return main(["predict", "--checkpoint", str(tmp_path / "m.pt"), "--input", str(tmp_path), "--out",
                  str(tmp_path / "out"), *extra])
 
@@ -41,3 +42,16 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(predict_stage, "predict_cases", fail)
     with pytest.raises(OSError, match="No space left"):
         _predict(tmp_path, "--debug")
+
+
+def test_a_mistyped_path_is_refused_before_the_heavy_imports(tmp_path):
+    """A missing checkpoint, input or manifest is one line (exit 2) before torch, MONAI or MLflow are imported."""
+    code = ("import sys; from medseg_diff.cli import main; "
+            "rc = main(['predict', '--checkpoint', sys.argv[1] + '/no.pt', '--input', sys.argv[1], '--out', "
+            "sys.argv[1] + '/o']); "
+            "print(rc, sorted(m for m in ('torch', 'monai', 'mlflow') if m in sys.modules))")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "2 []" and "no.pt: checkpoint not found" in out.stderr

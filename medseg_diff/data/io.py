@@ -21,9 +21,11 @@ voxel sizes > 0 (``geometry_problem``).
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import re
 import threading
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,11 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from medseg_diff.errors import DataError
+
+# MONAI's optional GPU DICOM decoder (nvImageCodec) announces on every command that it is absent, once as a log line
+# and once as a warning; pydicom's own decoders are what this package uses, so neither says anything useful here.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")

@@ -34,7 +34,7 @@ from medseg_diff.evaluation.metrics import (
 from medseg_diff.evaluation.sources import ScoredInputs, read_case
 from medseg_diff.evaluation.stats import UnmatchedCasesWarning, compare_models
 from medseg_diff.evaluation.tables import METRIC_FORMAT, box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv
-from medseg_diff.tracking import source_tags, start_tracker
+from medseg_diff.tracking import resolve_uri, source_tags, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ class EvalReport:
     failed: dict[str, str] = field(default_factory=dict)  # "model/case" -> error
     run_id: str | None = None
     overlays: list[Path] = field(default_factory=list)
+    tracking_uri: str | None = None  # the MLflow store the run was logged to
+
+    def mlflow_hint(self) -> str:
+        """Where the MLflow run is and the command that shows it (empty without a run)."""
+        if not self.run_id:
+            return ""
+        ui = (f"mlflow ui --backend-store-uri {self.tracking_uri}" if self.tracking_uri and
+              not self.tracking_uri.startswith(("http://", "https://")) else f"open {self.tracking_uri}")
+        return f"MLflow evaluation run {self.run_id} in {self.tracking_uri}\n  see it: {ui}"
 
 
 def select_cases(manifest: Manifest, subset: str, fold: int = 0):
@@ -130,6 +139,7 @@ def score_folders(manifest: Manifest, cases: list, folders: dict[str, Path], nam
     # 5. MLflow
     if tracking:
         report.run_id = _track(report, sources, bins, manifest, params, tracking_uri, experiment)
+        report.tracking_uri = resolve_uri(tracking_uri)
     return report
 
 

@@ -35,6 +35,7 @@ REPORT_NAME = "report.html"
 _TIMES = " \u00d7 "
 _REGION_ORDER = ("WT", "TC", "ET")  # outermost first, as clinicians read them
 RESEARCH_NOTE = "Research use only \u2014 not for clinical decisions"
+SYNTHETIC_NOTE = "This model was trained only on synthetic phantoms and has never seen a real scan"
 _CASE_META = re.compile(r'<meta name="medseg-diff-case" content="([^"]*)">')
 _NONE = '<span class="muted">not recorded</span>'
 #: what each attention map is (models/attention.py), in plain words
@@ -116,6 +117,15 @@ def region_volumes_cm3(labels: np.ndarray, convention: LabelConvention, voxel_mm
     return volumes
 
 
+def _synthetic_note(overlay: CaseOverlay) -> str:
+    """A warning near the top when the model never saw a real scan (its checkpoint's training record says so)."""
+    if not overlay.provenance.synthetic_training:
+        return ""
+    data = html.escape(overlay.provenance.training_data or "synthetic phantoms")
+    return (f'<div class="ruo" role="note"><strong>{SYNTHETIC_NOTE}.</strong> It was trained on {data}. On a real scan '
+            "its output shows what the pipeline does, not what a trained model would find.</div>")
+
+
 def render_report(overlay: CaseOverlay, context: ReportContext) -> str:
     """The HTML page, as a string."""
     e = html.escape
@@ -124,6 +134,7 @@ def render_report(overlay: CaseOverlay, context: ReportContext) -> str:
         f'<div class="ruo" role="alert"><strong>{RESEARCH_NOTE}.</strong><br>This report was made '
         "automatically by a research model. It has not been validated for diagnosis or treatment "
         "planning; every finding must be checked by a qualified clinician on the original images.</div>",
+        _synthetic_note(overlay),
         f"<h1>Case {e(overlay.case_id)}</h1>",
         _case_table(overlay, context),
         _volume_section(overlay, context),

@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg_diff.data.vocabulary import DISPLAY_MODALITIES, MODALITY_NAMES
+from medseg_diff.export.slices import EDGES
 
 VENDOR_DIR = Path(__file__).resolve().parent / "vendor"
 #: The vendored NiiVue bundle and its record (written by tools/fetch_niivue.sh, git-ignored).
@@ -147,6 +148,9 @@ def viewer_section(
         "maps": [_map_entry(m, affine) for m in heat],
         "opacity": {"labels": _unit(label_opacity), "map": _unit(map_opacity)},
         "start_mm": _start_mm(labels, affine),
+        # the montage's orientation (export.slices.EDGES): radiological, and the sagittal view with anterior on the left
+        "sagittal_nose_left": EDGES["sagittal"][0] == "A",
+        "radiological": EDGES["axial"][0] == "R",
         "shape": [int(n) for n in labels.shape],
     }
     bundle = ""

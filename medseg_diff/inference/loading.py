@@ -15,7 +15,9 @@ import torch
 
 from medseg_diff.checkpoint import load_checkpoint, upgrade_config
 from medseg_diff.config import Config, config_from_dict
-from medseg_diff.errors import ConfigError, DataError
+from medseg_diff.data.manifest import load_manifest
+from medseg_diff.data.profile import native_spacing, training_record
+from medseg_diff.errors import ConfigError, DataError, MedsegError
 from medseg_diff.kinds import build_kind, build_network, kind_class
 from medseg_diff.kinds.base import ModelKind
 
@@ -29,6 +31,7 @@ class LoadedModel:
     run_id: str | None
     epoch: int
     source: str | None = None  # the MLflow model URI it came from, when it did
+    training: dict | None = None  # what it was trained on (data.profile.training_record; spacing_mm always set)
 
     @property
     def kind(self) -> str:
@@ -76,7 +79,11 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
         raw = {**raw, "experiment": {**raw["experiment"], "seed": seed}}
     if overlap is not None:
         raw = {**raw, "infer": {**raw["infer"], "overlap": overlap}}
-    cfg = config_from_dict(upgrade_config(raw, ckpt.get("format", 1)), source=path)
+    raw = upgrade_config(raw, ckpt.get("format", 1))
+    training = trained_on(ckpt, raw, path)
+    if raw.get("data", {}).get("spacing") is None:  # trained at the data's own voxel size: predict at that size
+        raw = {**raw, "data": {**raw["data"], "spacing": training["spacing_mm"]}}
+    cfg = config_from_dict(raw, source=path)
     kind = cfg.model.kind
     if ckpt.get("model_kind", kind) != kind:
         raise DataError(path, f"the checkpoint says model_kind '{ckpt.get('model_kind')}' but its config says '{kind}'")
@@ -95,4 +102,32 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
         raise DataError(path, f"the weights do not fit the network the checkpoint describes ({first[0] if first else err})"
                         ) from None
     net = adapter.net.to(torch.device(device) if isinstance(device, str) else device).eval()
-    return LoadedModel(adapter, net, cfg, path, ckpt.get("run_id"), int(ckpt.get("epoch", 0)), source=uri)
+    return LoadedModel(adapter, net, cfg, path, ckpt.get("run_id"), int(ckpt.get("epoch", 0)), source=uri,
+                       training=training)
+
+
+def trained_on(ckpt: dict, raw: dict, path: Path) -> dict:
+    """What the model was trained on (``data.profile.training_record``) with ``spacing_mm`` always set: from the
+    checkpoint (format 4), else measured from its training manifest. A checkpoint that records neither, trained at
+    its data's own voxel size, is refused by name: it would predict at whatever scale an input happens to have."""
+    record = ckpt.get("training_data") if isinstance(ckpt.get("training_data"), dict) else None
+    spacing = ckpt.get("spacing_mm") or (record or {}).get("spacing_mm") or raw.get("data", {}).get("spacing")
+    if record is not None and spacing:
+        return {**record, "spacing_mm": [float(v) for v in spacing]}
+    data = raw.get("data", {})
+    try:
+        manifest = load_manifest(data["manifest"], root=data.get("root"))
+        train, val, _ = manifest.split(int(data.get("fold", 0)))
+        if data.get("max_val_cases") is not None:
+            val = val[: int(data["max_val_cases"])]
+        measured = training_record(manifest, train, val, data.get("spacing"))
+        if not measured["spacing_mm"]:
+            native_spacing(manifest, train + val)  # refuses mixed voxel sizes by name
+    except (MedsegError, OSError, KeyError, TypeError, ValueError) as err:
+        if spacing:  # an explicit data.spacing: all that prediction needs
+            return {"spacing_mm": [float(v) for v in spacing]}
+        raise DataError(path, f"records no voxel size (a checkpoint older than format 4, trained with data.spacing "
+                              f"null) and its training manifest {data.get('manifest')} cannot be read here ({err}); "
+                              f"set the voxel size of its training data, in mm: python -m medseg_diff.checkpoint "
+                              f"--set-spacing {path} X Y Z") from None
+    return measured if not spacing else {**measured, "spacing_mm": [float(v) for v in spacing]}

@@ -40,6 +40,7 @@ class Provenance:
     epoch: int | None = None  # training epoch of the checkpoint
     training_data: str | None = None  # plain words, e.g. "synthetic phantoms (medseg-diff synth), 3 mm voxels"
     training_manifest: str | None = None  # the training manifest's path, from the checkpoint's config
+    synthetic_training: bool | None = None  # trained only on synthetic phantoms (the checkpoint's record)
     sample_steps: int | None = None  # DDIM steps K (diffusion)
     ensemble: int | None = None  # ensemble members N (diffusion)
     seed: int | None = None  # sampler seed

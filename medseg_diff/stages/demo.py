@@ -18,6 +18,7 @@ from medseg_diff.config import load_config
 from medseg_diff.data.io import read_image
 from medseg_diff.data.manifest import build_manifest, load_manifest, write_manifest
 from medseg_diff.data.synth import synthesize
+from medseg_diff.predictions import layout
 from medseg_diff.stages.evaluate import evaluate
 from medseg_diff.stages.options import Scoring, Tracking
 from medseg_diff.training.run import train
@@ -82,7 +83,7 @@ def dicom_round_trip(manifest_path: Path, out: Path, checkpoint: Path) -> list[P
         images = {m: read_image(manifest.root / path) for m, path in case.images.items()}
         write_phantom_study(images, study, patient_id=case.id.replace("_", "-"))
     report = predict_cases(checkpoint, study, out / "predictions")
-    return sorted(p for folder in report.written for p in (folder / "dicom").glob("*.dcm"))
+    return sorted(p for folder in report.written for p in (folder / layout.DICOM_FOLDER).glob("*.dcm"))
 
 
 def print_summary(result: dict) -> None:

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import torch
 
+from medseg_diff.data.profile import describe
 from medseg_diff.inference.loading import LoadedModel, check_overrides, is_model_uri
 from medseg_diff.inference.loading import load_model as load_checkpoint_model
+
+log = logging.getLogger(__name__)
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
@@ -18,11 +23,17 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
     """``inference.loading.load_model`` of a checkpoint file or of the checkpoint an MLflow model URI names.
 
     ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
-    sliding-window overlap (``infer.overlap``); they are checked before anything is fetched."""
+    sliding-window overlap (``infer.overlap``); they are checked before anything is fetched. A model trained only
+    on synthetic phantoms says so in one warning line."""
     if not is_model_uri(source):
-        return load_checkpoint_model(source, device, sample_steps, ensemble, seed, overlap)
-    check_overrides(sample_steps, ensemble, overlap)
-    from medseg_diff.tracking.registry import checkpoint_of_model  # MLflow is imported only for a model URI
+        model = load_checkpoint_model(source, device, sample_steps, ensemble, seed, overlap)
+    else:
+        check_overrides(sample_steps, ensemble, overlap)
+        from medseg_diff.tracking.registry import checkpoint_of_model  # MLflow is imported only for a model URI
 
-    fetched = checkpoint_of_model(str(source), tracking_uri)
-    return load_checkpoint_model(source, device, sample_steps, ensemble, seed, overlap, fetched=fetched)
+        fetched = checkpoint_of_model(str(source), tracking_uri)
+        model = load_checkpoint_model(source, device, sample_steps, ensemble, seed, overlap, fetched=fetched)
+    if (model.training or {}).get("synthetic"):
+        log.warning("%s was trained only on synthetic phantoms (%s): on a real scan its output shows what the "
+                    "pipeline does, not a validated segmentation", source, describe(model.training))
+    return model

@@ -20,6 +20,7 @@ from medseg_diff.config import Config, check_environment
 from medseg_diff.data.conventions import get_convention
 from medseg_diff.data.dataset import case_record, make_dataset
 from medseg_diff.data.manifest import Manifest, load_manifest
+from medseg_diff.data.profile import native_spacing, training_record
 from medseg_diff.data.transforms import eval_transforms, train_transforms
 from medseg_diff.errors import ConfigError, DataError
 from medseg_diff.kinds import build_kind
@@ -60,6 +61,10 @@ def train(cfg: Config, resume: bool = True, check_data: bool = True, verify_chec
             from medseg_diff.data.check import ensure_checksums
 
             ensure_checksums(manifest, train_cases + val_cases)  # the run's manifest_hash must describe its bytes
+        # the grid the network is trained at, and what it is trained on: both go into every checkpoint
+        if cfg.data.spacing is None:
+            native_spacing(manifest, train_cases + val_cases)  # one voxel size, or refused by name
+        record = training_record(manifest, train_cases, val_cases, cfg.data.spacing)
         # 3. adapter, datasets, hooks
         adapter = build_kind(cfg)  # roi sizes against its stride: checked with the config (config.network_stride)
         t_train = train_transforms(conv, cfg.data.spacing, cfg.data.roi_size, cfg.data.samples_per_volume,
@@ -73,7 +78,8 @@ def train(cfg: Config, resume: bool = True, check_data: bool = True, verify_chec
             hooks = [MlflowHook(cfg, manifest)]
             if cfg.train.progress:
                 hooks.append(LogHook())
-        trainer = Trainer(cfg, adapter, train_ds, val_ds, device, dist_info, hooks, train_transform=t_train)
+        trainer = Trainer(cfg, adapter, train_ds, val_ds, device, dist_info, hooks, train_transform=t_train,
+                          training_data=record)
         # 4. train
         return trainer.fit(resume=resume)
     finally:

@@ -89,11 +89,16 @@ def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
     return out
 
 
+def _list(values) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
+
+
 class Trainer:
     def __init__(self, cfg: Config, adapter: ModelKind, train_data, val_data, device: torch.device,
                  dist_info: DistInfo = DistInfo(), hooks: list[TrainerHook] | None = None,
-                 train_transform=None, objective: Objective | None = None):
+                 train_transform=None, objective: Objective | None = None, training_data: dict | None = None):
         self.cfg, self.adapter, self.device, self.dist = cfg, adapter, device, dist_info
+        self.training_data = training_data  # data.profile.training_record: stored in every checkpoint
         self.objective = objective or adapter.objective()
         self.hooks = hooks or []
         self.train_data, self.val_data, self.train_transform = train_data, val_data, train_transform
@@ -309,6 +314,8 @@ class Trainer:
             "epoch": s.epoch, "step": s.step, "best_metric": s.best_metric, "best_epoch": s.best_epoch,
             "run_id": s.run_id, "history": s.history,
             "rng": rng_state(),
+            "training_data": self.training_data,
+            "spacing_mm": (self.training_data or {}).get("spacing_mm") or _list(self.cfg.data.spacing),
         }
 
     def load(self, path: Path) -> None:

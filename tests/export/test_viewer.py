@@ -436,3 +436,18 @@ def test_viewer_draws_scrolls_and_switches_layers_in_headless_chromium(tmp_path)
     finally:
         browser.close()
         shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_the_viewer_shows_the_montages_orientation(fake_bundle):
+    """One orientation for both pictures: radiological (patient's right on the image left) and the sagittal view
+    with anterior on the left, as the montage draws it (``export.slices.EDGES``); NiiVue's own default puts the
+    nose right. The viewer script passes both settings to NiiVue."""
+    from medseg_diff.export.slices import EDGES
+
+    images, labels, maps = phantom()
+    data = payload_of(viewer.viewer_section(images, labels, LABELS, maps, LPS_AFFINE))
+    assert EDGES["sagittal"][:2] == ("A", "P") and EDGES["axial"][:2] == ("R", "L")
+    assert data["sagittal_nose_left"] is True and data["radiological"] is True
+    script = viewer._asset("viewer.js")
+    assert "sagittalNoseLeft: data.sagittal_nose_left" in script
+    assert "isRadiologicalConvention: data.radiological" in script

@@ -155,7 +155,7 @@ def test_prediction_folder_holds_variance_provenance_and_where_dice_came_from(mo
     assert provenance["overlap"] == 0.25 and provenance["roi_size"] == [32, 32, 32]
     assert isinstance(provenance["epoch"], int) and provenance["training_manifest"]
     assert provenance["training_data"].startswith("synthetic BraTS-like phantoms (medseg-diff synth), 5 mm voxels")
-    assert "'tiny-phantoms', 6 cases" in provenance["training_data"]
+    assert "'tiny-phantoms', 2 training cases" in provenance["training_data"]
     label = data / "V1" / "V1_seg.nii.gz"
     assert meta["dice_source"] == f"computed at predict time against the case's label file {label}"
     assert set(meta["dice"]) == {"TC", "WT", "ET"}

@@ -49,7 +49,7 @@ def test_the_network_is_rebuilt_from_its_own_arguments_in_the_checkpoint(phantom
 
     train(tiny_config(phantoms, tmp_path / "run", kind, **ONE_EPOCH))
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert ckpt["format"] == FORMAT == 3
+    assert ckpt["format"] == FORMAT == 4
     spec = ckpt["network"]
     net = kind_class(kind).network_factory(**spec["kwargs"])  # Net(**cfg), nothing else needed
     net.load_state_dict(ckpt["inference_model"])

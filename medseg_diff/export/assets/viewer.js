@@ -23,7 +23,7 @@
   });
   var nv = new NV.Niivue({
     backColor: [0, 0, 0, 1], crosshairColor: [0.1, 1.0, 0.3, 0.6], crosshairWidth: 0.75, crosshairGap: 6,
-    isRadiologicalConvention: true,
+    isRadiologicalConvention: data.radiological, sagittalNoseLeft: data.sagittal_nose_left,
     multiplanarLayout: NV.MULTIPLANAR_TYPE.GRID, multiplanarShowRender: NV.SHOW_RENDER.ALWAYS,
     show3Dcrosshair: true, dragAndDropEnabled: false, isColorbar: false, isNearestInterpolation: true,
     logLevel: "error", loadingText: "loading\u2026"
