@@ -231,6 +231,12 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the training config's)")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
+    p.add_argument("--min-lesion-mm3", type=float, default=None,
+                   help="post-processing: remove whole-tumour components smaller than this (mm³; 0: off; default: the "
+                        "training config's infer.min_lesion_mm3)")
+    p.add_argument("--min-enhancing-mm3", type=float, default=None,
+                   help="post-processing: a case's enhancing tumour smaller than this becomes core (mm³; 0: off; "
+                        "default: the training config's infer.min_enhancing_mm3)")
     p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases of each model")
     p.add_argument("--continue-on-error", action="store_true")
     p.add_argument("--prior-dir", type=Path, default=None,
@@ -260,7 +266,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     scoring = Scoring(subset=args.subset, fold=args.fold, root=args.root, prior_dir=args.prior_dir,
                       export_cases=args.export_cases, continue_on_error=args.continue_on_error,
                       lesion_task=args.lesion_task)
-    sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, overlap=args.overlap)
+    sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, overlap=args.overlap,
+                        min_lesion_mm3=args.min_lesion_mm3, min_enhancing_mm3=args.min_enhancing_mm3)
     tracking = Tracking(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
     report = evaluate(args.manifest, args.out, models=dict(args.models), predictions=dict(args.predictions),
                       scoring=scoring, sampling=sampling, tracking=tracking)
@@ -296,6 +303,12 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-lesion-mm3", type=float, default=None,
+                   help="post-processing: remove whole-tumour components smaller than this (mm³; 0: off; default: the "
+                        "training config's infer.min_lesion_mm3)")
+    p.add_argument("--min-enhancing-mm3", type=float, default=None,
+                   help="post-processing: a case's enhancing tumour smaller than this becomes core (mm³; 0: off; "
+                        "default: the training config's infer.min_enhancing_mm3)")
     p.add_argument("--continue-on-error", action="store_true", help="skip and report bad cases")
     p.add_argument("--overwrite", action="store_true",
                    help="replace case folders that hold another model's or run's prediction (whole folders)")
@@ -328,7 +341,8 @@ def run_predict(args: argparse.Namespace) -> int:
     _need_checkpoint(args.checkpoint)
     _need_input(args.input)
     sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed,
-                        overlap=args.overlap)
+                        overlap=args.overlap, min_lesion_mm3=args.min_lesion_mm3,
+                        min_enhancing_mm3=args.min_enhancing_mm3)
     writing = Writing(overwrite=args.overwrite, continue_on_error=args.continue_on_error)
     cases = Cases(convention=args.convention, prior_dir=args.prior_dir, series_rule=rule)
     if args.dicomweb is not None:

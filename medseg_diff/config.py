@@ -153,6 +153,8 @@ class InferConfig:
     sw_batch_size: int = 4
     mode: Literal["gaussian", "constant"] = "gaussian"
     threshold: float = 0.5
+    min_lesion_mm3: float = 250.0  # post-processing: whole-tumour components smaller than this are removed
+    min_enhancing_mm3: float = 0.0  # post-processing: a case's enhancing tumour smaller than this becomes core
 
 
 @dataclass(frozen=True)
@@ -507,6 +509,8 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("infer.sw_batch_size", i.sw_batch_size)
     if not 0.0 < i.threshold < 1.0:
         fail("infer.threshold", f"must be in (0, 1) (a probability cut-off), got {i.threshold}")
+    non_negative("infer.min_lesion_mm3", i.min_lesion_mm3)
+    non_negative("infer.min_enhancing_mm3", i.min_enhancing_mm3)
     # the network's stride (after model and infer: it needs valid levels and sizes)
     stride, how = network_stride(cfg)
     for key, roi in [("data.roi_size", d.roi_size), ("infer.roi_size", i.roi_size)]:

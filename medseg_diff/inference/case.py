@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention
 from medseg_diff.data.dataset import CASE_ID
 from medseg_diff.data.transforms import HEAD, IMAGE, LABEL, PRED, PRIOR, eval_transforms, invert_prediction
+from medseg_diff.inference.postprocess import Postprocessed, postprocess
 from medseg_diff.inference.sliding_window import VolumePrediction, infer_volume
 from medseg_diff.inference.loading import LoadedModel
 from medseg_diff.errors import DataError
@@ -41,6 +42,7 @@ class CasePrediction:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the original grid, mm
     seconds: float = 0.0
     peak_memory_mb: float | None = None
+    postprocessed: Postprocessed | None = None  # what BraTS post-processing did to ``labels`` (``postprocess``)
 
 
 def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
@@ -82,15 +84,18 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
     probs = np.stack([split.pop(f"prob_{r}") for r in range(3)]).clip(0.0, 1.0)
     # 4. nothing outside the head
     suppress_outside_head(head, probs, split)
-    # 5. labels in the input's convention
-    labels = convention.from_regions(probs > cfg.infer.threshold)
+    # 5. labels in the input's convention, post-processed (small lesions, small enhancement); probabilities untouched
     reference = Path(_first_path(record))
+    spacing = _spacing(reference)
+    labels, done = postprocess(convention.from_regions(probs > cfg.infer.threshold), convention,
+                               float(np.prod(spacing)), cfg.infer.min_lesion_mm3, cfg.infer.min_enhancing_mm3)
     return CasePrediction(
         case_id=case_id, reference=reference, labels=labels, probs=probs.astype(np.float32),
         entropy=split.pop("entropy").astype(np.float32),
         variance=split.pop("variance").astype(np.float32) if "variance" in split else None,
         attention={k[len("attn_"):]: np.clip(v, 0, None).astype(np.float32) for k, v in split.items()},
-        ground_truth=truth, spacing=_spacing(reference), seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb,
+        ground_truth=truth, spacing=spacing, seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb,
+        postprocessed=done,
     )
 
 

@@ -44,25 +44,29 @@ def is_model_uri(source: str | Path) -> bool:
     return str(source).startswith(("models:/", "runs:/"))
 
 
-def check_overrides(sample_steps: int | None = None, ensemble: int | None = None, overlap: float | None = None) -> None:
-    """``ConfigError`` naming the flag for a sampler or sliding-window override out of range."""
+def check_overrides(sample_steps: int | None = None, ensemble: int | None = None, overlap: float | None = None,
+                    postprocess: dict[str, float] | None = None) -> None:
+    """``ConfigError`` naming the flag for a sampler, sliding-window or post-processing override out of range."""
+    post = [(f"--{k.replace('_', '-')}", v, lambda v: v >= 0, ">= 0") for k, v in (postprocess or {}).items()]
     for flag, value, ok, rule in (("--steps", sample_steps, lambda v: v >= 1, ">= 1"),
                                   ("--ensemble", ensemble, lambda v: v >= 1, ">= 1"),
-                                  ("--overlap", overlap, lambda v: 0 <= v < 1, "in [0, 1)")):
+                                  ("--overlap", overlap, lambda v: 0 <= v < 1, "in [0, 1)"), *post):
         if value is not None and not ok(value):
             raise ConfigError(flag, f"must be {rule}, got {value}")
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", sample_steps: int | None = None,
                ensemble: int | None = None, seed: int | None = None, overlap: float | None = None,
-               fetched: Path | None = None) -> LoadedModel:
+               fetched: Path | None = None, postprocess: dict[str, float] | None = None) -> LoadedModel:
     """Rebuild a trained model from a checkpoint file; ``source`` may be an MLflow model URI when ``fetched`` is
     the checkpoint it names (``stages.load_model`` fetches it: inference knows nothing of MLflow).
 
     ``sample_steps`` / ``ensemble`` / ``seed`` override the sampler of the training config, ``overlap`` its
-    sliding-window overlap (``infer.overlap``).
+    sliding-window overlap (``infer.overlap``), ``postprocess`` its post-processing (``{"min_lesion_mm3": ...,
+    "min_enhancing_mm3": ...}``, ``infer.*``; None values keep the checkpoint's).
     """
-    check_overrides(sample_steps, ensemble, overlap)
+    postprocess = {k: v for k, v in (postprocess or {}).items() if v is not None}
+    check_overrides(sample_steps, ensemble, overlap, postprocess)
     uri = str(source) if is_model_uri(source) else None
     if uri is not None and fetched is None:
         raise DataError(uri, "an MLflow model URI: load it with medseg_diff.stages.load_model, which fetches its "
@@ -79,6 +83,8 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", sample_st
         raw = {**raw, "experiment": {**raw["experiment"], "seed": seed}}
     if overlap is not None:
         raw = {**raw, "infer": {**raw["infer"], "overlap": overlap}}
+    if postprocess:
+        raw = {**raw, "infer": {**raw["infer"], **postprocess}}
     raw = upgrade_config(raw, ckpt.get("format", 1))
     training = trained_on(ckpt, raw, path)
     if raw.get("data", {}).get("spacing") is None:  # trained at the data's own voxel size: predict at that size

@@ -42,6 +42,7 @@ class PredictionMeta:
     provenance: dict | None = None  # Provenance.to_dict()
     dice: dict | None = None  # at predict time, against the label file
     dice_source: str | None = None
+    postprocess: dict | None = None  # what BraTS post-processing did (inference.postprocess); None: not recorded
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str) + "\n"

@@ -32,6 +32,7 @@ def evaluate(manifest_path: str | Path, out_dir: str | Path, models: dict[str, s
     n_boot, lesion_task = scoring.n_boot, scoring.lesion_task
     device, sample_steps, ensemble, overlap = (sampling.device, sampling.sample_steps, sampling.ensemble,
                                                sampling.overlap)
+    postprocess = sampling.postprocess()
     tracking_uri, experiment = tracking.uri, tracking.experiment
     models, predictions = dict(models or {}), dict(predictions or {})
     names = list(models) + list(predictions)
@@ -57,7 +58,8 @@ def evaluate(manifest_path: str | Path, out_dir: str | Path, models: dict[str, s
     sources: dict[str, dict] = {name: {"kind": "folder", "path": str(path)} for name, path in folders.items()}
     for name, source in models.items():
         folders[name], sources[name] = _predict(name, source, manifest, cases, out, device, sample_steps, ensemble,
-                                                overlap, prior_dir, continue_on_error, tracking_uri, failed)
+                                                overlap, prior_dir, continue_on_error, tracking_uri, failed,
+                                                postprocess)
     overlays = _export_overlays(folders, models, cases, export_cases, out, failed)
     params = {"subset": subset, "fold": fold, "n_boot": n_boot, "bootstrap_seed": 0, "lesion_task": lesion_task,
               "sample_steps": sample_steps, "ensemble": ensemble, "overlap": overlap,
@@ -68,11 +70,11 @@ def evaluate(manifest_path: str | Path, out_dir: str | Path, models: dict[str, s
 
 
 def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble, overlap, prior_dir,
-             continue_on_error, tracking_uri, failed) -> tuple[Path, dict]:
+             continue_on_error, tracking_uri, failed, postprocess=None) -> tuple[Path, dict]:
     """Predict ``cases`` with model ``source`` into ``OUT/predictions/NAME``; failures go to ``failed``."""
     folder = out / "predictions" / name
     model = load_model(source, resolve_device(device, key="--device"), sample_steps, ensemble, overlap=overlap,
-                       tracking_uri=tracking_uri)
+                       tracking_uri=tracking_uri, postprocess=postprocess)
     report = predict_cases(source, manifest.source, folder, Sampling(device=device),
                            Cases(root=manifest.root, prior_dir=prior_dir, case_ids=[c.id for c in cases]),
                            Writing(name=name, continue_on_error=continue_on_error,
@@ -83,6 +85,7 @@ def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble,
     info = {"kind": "model", "source": str(source), "checkpoint": str(model.checkpoint), "model_kind": model.kind,
             "epoch": model.epoch, "train_run_id": model.run_id, "threshold": model.cfg.infer.threshold,
             "overlap": model.cfg.infer.overlap, "seed": model.cfg.experiment.seed,
+            "min_lesion_mm3": model.cfg.infer.min_lesion_mm3, "min_enhancing_mm3": model.cfg.infer.min_enhancing_mm3,
             "sample_steps": sampler.get("sample_steps"), "ensemble": sampler.get("ensemble")}
     return folder, info
 

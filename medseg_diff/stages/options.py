@@ -16,14 +16,20 @@ from medseg_diff.data.dicom.rules import SeriesRule
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the model predicts: ``--device``, ``--steps`` K, ``--ensemble`` N, ``--seed``, ``--overlap`` (None: the
-    checkpoint's)."""
+    """How the model predicts: ``--device``, ``--steps`` K, ``--ensemble`` N, ``--seed``, ``--overlap``,
+    ``--min-lesion-mm3``, ``--min-enhancing-mm3`` (None: the checkpoint's)."""
 
     device: str = "auto"
     sample_steps: int | None = None
     ensemble: int | None = None
     seed: int | None = None
     overlap: float | None = None
+    min_lesion_mm3: float | None = None
+    min_enhancing_mm3: float | None = None
+
+    def postprocess(self) -> dict[str, float | None]:
+        """The post-processing overrides (``infer.min_lesion_mm3`` / ``infer.min_enhancing_mm3``)."""
+        return {"min_lesion_mm3": self.min_lesion_mm3, "min_enhancing_mm3": self.min_enhancing_mm3}
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
     pin_reproducibility()
     dev = resolve_device(device, key="--device")
     if model is None:
-        model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap, tracking_uri=tracking_uri)
+        model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap, tracking_uri=tracking_uri,
+                           postprocess=sampling.postprocess())
     _check_prior_use(model, prior_dir)  # a model-wide mistake: fail once, before any case
     conv, records = input_records(source, subset, root, convention, series_rule)
     if case_ids is not None:  # only these, in this order
@@ -242,6 +243,6 @@ def write_prediction(pred: CasePrediction, folder: Path, model_name: str, model:
         checkpoint=str(model.checkpoint), model_uri=model.source, convention=conv.name,
         reference=str(pred.reference), inputs=record, seconds=pred.seconds, peak_memory_mb=pred.peak_memory_mb,
         spacing_mm=list(pred.spacing), provenance=overlay.provenance.to_dict(), dice=overlay.dice,
-        dice_source=overlay.dice_source,
+        dice_source=overlay.dice_source, postprocess=pred.postprocessed.to_dict() if pred.postprocessed else None,
     )
     return prediction_folder.write_prediction(overlay, folder, meta)

@@ -18,7 +18,7 @@ from medseg_diff.data.conventions import BRATS2021, BRATS2023
 from medseg_diff.stages.options import Cases, Sampling, Writing
 from medseg_diff.stages.predict import predict_cases
 from medseg_diff.training.run import train
-from medseg_diff.errors import DataError
+from medseg_diff.errors import ConfigError, DataError
 
 REAL_CASES = {"BraTS-GLI-00001-000": ("L", "P", "S"), "BraTS-GLI-99999-000": ("L", "P", "S"),
               "BraTS-MET-00110-000": ("R", "A", "S")}
@@ -360,3 +360,23 @@ def test_external_prior_from_the_baselines_prediction_folders(models, tmp_path):
     # the other outline reaches the cross-attention map: the difference is far above float32 rounding (~1e-7),
     # though small for a model trained one step, whose attention weights hardly depend on the tokens yet (1e-4)
     assert np.abs(cross - cross_other).max() > 1e-5
+
+
+def test_post_processing_is_applied_to_the_labels_only_and_recorded(models, tmp_path):
+    """``--min-lesion-mm3`` larger than any lesion empties the label map; the probabilities stay exactly what the
+    model gave, and prediction.json says what was done."""
+    import json
+
+    data = tmp_path / "data"
+    write_case(data, "Q1", seed=21)
+    plain, cleaned = tmp_path / "plain", tmp_path / "cleaned"
+    predict_cases(models["unet"], data, plain, Sampling(device="cpu"))
+    predict_cases(models["unet"], data, cleaned, Sampling(device="cpu", min_lesion_mm3=1e12))
+    seg = nib.load(cleaned / "Q1" / "Q1_seg.nii.gz").get_fdata()
+    assert not seg.any() and nib.load(plain / "Q1" / "Q1_seg.nii.gz").get_fdata().any()
+    for name in ("Q1_probabilities.nii.gz", "Q1_uncertainty.nii.gz"):
+        assert (plain / "Q1" / name).read_bytes() == (cleaned / "Q1" / name).read_bytes()
+    done = json.loads((cleaned / "Q1" / "prediction.json").read_text())["postprocess"]
+    assert done["min_lesion_mm3"] == 1e12 and done["lesions_removed"] >= 1 and done["voxels_removed"] > 0
+    with pytest.raises(ConfigError, match="--min-enhancing-mm3"):
+        predict_cases(models["unet"], data, tmp_path / "bad", Sampling(device="cpu", min_enhancing_mm3=-1))
