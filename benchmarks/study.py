@@ -81,12 +81,13 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "direct": ([D, "diffusion.mode=direct"], "the diffusion network trained directly for segmentation (one pass)"),
     "diffusion": ([D], "the demo's diffusion default"),
     "full_res": ([D, "model.denoiser.patch_size=1"], "as diffusion, s = 1 (full resolution)"),
+    "refine": ([D, "model.denoiser.refine=true"], "as diffusion, with the full-resolution refiner (once per member)"),
     "no_cross": ([D, "model.denoiser.cross_attention_levels=[]"], "as diffusion, no cross-attention"),
     "no_linear": ([D, "model.denoiser.linear_attention_levels=[]"], "as diffusion, no linear self-attention"),
     "no_prior": ([D, "model.denoiser.prior_source=none"], "as diffusion, no mask prior"),
 }  # fmt: skip
 #: compared with the reference (diffusion) on Dice and entropy AUROC
-OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_cross", "no_linear", "no_prior")
+OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "refine", "no_cross", "no_linear", "no_prior")
 QUICK = dict(train_cases=6, held_out=2, seeds=[0], variants=["unet", "diffusion"],
              overrides=["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.max_val_cases=1"])
 EXPERIMENT = "medseg-diff-study"
