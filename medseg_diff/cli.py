@@ -35,6 +35,16 @@ def _need_manifest(path) -> None:
         raise ManifestError(path, "manifest not found")
 
 
+def add_postprocess_args(p: argparse.ArgumentParser) -> None:
+    """``--min-lesion-mm3`` / ``--min-enhancing-mm3``: predict's and evaluate's post-processing overrides."""
+    p.add_argument("--min-lesion-mm3", type=float, default=None,
+                   help="post-processing: remove whole-tumour components smaller than this (mm³; 0: off; default: the "
+                        "training config's infer.min_lesion_mm3)")
+    p.add_argument("--min-enhancing-mm3", type=float, default=None,
+                   help="post-processing: a case's enhancing tumour smaller than this becomes core (mm³; 0: off; "
+                        "default: the training config's infer.min_enhancing_mm3)")
+
+
 def _need_input(path) -> None:
     """A manifest JSON, a data folder, a case folder or a DICOM study folder (checked in full by discovery)."""
     if path is None:
@@ -231,12 +241,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int, default=None, help="ensemble members (default: the training config's)")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
-    p.add_argument("--min-lesion-mm3", type=float, default=None,
-                   help="post-processing: remove whole-tumour components smaller than this (mm³; 0: off; default: the "
-                        "training config's infer.min_lesion_mm3)")
-    p.add_argument("--min-enhancing-mm3", type=float, default=None,
-                   help="post-processing: a case's enhancing tumour smaller than this becomes core (mm³; 0: off; "
-                        "default: the training config's infer.min_enhancing_mm3)")
+    add_postprocess_args(p)
     p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases of each model")
     p.add_argument("--continue-on-error", action="store_true")
     p.add_argument("--prior-dir", type=Path, default=None,
@@ -303,12 +308,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--min-lesion-mm3", type=float, default=None,
-                   help="post-processing: remove whole-tumour components smaller than this (mm³; 0: off; default: the "
-                        "training config's infer.min_lesion_mm3)")
-    p.add_argument("--min-enhancing-mm3", type=float, default=None,
-                   help="post-processing: a case's enhancing tumour smaller than this becomes core (mm³; 0: off; "
-                        "default: the training config's infer.min_enhancing_mm3)")
+    add_postprocess_args(p)
     p.add_argument("--continue-on-error", action="store_true", help="skip and report bad cases")
     p.add_argument("--overwrite", action="store_true",
                    help="replace case folders that hold another model's or run's prediction (whole folders)")
