@@ -22,6 +22,7 @@ from medseg_diff.errors import ConfigError, DataError, ManifestError, MedsegErro
 
 
 def _is_model_uri(source) -> bool:
+    """``inference.loading.is_model_uri``'s rule, repeated here because importing inference loads torch."""
     return str(source).startswith(("models:/", "runs:/"))
 
 
