@@ -453,3 +453,126 @@ def test_an_unreachable_pacs_is_named_with_the_study_and_nothing_is_written(mode
                    "--out", out)
     assert rc == 1 and url in text and "1.2.840.99.1" in text
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+# --- one writer per output folder ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_holder():
+    """A running process whose pid a lock file names (the 'other run')."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _lock_file(path: Path, pid: int) -> Path:
+    import json
+    import socket
+
+    from medseg_diff.ownership import _process_start
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 1.7e9, "command": "evaluate …",
+                                "process_start": _process_start(pid), "token": "theirs"}), encoding="utf-8")
+    return path
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _evaluate(capsys, manifest, out):
+    from medseg_diff.data.manifest import load_manifest
+
+    m = load_manifest(manifest)
+    preds = out.parent / "preds"
+    preds.mkdir(exist_ok=True)
+    for case in m.cases:
+        img = nib.load(str(m.path_of(case.label)))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), str(preds / f"{case.id}.nii.gz"))
+    return run(capsys, "evaluate", "--manifest", manifest, "--predictions", f"tool={preds}", "--out", out,
+               "--no-tracking", "--subset", "all")
+
+
+def test_a_second_evaluate_into_a_live_output_folder_is_refused_naming_the_holder(model, tmp_path, capsys,
+                                                                                   live_holder):
+    _, manifest = model
+    out = tmp_path / "eval"
+    assert _evaluate(capsys, manifest, out)[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lock = _lock_file(out / ".medseg-diff.lock", live_holder)
+    rc, err = _evaluate(capsys, manifest, out)
+    assert rc == 2 and f"pid {live_holder}" in err and "being written by another run" in err and str(out) in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != lock} == before  # nothing replaced
+    assert lock.is_file()  # the holder's lock stays
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_note(model, tmp_path, capsys, caplog):
+    _, manifest = model
+    out = tmp_path / "eval"
+    _lock_file(out / ".medseg-diff.lock", _dead_pid())
+    rc, _ = _evaluate(capsys, manifest, out)
+    assert rc == 0 and (out / "per_case.csv").is_file() and not (out / ".medseg-diff.lock").exists()
+    assert any("is no longer running" in r.getMessage() for r in caplog.records)
+
+
+def test_export_into_a_live_folder_is_refused(model, tmp_path, capsys, live_holder):
+    checkpoint, manifest = model
+    preds = tmp_path / "preds"
+    assert run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--subset", "test", "--out",
+               preds, "--device", "cpu")[0] == 0
+    _lock_file(tmp_path / "overlays" / ".medseg-diff.lock", live_holder)
+    rc, err = run(capsys, "export", "--predictions", preds, "--out", tmp_path / "overlays")
+    assert rc == 2 and f"pid {live_holder}" in err
+    assert [p.name for p in (tmp_path / "overlays").iterdir()] == [".medseg-diff.lock"]
+
+
+def test_predict_never_writes_a_case_another_live_run_holds_nor_removes_its_staging(model, tmp_path, capsys,
+                                                                                   live_holder):
+    from medseg_diff.data.manifest import load_manifest
+
+    checkpoint, manifest = model
+    out = tmp_path / "out"
+    first = load_manifest(manifest).cases[0].id
+    _lock_file(out / f".{first}.lock", live_holder)
+    import socket
+
+    from medseg_diff.ownership import _host_hash
+
+    theirs = out / f".{first}.partial-{live_holder}-{_host_hash()}-0123abcd"  # a live run's staging
+    theirs.mkdir()
+    left = out / f".{first}.partial-{_dead_pid()}-{_host_hash()}-4567abcd"  # a killed run's staging
+    left.mkdir()
+    rc, err = run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--out", out, "--device", "cpu",
+                  "--continue-on-error")
+    assert rc == 1 and f"case {first}" in err and f"pid {live_holder}" in err
+    assert theirs.is_dir() and not left.exists()
+    assert not (out / first).exists() and sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        sorted(c.id for c in load_manifest(manifest).cases if c.id != first)
+    assert socket.gethostname()  # the locks name this host
+
+
+def test_of_runs_starting_together_exactly_one_gets_the_folder(tmp_path):
+    """Eight processes race for one output folder: one holds it, seven are refused naming it (O_EXCL, no window)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom medseg_diff.ownership import folder_lock, BusyError\n"
+            "try:\n    lock = folder_lock(sys.argv[1]).acquire()\nexcept BusyError as e:\n    print('refused', e)\n"
+            "else:\n    print('held')\n    time.sleep(3)\n    lock.release()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sum(o.startswith("held") for o in outs) == 1
+    assert all("being written by another run" in o for o in outs if o.startswith("refused"))
+    assert not (tmp_path / "out" / ".medseg-diff.lock").exists()  # released by its holder

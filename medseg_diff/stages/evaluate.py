@@ -11,6 +11,7 @@ from medseg_diff.errors import ConfigError, DataError, MedsegError
 from medseg_diff.evaluation.lesionwise import get_task
 from medseg_diff.evaluation.run import EvalReport, score_folders, select_cases
 from medseg_diff.export import export_case
+from medseg_diff.ownership import folder_lock
 from medseg_diff.runtime import pin_reproducibility, resolve_device
 from medseg_diff.stages.export import read_for_export
 from medseg_diff.stages.models import load_model
@@ -51,22 +52,23 @@ def evaluate(manifest_path: str | Path, out_dir: str | Path, models: dict[str, s
     cases = select_cases(manifest, subset, fold)
     if out.exists() and not out.is_dir():
         raise DataError(out, "the output folder is a file")
-    out.mkdir(parents=True, exist_ok=True)
-    failed: dict[str, str] = {}
-    # 2. models are predicted into folders first; then every folder is scored the same way
-    folders = {name: Path(path) for name, path in predictions.items()}
-    sources: dict[str, dict] = {name: {"kind": "folder", "path": str(path)} for name, path in folders.items()}
-    for name, source in models.items():
-        folders[name], sources[name] = _predict(name, source, manifest, cases, out, device, sample_steps, ensemble,
-                                                overlap, prior_dir, continue_on_error, tracking_uri, failed,
-                                                postprocess)
-    overlays = _export_overlays(folders, models, cases, export_cases, out, failed)
-    params = {"subset": subset, "fold": fold, "n_boot": n_boot, "bootstrap_seed": 0, "lesion_task": lesion_task,
-              "sample_steps": sample_steps, "ensemble": ensemble, "overlap": overlap,
-              "continue_on_error": continue_on_error, "cases": len(cases)}
-    return score_folders(manifest, cases, folders, names, out, sources=sources, failed=failed, params=params,
-                         overlays=overlays, continue_on_error=continue_on_error, tracking=tracking.enabled,
-                         tracking_uri=tracking_uri, experiment=experiment, n_boot=n_boot, lesion_task=lesion_task)
+    with folder_lock(out):  # one writer: a second evaluate into a live --out is refused, its holder named
+        failed: dict[str, str] = {}
+        # 2. models are predicted into folders first; then every folder is scored the same way
+        folders = {name: Path(path) for name, path in predictions.items()}
+        sources: dict[str, dict] = {name: {"kind": "folder", "path": str(path)} for name, path in folders.items()}
+        for name, source in models.items():
+            folders[name], sources[name] = _predict(name, source, manifest, cases, out, device, sample_steps,
+                                                    ensemble, overlap, prior_dir, continue_on_error, tracking_uri,
+                                                    failed, postprocess)
+        overlays = _export_overlays(folders, models, cases, export_cases, out, failed)
+        params = {"subset": subset, "fold": fold, "n_boot": n_boot, "bootstrap_seed": 0,
+                  "lesion_task": lesion_task, "sample_steps": sample_steps, "ensemble": ensemble, "overlap": overlap,
+                  "continue_on_error": continue_on_error, "cases": len(cases)}
+        return score_folders(manifest, cases, folders, names, out, sources=sources, failed=failed, params=params,
+                             overlays=overlays, continue_on_error=continue_on_error, tracking=tracking.enabled,
+                             tracking_uri=tracking_uri, experiment=experiment, n_boot=n_boot,
+                             lesion_task=lesion_task)
 
 
 def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble, overlap, prior_dir,

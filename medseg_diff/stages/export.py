@@ -11,6 +11,7 @@ from medseg_diff.data.transforms import LABEL
 from medseg_diff.errors import DataError, MedsegError
 from medseg_diff.evaluation.metrics import dice_scores
 from medseg_diff.export import export_case
+from medseg_diff.ownership import folder_lock
 from medseg_diff.predictions import layout
 from medseg_diff.predictions.folder import read_prediction
 from medseg_diff.predictions.types import CaseOverlay
@@ -32,19 +33,21 @@ def read_for_export(folder: Path) -> CaseOverlay:
 
 
 def export_predictions(pred_dirs: list[Path], out_dir: str | Path, continue_on_error: bool = False) -> RunReport:
-    """Clinician overlays (NIfTI, colour tables, montage, report.html) of prediction folders."""
+    """Clinician overlays (NIfTI, colour tables, montage, report.html) of prediction folders, written under the
+    lock of ``out_dir`` (a second export into a live folder is refused, its holder named)."""
     report = RunReport()
-    for folder in pred_dirs:
-        try:
-            overlay = read_for_export(folder)
-            result = export_case(overlay, Path(out_dir) / overlay.case_id)
-            report.written.append(result.report)
-            log.info("ok   %s -> %s", overlay.case_id, result.report)
-        except MedsegError as err:
-            if not continue_on_error:
-                raise
-            report.failed[folder.name] = str(err)
-            log.warning("FAIL %s: %s", folder.name, err)
+    with folder_lock(out_dir):
+        for folder in pred_dirs:
+            try:
+                overlay = read_for_export(folder)
+                result = export_case(overlay, Path(out_dir) / overlay.case_id)
+                report.written.append(result.report)
+                log.info("ok   %s -> %s", overlay.case_id, result.report)
+            except MedsegError as err:
+                if not continue_on_error:
+                    raise
+                report.failed[folder.name] = str(err)
+                log.warning("FAIL %s: %s", folder.name, err)
     return report
 
 

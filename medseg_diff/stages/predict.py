@@ -3,15 +3,16 @@ a bad case is skipped and reported (``continue_on_error``) instead of ending the
 
 Outputs are never half-done or mixed: each case is written into a hidden staging folder and moved into place whole;
 a case folder that holds another model's or another run's prediction (or files that are not a prediction) is
-refused unless ``overwrite``, which replaces the folder whole (no stale maps stay behind); staging left by a killed
-run is removed by the next one.
+refused unless ``overwrite``, which replaces the folder whole (no stale maps stay behind). A case is predicted and
+installed under its lock (``ownership.case_lock``), so runs sharing an ``--out`` never write one case at once; a case
+another live run holds is refused, the holder named. Staging names carry their process: the next run removes those
+whose process is gone, never a live run's.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from medseg_diff.data.dicom.rules import SeriesRule
 from medseg_diff.dicom.outputs import write_dicom_outputs
 from medseg_diff.data.dicom.study import is_dicom_file, read_study
 from medseg_diff.errors import DataError, MedsegError
+from medseg_diff.ownership import case_lock, staging_name, staging_owner_alive
 from medseg_diff.evaluation.metrics import dice_scores
 from medseg_diff.inference.case import CasePrediction, predict_case
 from medseg_diff.inference.loading import LoadedModel
@@ -131,20 +133,22 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
             if manifest is not None:  # the bytes the manifest (and its hash) describe
                 ensure_checksums(manifest, [c for c in manifest.cases if c.id == case])
             folder = out_dir / case
-            claim_case_folder(folder, model, record, overwrite)  # records a conflict the pre-pass let through
-            if prior_dir is not None:
-                record = record | {"prior": str(prior_file(Path(prior_dir), case))}
-            pred = predict_case(model, record, conv, dev)
-            staging = out_dir / f".{case}.partial-{secrets.token_hex(4)}"
-            try:
-                write_prediction(pred, staging, name or model.kind, model, conv, record)
-                if record.get(DICOM_STUDY):
-                    written = write_dicom_outputs(staging, read_study(record[DICOM_STUDY], series_rule), conv,
-                                                  taken_series_numbers)
-                    log.info("     %s: %d DICOM object(s) (SEG, parametric maps)", case, len(written))
-                install_folder(staging, folder)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with case_lock(out_dir, case):
+                claim_case_folder(folder, model, record, overwrite)  # under the lock: what another run installed
+                if prior_dir is not None:
+                    record = record | {"prior": str(prior_file(Path(prior_dir), case))}
+                pred = predict_case(model, record, conv, dev)
+                staging = out_dir / staging_name(case)
+                try:
+                    write_prediction(pred, staging, name or model.kind, model, conv, record)
+                    if record.get(DICOM_STUDY):
+                        written = write_dicom_outputs(staging, read_study(record[DICOM_STUDY], series_rule), conv,
+                                                      taken_series_numbers)
+                        log.info("     %s: %d DICOM object(s) (SEG, parametric maps)", case, len(written))
+                    install_folder(staging, folder)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
             report.written.append(folder)
             log.info("ok   %s  (%.1f s)", case, pred.seconds)
         except (MedsegError, OSError) as err:  # bad input, or a fault writing this case (full disk): staged, not kept
@@ -162,12 +166,14 @@ def _check_prior_use(model: LoadedModel, prior_dir: str | Path | None) -> None:
 
 
 def remove_stale_staging(out_dir: Path) -> None:
-    """Remove what a killed run left: hidden ``.CASE.partial-*`` / ``.CASE.old-*`` folders in ``out_dir`` and hidden
-    ``.*.partial`` / ``.*.tmp`` files in its case folders. Nothing else is touched."""
+    """Remove what a killed run left: hidden ``.CASE.partial-*`` / ``.CASE.old-*`` folders in ``out_dir`` whose
+    process is gone (``ownership.staging_owner_alive``; a live run's staging is left alone) and hidden ``.*.partial``
+    / ``.*.tmp`` files in its case folders. Nothing else is touched."""
     if not out_dir.is_dir():
         return
     for path in out_dir.iterdir():
-        if path.name.startswith(".") and (".partial-" in path.name or ".old-" in path.name) and path.is_dir():
+        if (path.name.startswith(".") and (".partial-" in path.name or ".old-" in path.name) and path.is_dir()
+                and not staging_owner_alive(path.name)):
             shutil.rmtree(path, ignore_errors=True)
             log.info("removed %s (left by an interrupted run)", path)
         elif path.is_dir() and not path.name.startswith("."):
@@ -212,7 +218,7 @@ def claim_case_folder(folder: Path, model: LoadedModel, record: dict, overwrite:
 def install_folder(staging: Path, folder: Path) -> None:
     """Move the complete ``staging`` folder to ``folder``, replacing an existing one whole."""
     if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{secrets.token_hex(4)}"
+        old = folder.parent / staging_name(folder.name, "old")
         os.replace(folder, old)
         os.replace(staging, folder)
         shutil.rmtree(old, ignore_errors=True)
