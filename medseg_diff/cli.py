@@ -36,6 +36,17 @@ def _need_manifest(path) -> None:
         raise ManifestError(path, "manifest not found")
 
 
+def _need_tracking_uri(uri: str | None, tracking: bool) -> None:
+    """A ``--tracking-uri`` (or, with tracking on and none given, ``$MLFLOW_TRACKING_URI``) MLflow cannot use is
+    refused before any work, not after the predictions: ``store_uris`` has the rules (no MLflow import)."""
+    from medseg_diff.store_uris import check_tracking_uri, resolve_uri
+
+    if tracking:
+        resolve_uri(uri, "--tracking-uri")
+    else:
+        check_tracking_uri(uri, "--tracking-uri", key="--tracking-uri")
+
+
 def add_postprocess_args(p: argparse.ArgumentParser) -> None:
     """``--min-lesion-mm3`` / ``--min-enhancing-mm3``: predict's and evaluate's post-processing overrides."""
     p.add_argument("--min-lesion-mm3", type=float, default=None,
@@ -266,6 +277,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _need_manifest(args.manifest)
     for _, checkpoint in args.models:
         _need_checkpoint(checkpoint)
+    _need_tracking_uri(args.tracking_uri, tracking=not args.no_tracking)
     from medseg_diff.stages.evaluate import evaluate
     from medseg_diff.stages.options import Sampling, Scoring, Tracking
 
@@ -341,6 +353,7 @@ def run_predict(args: argparse.Namespace) -> int:
     rule = SeriesRule.from_file(args.series_rule) if args.series_rule is not None else None
     _need_checkpoint(args.checkpoint)
     _need_input(args.input)
+    _need_tracking_uri(args.tracking_uri, tracking=False)  # predict fetches model URIs from it; it logs no run
     sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed,
                         overlap=args.overlap, min_lesion_mm3=args.min_lesion_mm3,
                         min_enhancing_mm3=args.min_enhancing_mm3)
@@ -422,6 +435,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def run_diagnose(args: argparse.Namespace) -> int:
     _need_checkpoint(args.checkpoint)
     _need_manifest(args.manifest)
+    _need_tracking_uri(args.tracking_uri, tracking=False)
     from medseg_diff.stages.diagnose import diagnose
 
     report = diagnose(args.checkpoint, args.manifest, args.out, subset=args.subset, fold=args.fold, root=args.root,

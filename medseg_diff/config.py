@@ -1,7 +1,10 @@
 """Configs: YAML → frozen, validated dataclasses, one per concern. Parsed once, at the edge.
 
 A YAML file may name a parent with ``extends: base.yaml`` (relative to itself); mappings are merged
-key by key, the child winning. ``--set a.b=value`` overrides apply last (values parsed as YAML).
+key by key, the child winning (an empty section, ``train:`` with every key commented out, changes nothing).
+``--set a.b=value`` overrides apply last (values parsed as YAML). Every file and value is read by
+``safe_yaml.ConfigLoader``: a key given twice in one mapping, too many aliases, an "alias bomb" or too deep a nesting
+are refused while the YAML is composed, before anything is built from it.
 Unknown keys, wrong types, invalid choices and values out of range or meaning (a negative learning rate,
 a crop that is not a multiple of the network's stride, a tracking URI MLflow cannot use, ...) raise
 ``ConfigError`` naming the key path and where it came from (the file, or the ``--set`` override), before
@@ -18,17 +21,21 @@ order of the sections) are one contract; split, a new key would be declared in o
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 
 from medseg_diff.errors import ConfigError
+from medseg_diff.safe_yaml import ConfigYAMLError, load_yaml
+from medseg_diff.store_uris import folder_problem, uri_problem
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class DenoiserConfig:
     token_source: Literal["features", "prior"] = "features"  # what the prior tokens are built from (encoder.py)
     token_level: int = -1  # the encoder level whose grid the prior tokens and the prior head use (-1: coarsest)
     refine: bool = False  # refine the x0 logits at full resolution once per member (denoiser.py: Refiner)
+    refine_width: int | None = None  # the refiner's channels (None: stem_channels // 2); its cost is per member
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,25 @@ def _to_plain(value: Any) -> Any:
 
 # --- loading -----------------------------------------------------------------------------------------
 
+def parse_yaml(text: str, source: str | Path | None = None, key_prefix: str = "") -> Any:
+    """``text`` read by ``ConfigLoader``; what it refuses becomes a ``ConfigError`` naming the key path and
+    ``source``. Other YAML errors (syntax) are raised as they are, for the caller to word."""
+    try:
+        return load_yaml(text, key_prefix)
+    except ConfigYAMLError as err:
+        raise ConfigError(err.key or "-", err.problem, source) from None
+    except RecursionError:
+        raise ConfigError(key_prefix or "-", "nested too deeply", source) from None
+
+
+def _yaml_problem(err: yaml.YAMLError, lines: bool = True) -> str:
+    """A YAML syntax error in one line: its problem and, in a file, where."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    if lines and mark is not None:
+        problem += f" at line {mark.line + 1}, column {mark.column + 1}"
+    return problem
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read ``path`` (following ``extends``), apply ``--set`` overrides, validate into a ``Config`` for a run
@@ -240,18 +267,25 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError("extends", f"circular 'extends' chain through {path}", path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = parse_yaml(path.read_text(encoding="utf-8"), path) or {}
     except FileNotFoundError:
         raise ConfigError("-", "config file not found", path) from None
+    except IsADirectoryError:
+        raise ConfigError("-", "is a folder, not a config file", path) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError("-", f"not UTF-8 text (byte {err.start}), so not a YAML config", path) from None
     except yaml.YAMLError as err:
-        raise ConfigError("-", f"not valid YAML ({err})", path) from err
+        raise ConfigError("-", f"not valid YAML ({_yaml_problem(err)})", path) from None
     if not isinstance(doc, dict):
-        raise ConfigError("-", "top level must be a mapping", path)
+        raise ConfigError("-", f"top level must be a mapping, got {type(doc).__name__}", path)
     parent = doc.pop("extends", None)
     if parent is None:
         return doc
-    if not isinstance(parent, str):
-        raise ConfigError("extends", "must be a file name", path)
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError("extends", f"must be a file name, got {_show(parent)}", path)
+    if not (path.parent / parent).is_file():
+        what = "is not a file" if (path.parent / parent).exists() else "not found"
+        raise ConfigError("extends", f"{path.parent / parent} {what}", path)
     return _merge(_read_yaml_chain(path.parent / parent, seen + (path,)), doc)
 
 
@@ -260,13 +294,15 @@ def _merge(base: dict, child: dict) -> dict:
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
+        elif value is None and isinstance(out.get(key), dict):  # an empty section (keys commented out): no change
+            continue
         else:
             out[key] = value
     return out
 
 
 def _override_source(item: str) -> str:
-    return f"--set {item}"
+    return f"--set {item if len(item) <= 100 else item[:97] + '...'}"
 
 
 def _apply_override(raw: dict, item: str) -> str:
@@ -278,10 +314,10 @@ def _apply_override(raw: dict, item: str) -> str:
     if not sep or not all(parts):
         raise ConfigError(item, "override must look like section.key=value", source)
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text, source, key_prefix=key)
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(key, f"value {text!r} is not valid YAML ({problem})", source) from None
+        raise ConfigError(key, f"value {_show(text)} is not valid YAML ({_yaml_problem(err, False)})", source
+                          ) from None
     node = raw
     for part in parts[:-1]:
         if node.get(part) is None:  # absent, or an empty section in the file
@@ -310,7 +346,7 @@ def _build(cls: type, raw: Any, path: str, source) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(path or "-", f"must be a mapping, got {type(raw).__name__}", source)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers, booleans, null
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ConfigError(key, f"unknown key; known keys here: {', '.join(fields)}", source)
@@ -330,8 +366,11 @@ def _coerce(tp: Any, value: Any, key: str, source) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error (it names an item: data.spacing[2])
+            return _coerce(options[0], value, key, source)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in options:
             try:
                 return _coerce(arg, value, key, source)
             except ConfigError as err:
@@ -339,11 +378,11 @@ def _coerce(tp: Any, value: Any, key: str, source) -> Any:
         raise ConfigError(key, "; ".join(errors), source)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}", source)
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {_show(value)}", source)
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}", source)
+            raise ConfigError(key, f"must be a list, got {type(value).__name__} {_show(value)}", source)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
         if len(value) != len(args):
@@ -351,31 +390,53 @@ def _coerce(tp: Any, value: Any, key: str, source) -> Any:
         return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}", source)
+            raise ConfigError(key, f"must be true or false, got {_show(value)}", source)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}", source)
+            raise ConfigError(key, f"must be an integer, got {_show(value)}{_number_hint(value, integer=True)}", source)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number, got {value!r}", source)
+            raise ConfigError(key, f"must be a number, got {_show(value)}{_number_hint(value)}", source)
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}", source)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}", source)
+            raise ConfigError(key, f"must be a string, got {_show(value)}", source)
         return value
     raise ConfigError(key, f"unsupported type {tp}", source)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error stays one short line whatever the value holds."""
+    shown = reprlib.Repr()  # keyword arguments only from Python 3.12
+    shown.maxlevel, shown.maxlist, shown.maxtuple, shown.maxdict = 3, 6, 6, 6
+    shown.maxstring = shown.maxother = limit
+    text = shown.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _number_hint(value: Any, integer: bool = False) -> str:
+    """Why a number in the YAML is text: quoted, or an exponent PyYAML (YAML 1.1) does not read as a number (``1e-4``,
+    ``1.5e3``: it needs a dot and a signed exponent, ``1.0e-4``, ``1.5e+3``)."""
+    if not isinstance(value, str):
+        return ""
+    m = re.fullmatch(r"([-+]?[0-9]+)(\.[0-9]*)?[eE]([-+]?)([0-9]+)", value.strip())
+    if m and integer:
+        number = float(value)
+        return f" (text to YAML: write {int(number)})" if number.is_integer() and abs(number) < 1e18 else ""
+    if m:
+        return f" (text to YAML: write {m[1]}{m[2] or '.0'}e{m[3] or '+'}{m[4]} for a number)"
+    if re.fullmatch(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)", value.strip()):
+        return " (text: write the number without quotes)"
+    return ""
 
 
 # --- value checks ------------------------------------------------------------------------------------
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-#: URI schemes MLflow has a tracking store for; a plain path (no scheme) is a local file store, and database URLs may
-#: name a driver (``postgresql+psycopg2://``). MLflow has no public API that lists them: tests/test_config.py checks
-#: this list against its (private) store registry, so that an MLflow upgrade that changes it fails a test.
-TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
-                    "databricks-uc", "uc")
 REGISTER_MODEL_FIELDS = ("kind", "dataset")
 
 
@@ -451,6 +512,8 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("model.denoiser.encoder_factor", den.encoder_factor)
     positive("model.denoiser.stem_channels", den.stem_channels)
     positive("model.denoiser.res_blocks", den.res_blocks)
+    if den.refine_width is not None:
+        positive("model.denoiser.refine_width", den.refine_width)
     levels = len(den.channels)
     for name in ("linear_attention_levels", "cross_attention_levels"):
         for lvl in getattr(den, name):
@@ -522,25 +585,8 @@ def _check_semantics(cfg: Config, source) -> None:
 
 
 def _check_tracking_uri(uri: str | None, fail) -> None:
-    key = "tracking.uri"
-    if uri is None:
-        return
-    if not uri.strip():
-        fail(key, "is empty; leave it null for $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
-    try:
-        parts = urlsplit(uri)
-    except ValueError as err:
-        fail(key, f"not a valid URI ({err}), got {uri!r}")
-    scheme = parts.scheme.split("+")[0].lower()
-    if len(scheme) <= 1:  # no scheme (or a Windows drive letter): a local folder, MLflow's file store
-        return
-    if scheme not in TRACKING_SCHEMES:
-        fail(key, f"scheme '{scheme}' is not one MLflow tracks to (use sqlite:///PATH.db, a folder or file:PATH, "
-                  f"http(s)://HOST[:PORT], databricks, or a database URL such as postgresql://), got {uri!r}")
-    if scheme in ("http", "https") and not parts.netloc:
-        fail(key, f"needs a host, as in {scheme}://HOST:PORT, got {uri!r}")
-    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
-        fail(key, f"must look like sqlite:///PATH.db (relative) or sqlite:////ABS/PATH.db, got {uri!r}")
+    if uri is not None and (problem := uri_problem(uri)):
+        fail("tracking.uri", problem)
 
 
 def _check_register_model(name: str, fail) -> None:
@@ -558,12 +604,28 @@ def _check_register_model(name: str, fail) -> None:
 
 def check_environment(cfg: Config, source: str | Path | None = None) -> None:
     """What a run of ``cfg`` needs from this machine, checked before any work (and without creating anything):
-    the device ``train.device`` names is present, and ``experiment.output_dir`` / ``data.cache_dir`` can be
-    folders. ``load_config`` calls it; a config read back from a checkpoint does not need it."""
+    the device ``train.device`` names is present, ``experiment.output_dir`` / ``data.cache_dir`` can be folders,
+    and, with tracking on, the store it will open (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``) is one MLflow
+    opens. ``load_config`` calls it; a config read back from a checkpoint does not need it."""
     _check_device(cfg.train.device, source)
     _check_folder("experiment.output_dir", cfg.experiment.output_dir, source)
     if cfg.data.cache_dir:
         _check_folder("data.cache_dir", cfg.data.cache_dir, source)
+    if cfg.tracking.enabled:
+        _check_tracking_store(cfg.tracking.uri, source)
+
+
+def _check_tracking_store(uri: str | None, source) -> None:
+    """The store the run will open: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI`` (its form checked here, since the
+    config does not hold it); a folder must be able to hold FOLDER/mlflow.db (``store_uris.folder_problem``)."""
+    key, env = "tracking.uri", os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and env:
+        problem = uri_problem(env) or folder_problem(env)
+        if problem:
+            raise ConfigError(key, f"is null, so $MLFLOW_TRACKING_URI={env!r} is used, and it: {problem}", source)
+        return
+    if uri and (problem := folder_problem(uri)):
+        raise ConfigError(key, problem, source)
 
 
 def _check_device(name: str, source) -> None:

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from factories import tiny_config
-from medseg_diff.config import TRACKING_SCHEMES, Config, config_from_dict, load_config, network_stride
+from medseg_diff.config import Config, config_from_dict, load_config, network_stride
+from medseg_diff.store_uris import TRACKING_SCHEMES
 from medseg_diff.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,21 +1,26 @@
 """Where the runs go: the tracking URI a run uses, whether its server answers, and the UI's address of a runs table.
 
 No MLflow import here: resolving a URI and asking a server for ``/health`` need neither.
+
+The tracking URI's forms and what MLflow can open are ``medseg_diff.store_uris``'s (the config check uses the same
+rules); they are re-exported here.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import urllib.error
 import urllib.parse
 import urllib.request
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+from medseg_diff.store_uris import (
+    BARE_SCHEMES, DEFAULT_URI, ENV, STORE_DB, TRACKING_SCHEMES, check_tracking_uri, file_store_allowed,
+    folder_of, folder_problem, holds_file_store, resolve_uri, store_uri, uri_problem,
+)
 
-
-def resolve_uri(uri: str | None) -> str:
-    """Config URI, else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store in the working directory."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+__all__ = ["BARE_SCHEMES", "DEFAULT_URI", "ENV", "STORE_DB", "TRACKING_SCHEMES", "check_server", "check_tracking_uri",
+           "compare_runs_url", "file_store_allowed", "folder_of", "folder_problem", "holds_file_store",
+           "resolve_uri", "runs_table_url", "store_uri", "uri_problem"]
 
 
 def check_server(uri: str) -> None:
@@ -47,3 +52,11 @@ def runs_table_url(base_url: str, experiment_id: str) -> str:
     """
     experiment = urllib.parse.quote(str(experiment_id), safe="")
     return f"{base_url.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def compare_runs_url(base_url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """The address of MLflow's *Compare* page for ``run_ids`` (the UI's own ``/compare-runs?runs=[…]&experiments=[…]``
+    route, JSON lists): a reviewer opens the comparison directly instead of finding and ticking the runs."""
+    runs = urllib.parse.quote(json.dumps(list(run_ids), separators=(",", ":")), safe="")
+    experiments = urllib.parse.quote(json.dumps(sorted(set(map(str, experiment_ids))), separators=(",", ":")), safe="")
+    return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"

@@ -78,11 +78,16 @@ class SeriesRule:
             raise DataError(path, f"cannot read the series rule ({err.strerror or err})") from None
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
+                from medseg_diff.safe_yaml import ConfigYAMLError, load_yaml
 
-                doc = yaml.safe_load(text)
+                try:
+                    doc = load_yaml(text)  # a repeated modality or an alias bomb is refused, not kept or expanded
+                except ConfigYAMLError as err:
+                    raise DataError(path, f"{err.key}: {err.problem}" if err.key else err.problem) from None
             else:
                 doc = json.loads(text)
+        except DataError:
+            raise
         except Exception as err:  # yaml.YAMLError, json.JSONDecodeError
             raise DataError(path, f"not a readable series rule ({type(err).__name__}: {err})") from None
         if not isinstance(doc, dict):
