@@ -9,6 +9,13 @@ part); no NaN/Inf; the brain is not empty (some non-zero voxels in every modalit
 integers of the convention and the label grid matches the images. Each problem names case, file and what is
 wrong.
 
+One case is one patient: ``check_manifest`` reports the ``manifest.identity_problems`` of every case (a file in
+another case's folder, one file for two modalities or two cases, two images of a case with the same SHA-256), and,
+from the voxels ``check_case`` decodes anyway (a digest of each image: no image is decoded twice), two images of a
+case whose voxels are identical though their bytes differ (a re-saved copy); in a 4D (MSD) image, two identical
+channels. An image identical to another case's image (same SHA-256, or same voxels) is a warning naming the pair
+(``duplicate_images``): one patient in two cases, or two patients mixed.
+
 Warnings do not fail a case: a modality whose background (the volume's border) is a constant offset > 0
 (``background_offset``) breaks "brain = any modality > 0" masks, so it is reported with the fix.
 
@@ -17,6 +24,7 @@ Warnings do not fail a case: a modality whose background (the volume's border) i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,13 +34,16 @@ import numpy as np
 
 from medseg_diff.data.conventions import get_convention
 from medseg_diff.data.io import read_array
-from medseg_diff.data.manifest import Manifest, ManifestCase, sha256_file
+from medseg_diff.data.manifest import Manifest, ManifestCase, duplicate_images, identity_problems, sha256_file
 from medseg_diff.errors import DataError, ManifestError
 
 log = logging.getLogger(__name__)
 
 #: Largest allowed absolute difference between two modalities' affine entries.
 AFFINE_ATOL = 1e-3
+#: Fewest slices along any axis of an image: every network here halves the grid first and uses 3x3x3 kernels, so a
+#: thinner slab leaves deeper layers only padding (``inference.case.MIN_VOXELS`` is the same number).
+MIN_SLICES = 4
 #: At most this many offending values are listed in a message.
 _LIST_MAX = 10
 
@@ -66,10 +77,20 @@ def check_manifest(
 
     Returns the errors only (empty: every case is usable); ``on_case`` gets each case's errors. Warnings go
     to ``on_warning`` (default: logged on the ``medseg_diff.data.check`` logger, i.e. stderr in the CLI).
+    Files that make a case more than one patient's (``identity_problems``) are errors of the later case, naming
+    the earlier file; images equal to an earlier case's (same SHA-256, or same voxels) are warnings naming the pair.
     """
+    warn = on_warning or _log_warning
+    identity: dict[str, list[Problem]] = {}
+    for case_id, file, message in identity_problems(manifest):
+        identity.setdefault(case_id, []).append(Problem(case_id, file, message))
+    for case_id, file, message in duplicate_images(manifest):
+        warn(Problem(case_id, file, message, severity="warning"))
+    seen: dict[str, tuple[str, str, Path, str | None]] = {}  # voxel digest -> (case, modality, file, SHA-256)
     problems: list[Problem] = []
     for case in manifest.cases:
-        found = list(check_case(manifest, case, verify_checksums, on_warning=on_warning))
+        found = identity.get(case.id, []) + list(check_case(manifest, case, verify_checksums, on_warning=on_warning,
+                                                            seen=seen))
         if on_case is not None:
             on_case(case, found)
         problems.extend(found)
@@ -79,9 +100,11 @@ def check_manifest(
 
 
 def check_case(manifest: Manifest, case: ManifestCase, verify_checksums: bool = True,
-               on_warning: Callable[[Problem], None] | None = None) -> Iterator[Problem]:
+               on_warning: Callable[[Problem], None] | None = None,
+               seen: dict[str, tuple[str, str, Path, str | None]] | None = None) -> Iterator[Problem]:
     """Yield every error of one case (an empty iterator for a good case); warnings go to ``on_warning``
-    (default: logged)."""
+    (default: logged). ``seen``: voxel digests of the images of the cases checked before (filled in), to warn of an
+    image whose voxels are another case's."""
     warn = on_warning or _log_warning
     conv = get_convention(manifest.convention)
     # 0. the entry names every image the pipeline reads
@@ -93,6 +116,7 @@ def check_case(manifest: Manifest, case: ManifestCase, verify_checksums: bool = 
         return
     # 2. images decode, are finite and non-empty, and agree in grid
     grid: tuple[tuple[int, ...], np.ndarray, str] | None = None
+    local: dict[str, tuple[str, str, Path, str | None]] = {}
     for modality, rel in case.images.items():
         path = manifest.path_of(rel)
         try:
@@ -105,6 +129,7 @@ def check_case(manifest: Manifest, case: ManifestCase, verify_checksums: bool = 
         if not errors:
             for warning in _image_warnings(case.id, path, modality, data, manifest.image_layout):
                 warn(warning)
+            yield from _same_voxels(case, modality, path, _voxel_digest(data), local, seen, warn)
         shape = data.shape[:3]
         if grid is None:
             grid = (shape, affine, str(path))
@@ -151,22 +176,23 @@ def label_value_problems(label: np.ndarray, convention) -> list[str]:
     return problems
 
 
-def background_offset(volume: np.ndarray, border: int | None = None, rel_tol: float = 1e-4,
-                      min_fraction: float = 0.5) -> float | None:
-    """The constant intensity > 0 of a 3D volume's background, or None when its background is 0 (or noisy).
+def background_level(volume: np.ndarray, border: int | None = None, rel_tol: float = 1e-4,
+                     min_fraction: float = 0.5) -> float | None:
+    """The constant background intensity of a 3D volume, **of either sign**, or None when it is 0 (or noisy, or
+    the head fills the border).
 
-    Skull-stripped BraTS volumes are exactly 0 outside the head, and "brain = any modality > 0" relies on it.
-    Some exports (a TCGA FLAIR: 0.0219 everywhere outside the head) add a constant offset, and that mask
-    then covers the whole frame. The background is read from the volume's border, a shell ``border`` voxels
-    thick (default 2% of the smallest side, at least 1): its 25th percentile is the offset when it is > 0 and
-    at least ``min_fraction`` of the border lies within ``rel_tol`` × (max − min of the volume) of it (the
-    rest may be head touching the frame). Non-finite voxels are ignored; a constant volume gives None.
-
-    Preprocessing can subtract the returned value (and clip at 0) before building a head mask.
+    Skull-stripped BraTS volumes are exactly 0 outside the head. Some exports add a constant offset (a TCGA FLAIR:
+    0.0219 everywhere outside the head); signed, shifted or z-scored data have a negative one (an int8 volume's
+    -128, a z-scored volume's -0.8). The background is read from the volume's border, a shell ``border`` voxels
+    thick (default 2% of the smallest side, at least 1): its 25th percentile is the level when at least
+    ``min_fraction`` of the border lies within ``rel_tol`` × (max − min of the volume) of it (the rest may be head
+    touching the frame); a level within 1e-6 of that span of 0 is a zero background (None). Invariant to
+    ``x -> a x + b`` (a > 0): it returns ``a level + b``. Non-finite voxels are ignored; a constant volume gives
+    None. Preprocessing subtracts it (``transforms.remove_background_offset``).
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
-        raise ValueError(f"background_offset needs a 3D volume, got shape {volume.shape}")
+        raise ValueError(f"background_level needs a 3D volume, got shape {volume.shape}")
     width = border if border is not None else max(1, int(round(0.02 * min(volume.shape))))
     width = max(1, min(width, min(volume.shape) // 2))
     shell = np.ones(volume.shape, dtype=bool)
@@ -180,11 +206,19 @@ def background_offset(volume: np.ndarray, border: int | None = None, rel_tol: fl
     if not span > 0:
         return None
     level = float(np.percentile(values, 25))
-    if level <= 1e-6 * span:  # a zero (or negative) background, up to float noise
+    if abs(level) <= 1e-6 * span:  # a zero background, up to float noise
         return None
     if float(np.mean(np.abs(values - level) <= rel_tol * span)) < min_fraction:
-        return None  # a noisy background, not a constant offset
+        return None  # a noisy background (or head on most of the border), not a constant
     return level
+
+
+def background_offset(volume: np.ndarray, border: int | None = None, rel_tol: float = 1e-4,
+                      min_fraction: float = 0.5) -> float | None:
+    """The constant background of ``background_level`` when it is > 0 (what ``check`` warns about: tools that take
+    "brain = any modality > 0" would cover the whole frame), else None."""
+    level = background_level(volume, border, rel_tol, min_fraction)
+    return level if level is not None and level > 0 else None
 
 
 def verify_checksums(
@@ -262,15 +296,71 @@ def _image_problems(case_id: str, path: Path, modality: str, data: np.ndarray, l
         return
     if layout == "4d" and data.shape[3] != 4:
         yield Problem(case_id, str(path), f"expected 4 channels (FLAIR, T1w, t1gd, T2w), got {data.shape[3]}")
+    thin = [(axis, n) for axis, n in enumerate(data.shape[:3]) if n < MIN_SLICES]
+    if thin:  # the networks halve the grid first and use 3x3x3 kernels (inference.case.MIN_VOXELS, the same number)
+        axis, n = thin[0]
+        yield Problem(case_id, str(path), f"{modality}: {n} slice{'s' if n != 1 else ''} along axis {axis + 1} "
+                                          f"({'ijk'[axis]}); the model needs at least {MIN_SLICES}: a slab this thin "
+                                          "is an image, not a volume")
+        return
     finite = np.isfinite(data)
     if not finite.all():
         yield Problem(case_id, str(path), f"{modality}: {int((~finite).sum())} NaN/Inf voxels")
         return
+    usable = []
     for what, channel in _channels(data, modality, layout):
         if not np.any(channel):
             yield Problem(case_id, str(path), f"{what}: empty volume (all voxels are zero)")
         elif float(channel.max()) == float(channel.min()):
             yield Problem(case_id, str(path), f"{what}: constant volume (value {float(channel.max())})")
+        else:
+            usable.append((what, channel))
+    for i, (what, channel) in enumerate(usable):  # 4D: one modality copied into another's channel
+        same = next((other for other, earlier in usable[:i] if np.array_equal(channel, earlier)), None)
+        if same is not None:
+            yield Problem(case_id, str(path), f"{what} holds the same voxels as {same}: a modality copied into "
+                                              "another's channel; each channel needs its own image")
+
+
+def _voxel_digest(data: np.ndarray) -> str:
+    """SHA-256 of an array's shape, dtype and values (in Fortran order, the order NIfTI readers return)."""
+    array = np.asfortranarray(data)
+    digest = hashlib.sha256(f"{array.shape} {array.dtype}\n".encode())
+    digest.update(array.T.data)  # the transpose of a Fortran-ordered array is C-contiguous: no copy
+    return digest.hexdigest()
+
+
+def _same_voxels(case: ManifestCase, modality: str, path: Path, digest: str,
+                 local: dict[str, tuple[str, str, Path, str | None]],
+                 seen: dict[str, tuple[str, str, Path, str | None]] | None,
+                 warn: Callable[[Problem], None]) -> Iterator[Problem]:
+    """An image whose voxels equal another modality's of the case (``local``: an error) or another case's image
+    (``seen``: a warning); pairs with equal SHA-256 are left to ``identity_problems`` / ``duplicate_images``
+    (reported once)."""
+    entry = (case.id, modality, path, _sha_of(case, modality))
+    if digest in local:
+        _, other, other_path, other_sha = local[digest]
+        if not (entry[3] and entry[3] == other_sha):
+            yield Problem(case.id, str(path), f"{modality} has the same voxels as {other} ({other_path}), though not "
+                                              "the same bytes: a modality copied over another; each modality needs "
+                                              "its own image")
+        return
+    local[digest] = entry
+    if seen is None:
+        return
+    if digest in seen and seen[digest][0] != case.id:
+        other_case, other, other_path, other_sha = seen[digest]
+        if not (entry[3] and entry[3] == other_sha):
+            warn(Problem(case.id, str(path), f"{modality} has the same voxels as case {other_case}'s {other} "
+                                             f"({other_path}), though not the same bytes: one patient in two cases, "
+                                             "or two patients mixed; remove the duplicate", severity="warning"))
+        return
+    seen.setdefault(digest, entry)
+
+
+def _sha_of(case: ManifestCase, key: str) -> str | None:
+    rel = case.images.get(key)
+    return case.sha256.get(rel) if rel is not None else None
 
 
 def _image_warnings(case_id: str, path: Path, modality: str, data: np.ndarray, layout: str) -> Iterator[Problem]:
@@ -279,9 +369,8 @@ def _image_warnings(case_id: str, path: Path, modality: str, data: np.ndarray, l
         if offset is not None:
             yield Problem(
                 case_id, str(path),
-                f"{what}: constant background {offset:.4g} outside the head (not 0), so 'brain = any modality > 0' "
-                f"covers the whole frame; subtract it (value - {offset:.4g}, clipped at 0) or re-export with a zero "
-                "background",
+                f"{what}: constant background {offset:.4g} outside the head (not 0); preprocessing subtracts it, but "
+                "other tools that take 'brain = any modality > 0' would cover the whole frame",
                 severity="warning",
             )
 

@@ -11,10 +11,17 @@ Layouts recognised (the convention can always be forced):
   Tried when the BraTS layouts give no complete case, so a BraTS case folder of DICOM series folders
   (``CASE/CASE_t1/`` ...) is still read by its names.
 Case folders may sit up to ``MAX_DEPTH`` levels below the root (e.g. ``root/TrainingData/CASE``).
+
+One case is one patient (``discover`` refuses the rest, naming the files): no file of a case resolves into another
+case's folder (a symlink ``C1/C1_t2.nii.gz -> ../C2/C2_t2.nii.gz``), one file is not two modalities of a case or a
+file of two cases, and no two images of a case are byte-identical (a modality copied over another). Case ids are
+usable as file names (``case_id_problem``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,12 +29,27 @@ from typing import TYPE_CHECKING
 from medseg_diff.data.conventions import BRATS2021, BRATS2023, MODALITIES, LabelConvention, get_convention
 from medseg_diff.data.io import image_suffix, is_image_path
 from medseg_diff.errors import DataError
+from medseg_diff.data.names import MAX_NAME_LENGTH, SAFE_NAME, name_length_problem
 
 if TYPE_CHECKING:
     from medseg_diff.data.dicom.rules import SeriesRule
     from medseg_diff.data.dicom.study import DicomStudy
 
 MAX_DEPTH = 3
+#: Case ids the writers can use as file / folder names (``predictions.types.check_name`` applies the same rule):
+#: ASCII letters, digits, ``. _ + -``, starting with a letter or digit, no "..", at most ``MAX_CASE_ID_LENGTH``
+#: characters (the writers append suffixes like ``_attention_cross.nii.gz``; a file name holds 255 bytes).
+CASE_ID_PATTERN: re.Pattern = SAFE_NAME
+MAX_CASE_ID_LENGTH = MAX_NAME_LENGTH
+_CHUNK = 1 << 20
+
+
+def case_id_problem(case_id: object) -> str | None:
+    """Why ``case_id`` cannot name a case (its prediction folder and files), or None when it can."""
+    if not isinstance(case_id, str) or not CASE_ID_PATTERN.match(case_id) or ".." in case_id:
+        return (f"case id {case_id!r} cannot be used as a file name (ASCII letters, digits, . _ + - only, starting "
+                "with a letter or digit; no spaces, accents or path separators)")
+    return name_length_problem(case_id, "case id")
 
 
 @dataclass
@@ -49,14 +71,22 @@ class CaseFiles:
     conflict: DataError | None = None
     #: the DICOM study the case was read from (its series, headers and UIDs for DICOM outputs); None for files
     dicom: DicomStudy | None = None
+    #: key (a modality, "4d" or "label") -> the path as found under the root, before an in-root symlink was
+    #: resolved (``images``/``label`` hold the target): what messages name
+    found: dict[str, Path] = field(default_factory=dict)
 
     @property
     def files(self) -> list[Path]:
         return list(self.images.values()) + ([self.label] if self.label else [])
 
+    def entries(self) -> list[tuple[str, Path]]:
+        """``(key, path)`` of every file: the images, then ``("label", label)``."""
+        return list(self.images.items()) + ([("label", self.label)] if self.label else [])
+
 
 def discover(root: str | Path, convention: str | None = None, follow_symlinks: bool = False,
-             series_rule: SeriesRule | None = None) -> tuple[LabelConvention, list[CaseFiles]]:
+             series_rule: SeriesRule | None = None, check_ids: bool = True,
+             compare_content: bool = True) -> tuple[LabelConvention, list[CaseFiles]]:
     """``(convention, cases)`` of the data set under ``root``, cases sorted by id.
 
     ``convention`` forces the layout; otherwise it is detected. A case folder that has some but not all
@@ -65,7 +95,11 @@ def discover(root: str | Path, convention: str | None = None, follow_symlinks: b
     Refused with ``DataError``: a case id found in two folders (e.g. two sites' ``CASE/`` folders: two
     patients' modalities would be mixed), two files for one modality of a case, and symlinks (files or
     folders) that resolve outside ``root`` unless ``follow_symlinks`` (then the path under ``root`` is kept,
-    not the target).
+    not the target); a case id that cannot be a file name (``case_id_problem``; ``check_ids=False`` leaves it to
+    the caller: ``build_manifest``); a file of a case that resolves into another case's folder, one file given for
+    two keys of a case or for two cases, and (``compare_content``) two byte-identical images of a case: files of
+    equal size are hashed, so a data set of ``.nii.gz`` files is mostly not read (``build_manifest``, which hashes
+    every file anyway, compares checksums instead).
 
     DICOM study folders (see the module's docstring) are read when the BraTS layouts give no complete case;
     ``series_rule`` maps their series to modalities (default ``SeriesRule.default()``). A study whose series
@@ -87,7 +121,96 @@ def discover(root: str | Path, convention: str | None = None, follow_symlinks: b
     for case in cases:
         if case.conflict is not None:
             raise case.conflict
+    if check_ids:
+        for case in cases:
+            problem = case_id_problem(case.case_id)
+            if problem:
+                raise DataError(case.folder or root, problem)
+    conflict = patient_conflict(cases, walk.root, shared_folders=conv.name == "msd")
+    if conflict is None and compare_content:
+        conflict = next(filter(None, (_identical_images(case) for case in cases)), None)
+    if conflict is not None:
+        raise conflict
     return conv, sorted(cases, key=lambda c: c.case_id)
+
+
+def patient_conflict(cases: list[CaseFiles], root: Path, shared_folders: bool = False) -> DataError | None:
+    """The first file that makes a case more than one patient's, as a ``DataError`` naming it (None: none).
+
+    - a file that resolves into another case's folder (a folder is a case's when it is the ``folder`` of that case
+      and of no other; ``shared_folders``: no folder is, as in MSD's ``imagesTr/``);
+    - one file (after resolving symlinks) given for two keys of a case (e.g. t1 and t1ce), or used by two cases.
+    """
+    owners: dict[Path, set[str]] = {}
+    if not shared_folders:
+        for case in cases:
+            if case.folder is not None and case.folder.is_dir():
+                owners.setdefault(case.folder.resolve(), set()).add(case.case_id)
+    used: dict[Path, tuple[str, str]] = {}
+    for case in cases:
+        mine: dict[Path, str] = {}
+        for key, path in case.entries():
+            target = path.resolve()
+            shown = case.found.get(key, path)
+            if target in mine:
+                return DataError(shown, f"{mine[target]} and {key} are the same file ({target}); each modality needs "
+                                        "its own image", case=case.case_id)
+            mine[target] = key
+            owner = folder_owner(target, owners, root)
+            if owner is not None and owner[0] != case.case_id:
+                return DataError(shown, f"{key} resolves into case {owner[0]}'s folder {owner[1]} (to {target}); one "
+                                        f"case is one patient: give {case.case_id} its own {key}", case=case.case_id)
+            if target in used and used[target][0] != case.case_id:
+                other, other_key = used[target]
+                return DataError(shown, f"{key} is the same file as case {other}'s {other_key} ({target}); one file "
+                                        "cannot be two patients' image", case=case.case_id)
+        for target, key in mine.items():
+            used.setdefault(target, (case.case_id, key))
+    return None
+
+
+def folder_owner(target: Path, owners: dict[Path, set[str]], root: Path) -> tuple[str, Path] | None:
+    """``(case id, folder)`` of the innermost case folder holding ``target`` when one case alone owns it."""
+    if not owners or not target.is_relative_to(root):
+        return None
+    for parent in target.parents:
+        ids = owners.get(parent)
+        if ids is not None:
+            return (next(iter(ids)), parent) if len(ids) == 1 else None
+        if parent == root:
+            return None
+    return None
+
+
+def _identical_images(case: CaseFiles) -> DataError | None:
+    """Two byte-identical image files of ``case`` (a modality copied over another), as a ``DataError``; only
+    files of equal size are read."""
+    by_size: dict[int, list[str]] = {}
+    for key, path in case.images.items():
+        if path.is_file():
+            by_size.setdefault(path.stat().st_size, []).append(key)
+    for keys in by_size.values():
+        if len(keys) < 2:
+            continue
+        seen: dict[str, str] = {}
+        for key in keys:
+            digest = _file_digest(case.images[key])
+            if digest in seen:
+                other = seen[digest]
+                return DataError(case.found.get(key, case.images[key]),
+                                 f"{key} has the same content as {other} ({case.found.get(other, case.images[other])}): "
+                                 "identical bytes, a modality copied over another; each modality needs its own image",
+                                 case=case.case_id)
+            seen[digest] = key
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _Walk:
@@ -223,6 +346,7 @@ def _brats_cases(walk: _Walk, conv: LabelConvention) -> list[CaseFiles]:
                 case.label = path
             else:
                 case.images[key] = path
+            case.found[key] = entry
     for case in cases.values():
         case.missing = [m for m in MODALITIES if m not in case.images]
         case.images = {m: case.images[m] for m in MODALITIES if m in case.images}
@@ -246,6 +370,7 @@ def _msd_cases(walk: _Walk) -> list[CaseFiles]:
             try:
                 case.images["4d"] = walk.place(image)
                 case.label = walk.place(label) if label.exists() else None
+                case.found = {"4d": image, **({"label": label} if case.label else {})}
             except DataError as err:
                 case.conflict = DataError(err.path, err.problem, case=case_id)
             if case_id in cases:

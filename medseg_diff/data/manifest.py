@@ -5,39 +5,39 @@ to its ``root`` and may not escape it. ``root`` is stored relative to the manife
 manifest sits on the same file system tree, so a data folder and its manifest can move together.
 
 A manifest is unambiguous: case ids are unique (also ignoring letter case) and usable as file names
-(``CASE_ID_PATTERN``, the rule of the prediction/export writers); one case's files come from one folder;
-files and folders that are symlinks leaving the root are refused unless built with ``follow_symlinks``.
+(``CASE_ID_PATTERN``, at most ``MAX_CASE_ID_LENGTH`` characters: the rule of the prediction/export writers); one
+case's files come from one folder; files and folders that are symlinks leaving the root are refused unless built
+with ``follow_symlinks``. One case is one patient (``identity_problems``): no file of a case lies in another case's
+folder or is another case's file, no file is two modalities, and no two images have the same SHA-256. A loaded
+manifest is validated as data: every key's type and value, named by its key path (``cases[2].subset``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
-import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from medseg_diff.data.conventions import MODALITIES, get_convention
-from medseg_diff.data.discovery import CaseFiles, discover
+from medseg_diff.data.discovery import (CASE_ID_PATTERN, MAX_CASE_ID_LENGTH, CaseFiles, case_id_problem, discover,
+                                        folder_owner)
 from medseg_diff.errors import ManifestError
+
+__all__ = ["CASE_ID_PATTERN", "MAX_CASE_ID_LENGTH", "Manifest", "ManifestCase", "build_manifest", "case_id_problem",
+           "duplicate_images", "identity_problems", "load_manifest", "safe_relative", "sha256_file", "write_manifest"]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _CHUNK = 1 << 20
-#: Case ids the writers can use as file / folder names (``predictions.types.check_name`` applies the same rule):
-#: ASCII letters, digits, ``. _ + -``, starting with a letter or digit, and no "..".
-CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 IMAGE_LAYOUTS = ("separate", "4d")
-
-
-def case_id_problem(case_id: object) -> str | None:
-    """Why ``case_id`` cannot name a case (its prediction folder and files), or None when it can."""
-    if not isinstance(case_id, str) or not CASE_ID_PATTERN.match(case_id) or ".." in case_id:
-        return (f"case id {case_id!r} cannot be used as a file name (ASCII letters, digits, . _ + - only, starting "
-                "with a letter or digit; no spaces, accents or path separators)")
-    return None
+SUBSETS = ("train", "test", "unlabelled")
 
 
 @dataclass
@@ -159,16 +159,20 @@ def build_manifest(
 
     Refused (``DataError``/``ManifestError`` naming the folder): a case id in two folders, a case id that
     cannot be a file name (``case_id_problem``), ids equal but for letter case, a case missing a modality,
-    and symlinks resolving outside ``root`` unless ``follow_symlinks`` (recorded in the manifest).
+    and symlinks resolving outside ``root`` unless ``follow_symlinks`` (recorded in the manifest); a case that is
+    not one patient (``identity_problems``, naming the files): a file in another case's folder, one file for two
+    modalities or two cases, two images of one case with the same SHA-256. Images of two cases with the same
+    SHA-256 (``duplicate_images``) are logged as warnings naming the pair.
     """
     root = Path(root).resolve()
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    conv, found = discover(root, convention, follow_symlinks=follow_symlinks)
+    # ids are checked here (ManifestError, also letter-case twins); contents by their SHA-256, computed anyway
+    conv, found = discover(root, convention, follow_symlinks=follow_symlinks, check_ids=False, compare_content=False)
     _check_ids([(c.case_id, c.folder or root) for c in found], None)
     cases = [_manifest_case(c, root) for c in found]
     _assign_splits(cases, folds, test_fraction, seed)
-    return Manifest(
+    manifest = Manifest(
         name=name or root.name,
         convention=conv.name,
         root=root,
@@ -178,6 +182,108 @@ def build_manifest(
         seed=seed,
         follow_symlinks=follow_symlinks,
     )
+    for case_id, file, problem in identity_problems(manifest):
+        raise ManifestError(file, problem, case=case_id)
+    for case_id, file, problem in duplicate_images(manifest):
+        log.warning("case %s: %s: warning: %s", case_id, file, problem)
+    return manifest
+
+
+def identity_problems(manifest: Manifest) -> list[tuple[str, str, str]]:
+    """``(case id, file, problem)`` for every file that makes a case more than one patient's, from paths and the
+    recorded SHA-256 only (no image is read; symlinks are resolved):
+
+    - a file that resolves into another case's folder (layout "separate": a case's folder is where most of its
+      files lie, when it is no other case's; MSD's shared ``imagesTr/`` has no owner);
+    - one file (after resolving symlinks) given for two keys of a case, or used by two cases;
+    - two images of one case with the same SHA-256 (a modality copied over another).
+
+    Each problem is reported against the later file (the case later in the manifest), naming the earlier one.
+    """
+    resolved = {rel: _resolve(manifest.path_of(rel)) for case in manifest.cases for rel in _entries(case).values()}
+    owners = _folder_owners(manifest, resolved) if manifest.image_layout == "separate" else {}
+    root = manifest.root.resolve()
+    problems: list[tuple[str, str, str]] = []
+    used: dict[Path, tuple[str, str]] = {}
+    for case in manifest.cases:
+        mine: dict[Path, str] = {}
+        local_shas: dict[str, str] = {}
+        for key, rel in _entries(case).items():
+            path, target = manifest.path_of(rel), resolved[rel]
+            via = "" if target == path else f" (to {target})"
+            if target in mine:
+                problems.append((case.id, str(path), f"{mine[target]} and {key} are the same file{via}; each "
+                                                     "modality needs its own image"))
+                continue
+            mine[target] = key
+            owner = folder_owner(target, owners, root)
+            if owner is not None and owner[0] != case.id:
+                problems.append((case.id, str(path), f"{key} resolves into case {owner[0]}'s folder {owner[1]} (to "
+                                                     f"{target}); one case is one patient: give {case.id} its own "
+                                                     f"{key}"))
+            elif target in used and used[target][0] != case.id:
+                other, other_key = used[target]
+                problems.append((case.id, str(path), f"{key} is the same file as case {other}'s {other_key}{via}; one "
+                                                     "file cannot be two patients' image"))
+            if key == "label" or not case.sha256.get(rel):
+                continue
+            sha = case.sha256[rel]
+            if sha in local_shas:
+                other_key = local_shas[sha]
+                problems.append((case.id, str(path), f"{key} has the same content as {other_key} "
+                                                     f"({manifest.path_of(case.images[other_key])}): identical bytes "
+                                                     "(equal SHA-256), a modality copied over another; each modality "
+                                                     "needs its own image"))
+                continue
+            local_shas[sha] = key
+        for target, key in mine.items():
+            used.setdefault(target, (case.id, key))
+    return problems
+
+
+def duplicate_images(manifest: Manifest) -> list[tuple[str, str, str]]:
+    """``(case id, file, problem)`` for every image whose recorded SHA-256 is that of an image of an earlier case:
+    one patient in two cases, or two patients mixed (a data-set hygiene finding: ``check`` and ``manifest`` warn,
+    naming the pair). Label maps are left out: two empty label maps of one grid are the same bytes."""
+    first: dict[str, tuple[str, str, Path]] = {}
+    found = []
+    for case in manifest.cases:
+        for key, rel in case.images.items():
+            sha = case.sha256.get(rel)
+            if not sha:
+                continue
+            if sha in first and first[sha][0] != case.id:
+                other, other_key, other_path = first[sha]
+                found.append((case.id, str(manifest.path_of(rel)),
+                              f"{key} has the same content as case {other}'s {other_key} ({other_path}): "
+                              "identical bytes (equal SHA-256), one patient in two cases or two patients mixed; "
+                              "remove the duplicate"))
+            first.setdefault(sha, (case.id, key, manifest.path_of(rel)))
+    return found
+
+
+def _resolve(path: Path) -> Path:
+    """``path`` with its symlinks resolved; as it is when that fails (a symlink loop: ``check`` names the file)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
+
+
+def _entries(case: ManifestCase) -> dict[str, str]:
+    """key (a modality, "4d" or "label") -> root-relative path of every file of ``case``."""
+    return {**case.images, **({"label": case.label} if case.label else {})}
+
+
+def _folder_owners(manifest: Manifest, resolved: dict[str, Path]) -> dict[Path, set[str]]:
+    """folder -> the ids of the cases whose folder it is: the (resolved) folder holding most of a case's files
+    (none on a tie)."""
+    owners: dict[Path, set[str]] = {}
+    for case in manifest.cases:
+        counts = Counter(resolved[rel].parent for rel in _entries(case).values()).most_common(2)
+        if counts and (len(counts) == 1 or counts[0][1] > counts[1][1]):
+            owners.setdefault(counts[0][0], set()).add(case.id)
+    return owners
 
 
 def _check_ids(ids: list[tuple[str, Path | str | None]], source: Path | None) -> None:
@@ -259,7 +365,16 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
-    """Read and validate a manifest JSON. ``root`` overrides the stored data root."""
+    """Read and validate a manifest JSON. ``root`` overrides the stored data root.
+
+    The JSON is validated as data, each fault named by its key path (``ManifestError``, e.g. ``cases[2].subset:
+    'tset' is not one of train, test, unlabelled``): the schema version; every key's type (``cases`` a list of
+    objects, ``images`` an object of path strings, ``label`` a path string or null, ``sha256`` an object of strings,
+    ``splits.folds`` an integer, ...); ``convention`` known; ``image_layout`` and ``modalities`` the pipeline's;
+    ``subset`` one of ``SUBSETS``; ``fold`` an integer in 0..folds-1 for a train case when there are folds, else
+    null; paths relative and inside the root; case ids unique and usable as file names; every case one patient
+    (``identity_problems`` but across cases: paths and checksums only, no image is read).
+    """
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -269,43 +384,115 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         raise ManifestError(path, f"not a readable JSON manifest ({err})") from err
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
         raise ManifestError(path, f"unsupported manifest (schema_version must be {SCHEMA_VERSION})")
+    name = _get(doc, "name", (str,), "a string", path)
+    convention = _get(doc, "convention", (str,), "a string", path)
     try:
-        get_convention(doc["convention"])
-        base = Path(root) if root is not None else Path(doc["root"])
-        base = (base if base.is_absolute() else path.parent / base).resolve()
-        cases = [_load_case(c, base, path) for c in doc["cases"]]
-        splits = doc.get("splits", {})
-        manifest = Manifest(
-            name=str(doc["name"]),
-            convention=doc["convention"],
-            root=base,
-            cases=cases,
-            modalities=tuple(doc.get("modalities", MODALITIES)),
-            image_layout=doc.get("image_layout", "separate"),
-            folds=int(splits.get("folds", 0)),
-            seed=int(splits.get("seed", 0)),
-            created=str(doc.get("created", "")),
-            source=path,
-            follow_symlinks=bool(doc.get("follow_symlinks", False)),
-        )
-    except ManifestError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ManifestError(path, f"malformed manifest ({type(err).__name__}: {err})") from err
-    if manifest.image_layout not in IMAGE_LAYOUTS:
-        raise ManifestError(path, f"image_layout {manifest.image_layout!r} is not one of {', '.join(IMAGE_LAYOUTS)}")
-    if manifest.modalities != MODALITIES:
+        get_convention(convention)
+    except ValueError as err:
+        raise ManifestError(path, f"convention: {err}") from None
+    stored_root = _get(doc, "root", (str,), "a path string", path) if root is None else None
+    modalities = _get(doc, "modalities", (list,), "a list of modality names", path, default=list(MODALITIES))
+    image_layout = _get(doc, "image_layout", (str,), "a string", path, default="separate")
+    if image_layout not in IMAGE_LAYOUTS:
+        raise ManifestError(path, f"image_layout {image_layout!r} is not one of {', '.join(IMAGE_LAYOUTS)}")
+    if tuple(modalities) != MODALITIES:
         raise ManifestError(path, f"modalities must be {list(MODALITIES)} (the channel order of every image "
-                                  f"tensor), got {list(manifest.modalities)}")
+                                  f"tensor), got {list(modalities)}")
+    splits = _get(doc, "splits", (dict,), "an object (folds, seed)", path, default={})
+    folds = _get(splits, "folds", (int,), "an integer", path, prefix="splits.", default=0)
+    if folds < 0:
+        raise ManifestError(path, f"splits.folds: must be >= 0, got {folds}")
+    seed = _get(splits, "seed", (int,), "an integer", path, prefix="splits.", default=0)
+    follow_symlinks = _get(doc, "follow_symlinks", (bool,), "true or false", path, default=False)
+    cases_doc = _get(doc, "cases", (list,), "a list of cases", path)
+    base = Path(root) if root is not None else Path(stored_root)
+    base = (base if base.is_absolute() else path.parent / base).resolve()
+    manifest = Manifest(
+        name=name,
+        convention=convention,
+        root=base,
+        cases=[_load_case(c, i, base, path, folds) for i, c in enumerate(cases_doc)],
+        modalities=tuple(modalities),
+        image_layout=image_layout,
+        folds=folds,
+        seed=seed,
+        created=str(doc.get("created", "")),
+        source=path,
+        follow_symlinks=follow_symlinks,
+    )
     _check_ids([(c.id, path) for c in manifest.cases], path)
+    for case_id, file, problem in identity_problems(manifest):
+        raise ManifestError(path, f"{file}: {problem}", case=case_id)
     return manifest
 
 
-def _load_case(doc: dict, root: Path, source: Path) -> ManifestCase:
-    images = {k: safe_relative(v, root, source) for k, v in doc["images"].items()}
-    label = safe_relative(doc["label"], root, source) if doc.get("label") else None
-    sha = {safe_relative(k, root, source): str(v) for k, v in doc.get("sha256", {}).items()}
+def _load_case(doc: object, index: int, root: Path, source: Path, folds: int) -> ManifestCase:
+    """One entry of ``cases``, validated (every fault named by its key path, e.g. ``cases[2].fold``)."""
+    where = f"cases[{index}]"
+    if not isinstance(doc, dict):
+        raise ManifestError(source, f"{where}: expected an object (a case), got {_got(doc)}")
+    case = doc.get("id") if isinstance(doc.get("id"), str) else None  # names the case in the messages below
+
+    def get(key: str, kinds: tuple, what: str, **kwargs):
+        return _get(doc, key, kinds, what, source, prefix=f"{where}.", case=case, **kwargs)
+
+    def relative(value: str, key: str) -> str:
+        try:
+            return safe_relative(value, root, source)
+        except ManifestError as err:
+            raise ManifestError(source, f"{where}.{key}: {err.problem}", case=case) from None
+
+    case_id = get("id", (str,), "a string")
+    images = get("images", (dict,), "an object (modality -> path)")
+    for key, value in images.items():
+        _expect(value, (str,), "a path string", f"{where}.images.{key}", source, case)
+    label = get("label", (str, type(None)), "a path string or null", default=None) or None
+    sha256 = get("sha256", (dict,), "an object (path -> SHA-256)", default={})
+    for key, value in sha256.items():
+        _expect(value, (str,), "a SHA-256 hex string", f"{where}.sha256[{json.dumps(key)}]", source, case)
+    subset = get("subset", (str,), "a string", default="train" if label else "unlabelled")
+    if subset not in SUBSETS:
+        raise ManifestError(source, f"{where}.subset: {subset!r} is not one of {', '.join(SUBSETS)}", case=case)
+    fold = get("fold", (int, type(None)), "an integer or null", default=None)
+    if subset == "train" and folds >= 2:
+        if fold is None or not 0 <= fold < folds:
+            raise ManifestError(source, f"{where}.fold: {_got(fold)} is not a fold; a train case needs one of "
+                                        f"0..{folds - 1} (splits.folds is {folds})", case=case)
+    elif fold is not None:
+        why = (f"only train cases are in folds, this is a {subset} case" if subset != "train"
+               else f"splits.folds is {folds} (no cross-validation folds)")
+        raise ManifestError(source, f"{where}.fold: {fold} given but {why}; use null", case=case)
     return ManifestCase(
-        id=str(doc["id"]), images=images, label=label, sha256=sha,
-        fold=doc.get("fold"), subset=doc.get("subset", "train" if label else "unlabelled"),
+        id=case_id,
+        images={k: relative(v, f"images.{k}") for k, v in images.items()},
+        label=relative(label, "label") if label else None,
+        sha256={relative(k, "sha256"): v for k, v in sha256.items()},
+        fold=fold,
+        subset=subset,
     )
+
+
+def _get(obj: dict, key: str, kinds: tuple, what: str, source: Path, prefix: str = "", case: str | None = None,
+         **default):
+    """``obj[key]`` checked to be one of ``kinds`` (``bool`` is no ``int``); a missing key is an error unless a
+    ``default`` is given."""
+    if key not in obj:
+        if "default" in default:
+            return default["default"]
+        raise ManifestError(source, f"{prefix}{key}: missing (expected {what})", case=case)
+    return _expect(obj[key], kinds, what, f"{prefix}{key}", source, case)
+
+
+def _expect(value, kinds: tuple, what: str, key: str, source: Path, case: str | None = None):
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return value
+    raise ManifestError(source, f"{key}: expected {what}, got {_got(value)}", case=case)
+
+
+def _got(value) -> str:
+    """A JSON value as a message names it: its type for an object or a list, else the value."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value) if isinstance(value, str) else json.dumps(value)

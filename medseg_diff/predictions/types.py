@@ -8,7 +8,6 @@ Everything in a :class:`CaseOverlay` is on the **original grid** of the case: th
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -17,12 +16,12 @@ import numpy as np
 
 from medseg_diff.data.conventions import REGIONS, LabelConvention
 from medseg_diff.data.vocabulary import CONTRAST_MODALITIES, DISPLAY_MODALITIES, MODALITY_NAMES
+from medseg_diff.data.names import MAX_NAME_LENGTH, SAFE_NAME, name_length_problem
 from medseg_diff.errors import DataError
 
 #: Robust maximum used to scale attention maps to [0, 1]: this percentile of the brain's voxels.
 ATTENTION_PERCENTILE = 99.5
 UNCERTAINTY_UNITS = ("nats", "bits")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 @dataclass(frozen=True)
@@ -140,11 +139,15 @@ class CaseOverlay:
 
 
 def check_name(value: str, what: str, case: str | None) -> None:
-    """Raise DataError unless ``value`` is usable in a file name (no path separators, no '..')."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
+    """Raise DataError unless ``value`` is usable in a file name (no path separators, no '..', at most
+    ``MAX_NAME_LENGTH`` characters): the rule of ``data.discovery.case_id_problem``."""
+    if not isinstance(value, str) or not SAFE_NAME.match(value) or ".." in value:
         raise DataError(
             None, f"{what} {value!r} cannot be used in a file name (letters, digits, . _ + - only)", case
         )
+    problem = name_length_problem(value, what)
+    if problem:
+        raise DataError(None, problem, case[:24] + "..." if case and len(case) > MAX_NAME_LENGTH else case)
 
 
 def check_overlay(overlay: CaseOverlay, grid_shape: tuple[int, int, int]) -> None:

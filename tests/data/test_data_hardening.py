@@ -218,7 +218,7 @@ def test_check_warns_about_a_background_offset_without_failing(one_case, caplog)
     assert check_manifest(m, on_warning=warnings.append) == []
     assert len(warnings) == 1 and warnings[0].is_warning
     assert warnings[0].case == CASE and warnings[0].file == str(flair)
-    assert "constant background 0.0219" in warnings[0].message and "subtract it" in warnings[0].message
+    assert "constant background 0.0219" in warnings[0].message and "preprocessing subtracts it" in warnings[0].message
     assert "warning: flair: constant background" in str(warnings[0])
     with caplog.at_level(logging.WARNING, logger="medseg_diff.data.check"):
         assert check_manifest(m) == []  # default: logged
@@ -353,7 +353,7 @@ def test_loaded_manifest_with_other_channels_is_refused(one_case, tmp_path, key,
 
 
 def test_case_id_rule_is_the_writers_rule():
-    from medseg_diff.predictions.types import _SAFE_NAME
+    from medseg_diff.data.names import SAFE_NAME as _SAFE_NAME
 
     assert CASE_ID_PATTERN.pattern == _SAFE_NAME.pattern
 
