@@ -15,6 +15,18 @@ a corrupt 173-byte header claiming 10000³ voxels is refused in milliseconds ins
 ``MemoryError`` (or gigabytes allocated first). Every image must have a finite, non-singular affine with
 voxel sizes > 0 (``geometry_problem``).
 
+Also refused by name, from the header alone: images with more than one value per voxel (a NIfTI RGB24/RGBA32 data
+type, a NIfTI vector intent or 5D vector layout, a multi-component MetaImage/NRRD/DICOM such as an RGB series;
+``MULTI_COMPONENT``) and complex-valued images -- ``np.asarray(..., float32)`` would fail with a numpy type error or
+silently drop the imaginary part -- and a NIfTI whose sform and qform (both set) place the voxels in different
+places (``qform_sform_problem``): the package reads the sform, a viewer that reads the qform would show the image,
+and every output written on its grid, elsewhere.
+
+Every integer and float voxel type (int8, uint8, int16, uint16, int32, ..., float32, float64, with or without
+``scl_slope``/``scl_inter``) is decoded by the same path, to float32 unless asked otherwise; what a value *means*
+(a signed or offset background, z-scored data) is preprocessing's business
+(``data.transforms.remove_background_offset``), not the reader's.
+
 ``MedsegReader`` plugs the same reader into MONAI's ``LoadImage(d)``.
 """
 
@@ -56,6 +68,18 @@ GZIP_MAX_RATIO = 1032
 #: An affine whose |det| is below this fraction of the product of its voxel sizes is singular.
 _SINGULAR_RTOL = 1e-6
 _HEADER_READ = 1 << 16  # MetaImage / NRRD text headers are read up to this many bytes
+
+#: What an image with several values per voxel (RGB, a vector field, a multi-component MetaImage) is told.
+MULTI_COMPONENT = "multi-component (RGB/vector) image; expected one scalar value per voxel"
+#: NIfTI intent codes that declare one vector per voxel (NIFTI_INTENT_DISPVECT, _VECTOR, _RGB_VECTOR, _RGBA_VECTOR).
+_VECTOR_INTENTS = {1006: "displacement vector", 1007: "vector", 2003: "RGB vector", 2004: "RGBA vector"}
+#: sform vs qform: the largest distance (mm) between where the two put any corner of the voxel grid that still
+#: counts as agreement. The qform is a quaternion with float32 parameters: it cannot hold a shear and rounds a
+#: rotation to ~1e-7 rad, and DICOM direction cosines written with 6 decimals are orthogonal only to ~1e-6, so an
+#: honest pair written from one matrix differs by up to ~3e-4 mm over a 300 mm field of view. 0.01 mm is 30x that
+#: margin and still 1/100 of the finest voxel an MR scan has: a disagreement above it is a second, different
+#: placement, not rounding.
+QFORM_SFORM_TOL_MM = 0.01
 
 
 def image_suffix(path: str | Path) -> str:
@@ -103,6 +127,8 @@ def read_image(path: str | Path) -> nib.Nifti1Image:
                 )
     except DataError:
         raise
+    except _NotScalar as err:
+        raise DataError(path, str(err)) from None
     except MemoryError as err:  # a claim the size bounds could not rule out (e.g. bzip2-encoded NRRD)
         raise DataError(path, "not enough memory to decode the image; is its header corrupt?") from err
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, RuntimeError, ImageFileError,
@@ -160,6 +186,17 @@ def header_size_problem(shape: Sequence[int], bytes_per_voxel: float, offset: in
 
 def _read_nifti(path: Path) -> nib.Nifti1Image:
     img = nib.load(str(path))  # reads the header only; voxels are decoded later, from img.dataobj
+    dtype = img.header.get_data_dtype()
+    intent = int(img.header["intent_code"]) if "intent_code" in img.header else 0
+    vector_5d = len(img.shape) == 5 and img.shape[3] == 1 and img.shape[4] > 1  # NIfTI's layout of a vector field
+    if dtype.fields is not None or intent in _VECTOR_INTENTS or vector_5d:
+        what = (f"data type {_nifti_type(img)}" if dtype.fields is not None else
+                f"intent '{_VECTOR_INTENTS[intent]}'" if intent in _VECTOR_INTENTS else
+                f"{img.shape[4]} components per voxel")
+        raise DataError(path, f"{MULTI_COMPONENT} ({what}, shape {tuple(img.shape)})")
+    if dtype.kind == "c":
+        raise DataError(path, f"complex-valued image ({_nifti_type(img)}); expected one real value per voxel "
+                              "(save the magnitude)")
     if len(img.shape) not in (3, 4):
         raise DataError(path, f"expected a 3D or 4D image, got shape {img.shape}")
     size = path.stat().st_size
@@ -171,7 +208,65 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
     problem = header_size_problem(img.shape, img.header.get_data_dtype().itemsize, offset, capacity, how)
     if problem:
         raise DataError(path, problem)
+    problem = qform_sform_problem(img)
+    if problem:
+        raise DataError(path, problem)
     return img
+
+
+def _nifti_type(img) -> str:
+    code = int(img.header["datatype"]) if "datatype" in img.header else None
+    try:
+        return (str(nib.nifti1.data_type_codes.niistring[code]).removeprefix("NIFTI_TYPE_") if code is not None
+                else str(img.get_data_dtype()))
+    except KeyError:
+        return str(img.get_data_dtype())
+
+
+def qform_sform_problem(img) -> str | None:
+    """What differs between the sform and the qform of a NIfTI image when both are set (codes > 0) and place some
+    corner of the voxel grid more than ``QFORM_SFORM_TOL_MM`` apart; None when they agree or only one is set.
+
+    The package reads the sform (``img.affine``); a viewer or tool that reads the qform puts the image, and every
+    output written on its grid, elsewhere. Said: the largest displacement, the origin's, and per voxel axis a flip,
+    a rotation or a different voxel size."""
+    header = img.header
+    if not hasattr(header, "get_qform") or not hasattr(header, "get_sform"):
+        return None
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    if sform is None or qform is None or not scode or not qcode:
+        return None
+    sform, qform = np.asarray(sform, np.float64), np.asarray(qform, np.float64)
+    if not (np.all(np.isfinite(sform)) and np.all(np.isfinite(qform))):
+        return None  # geometry_problem names a non-finite sform; a broken unused qform is not worth refusing
+    shape = np.asarray(img.shape[:3], dtype=np.float64)
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
+    apart = float(np.max(np.linalg.norm((corners @ (sform - qform).T)[:, :3], axis=1)))
+    if apart <= QFORM_SFORM_TOL_MM:
+        return None
+    details = []
+    origin = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
+    if origin > QFORM_SFORM_TOL_MM:
+        details.append(f"origin differs by {origin:.1f} mm")
+    for axis in range(3):
+        s_col, q_col = sform[:3, axis], qform[:3, axis]
+        s_len, q_len = float(np.linalg.norm(s_col)), float(np.linalg.norm(q_col))
+        name = f"axis {axis + 1} ({'ijk'[axis]})"
+        if s_len > 0 and q_len > 0:
+            cos = float(np.clip(s_col @ q_col / (s_len * q_len), -1.0, 1.0))
+            angle = math.degrees(math.acos(cos))
+            if angle > 179.0:
+                details.append(f"{name} flipped")
+            elif angle * math.pi / 180 * max(shape[axis] - 1, 1) * s_len > QFORM_SFORM_TOL_MM:
+                details.append(f"{name} rotated by {angle:.1f}°")
+        if abs(s_len - q_len) * max(shape[axis] - 1, 1) > QFORM_SFORM_TOL_MM:
+            details.append(f"{name} voxel size {s_len:.4g} vs {q_len:.4g} mm")
+    return (f"sform and qform disagree ({', '.join(details) or 'shear'}; voxels up to {apart:.1f} mm apart); this "
+            "package reads the sform, a viewer that reads the qform would put the image and its segmentation "
+            "elsewhere: fix the header (e.g. copy one form over the other, nibabel img.set_qform(img.get_sform()), "
+            "once you know which is right) or set the wrong one's qform_code/sform_code to 0")
 
 
 def _claimed_bytes(img: nib.Nifti1Image) -> int:
@@ -197,6 +292,9 @@ def _sitk_to_nifti(image) -> nib.Nifti1Image:
     dim = image.GetDimension()
     if dim != 3:
         raise ValueError(f"expected a 3D image, got {dim}D")
+    problem = _components_problem(image.GetPixelIDTypeAsString(), image.GetNumberOfComponentsPerPixel())
+    if problem:
+        raise _NotScalar(problem)
     array = sitk.GetArrayFromImage(image)  # [Z, Y, X] or [Z, Y, X, C]
     array = np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim)))
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -223,7 +321,25 @@ def _read_sitk_file(path: Path) -> nib.Nifti1Image:
     problem = header_size_problem(reader.GetSize(), reader.GetNumberOfComponents() * itemsize, 0, capacity, how)
     if problem:
         raise DataError(path, problem)
+    problem = _components_problem(pixel, reader.GetNumberOfComponents())  # before decoding a single voxel
+    if problem:
+        raise DataError(path, problem)
     return _sitk_to_nifti(reader.Execute())
+
+
+def _components_problem(pixel: str, components: int) -> str | None:
+    """Why a SimpleITK pixel type (``pixel``: e.g. "vector of 8-bit unsigned integer") with ``components`` values
+    per voxel is not one real scalar per voxel, or None when it is."""
+    if "complex" in pixel.lower():
+        return f"complex-valued image ({pixel}); expected one real value per voxel (save the magnitude)"
+    if components > 1:
+        return f"{MULTI_COMPONENT} ({components} components per voxel, {pixel})"
+    return None
+
+
+class _NotScalar(ValueError):
+    """An image with several (or complex) values per voxel, found while converting it; ``read_image`` names the
+    file."""
 
 
 def _text_header(path: Path) -> dict[str, str]:

@@ -11,6 +11,14 @@ Air outside the head: ``SuppressBackgroundd`` (right after loading, on the file'
 the evaluation pipeline alike) removes a constant background offset per modality and zeroes noisy air, so
 that the foreground crop is the head's box and normalisation statistics come from the head only; see
 ``head_mask`` for the exact definition. It changes intensities only, so it needs no inverse.
+
+Intensities of any sign and type: the background is the dominant intensity of the volume's border, whatever its
+sign (``background_level``), or for noisy air whose values go below 0 the channel's minimum (a magnitude image
+is >= 0, so negative values mean the data were shifted: signed storage, z-scoring). It becomes exactly 0 and the
+head is what differs from it, so a z-scored copy, a copy shifted by -10000 and a copy rescaled to int8 (-128 ...
+127) of a case are preprocessed as the case itself -- ``NormalizeIntensityd(nonzero=True)`` then takes its
+statistics over the same head voxels, which makes the result invariant to ``x -> a x + b`` (a > 0), up to the
+rounding of the stored values. A background that is already 0 (BraTS) is left exactly as it is.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from medseg_diff.data.check import background_offset
+from medseg_diff.data.check import background_level
 from medseg_diff.data.conventions import MODALITIES, MSD_CHANNEL_ORDER, LabelConvention
 from medseg_diff.data.io import MedsegReader
 
@@ -46,7 +54,7 @@ IMAGE, LABEL, PRIOR, PRED = "image", "label", "prior", "pred"
 #: Key under which ``eval_transforms(head_mask_key=HEAD)`` keeps the head mask on the input file's grid.
 HEAD = "head"
 
-#: Relative tolerance of a constant background (of the volume's max - min); passed to ``background_offset``,
+#: Relative tolerance of a constant background (of the volume's max - min); passed to ``background_level``,
 #: and voxels within it of the offset become exactly 0 when the offset is removed.
 OFFSET_REL_TOL = 1e-4
 #: Noisy air: threshold = this many times the air level, the 25th percentile of the (offset-free) border
@@ -116,15 +124,51 @@ class LabelsToRegionsd(MapTransform):
         return d
 
 
-def remove_background_offset(channel: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """``(channel without its constant background, offset)``; ``(channel, None)`` unchanged when
-    ``background_offset`` finds none (BraTS: the background is exactly 0).
+#: A constant background covers at least this fraction of the border shell (the rest may be head touching it).
+BACKGROUND_MIN_FRACTION = 0.5
 
-    ``value - offset`` where that is above ``OFFSET_REL_TOL`` × (max - min of the channel), else exactly 0 (so a
-    near-constant background and everything below it become 0). NaN/Inf stay as they are (reported later).
+
+def noise_floor(channel: np.ndarray) -> float | None:
+    """The level to subtract from a channel whose air is **noisy** and that holds values below 0: its minimum.
+    None when every value is >= 0 (the floor is 0, as for any magnitude image) or the background is clean (at least
+    ``BACKGROUND_MIN_FRACTION`` of the border, or ``HEAD_CLEAN_ZEROS`` of the channel, exactly 0: a few negative
+    voxels inside a skull-stripped brain, e.g. from interpolation, do not move a zero background).
+
+    Rician/Rayleigh air noise of a magnitude image lies above 0 and its minimum over the thousands of air voxels is
+    within a few percent of σ of 0; negative values under noisy air therefore mean the data were shifted (signed
+    storage, z-scoring) and the minimum is where 0 was. Offsets > 0 under noisy air are left alone: a smooth bias
+    field in the air looks the same, and ``head_threshold`` already measures the air level above 0.
     """
     channel = np.asarray(channel)
-    offset = background_offset(channel, rel_tol=OFFSET_REL_TOL)
+    finite = channel if np.all(np.isfinite(channel)) else channel[np.isfinite(channel)]
+    if finite.size == 0:
+        return None
+    low = float(np.min(finite))
+    if not low < 0:
+        return None
+    if np.count_nonzero(finite == 0) >= HEAD_CLEAN_ZEROS * finite.size:
+        return None
+    border = _border_values(channel)
+    span = float(np.max(finite)) - low
+    if border.size and float(np.mean(np.abs(border) <= OFFSET_REL_TOL * span)) >= BACKGROUND_MIN_FRACTION:
+        return None
+    return low
+
+
+def remove_background_offset(channel: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """``(channel without its background, offset)``; ``(channel, None)`` unchanged when the background is 0
+    (BraTS: the background is exactly 0; noisy air above 0).
+
+    The offset is the constant background of either sign (``background_level``: a TCGA FLAIR's 0.0219, a z-scored
+    volume's -0.8, an int8 volume's -128, a volume shifted by -10000) or, for noisy air that goes below 0, the
+    channel's minimum (``noise_floor``). ``value - offset`` where that is above ``OFFSET_REL_TOL`` × (max - min of
+    the channel), else exactly 0 (so a near-constant background and everything below it become 0). NaN/Inf stay as
+    they are (reported later).
+    """
+    channel = np.asarray(channel)
+    offset = background_level(channel, rel_tol=OFFSET_REL_TOL)
+    if offset is None:
+        offset = noise_floor(channel)
     if offset is None:
         return channel, None
     finite = np.isfinite(channel)

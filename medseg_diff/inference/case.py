@@ -7,10 +7,17 @@
    i.e. 0 once a constant background offset is removed), probabilities, entropy and variance are set to 0:
    the prediction there is "no tumour", with certainty. Attention maps are left as the network made them.
 5. threshold the regions and write BraTS labels in the input's convention
+
+Before any of it, from the headers only: the modalities share one grid (``check_grid``; one scalar 3D volume per
+modality, a 4D file only in the MSD layout), and that grid is one the model can use (``check_geometry``: enough
+slices along every axis, before and after resampling to the model's voxel size, and voxels not so coarse that
+resampling would invent most of what the model sees).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +32,33 @@ from medseg_diff.inference.postprocess import Postprocessed, postprocess
 from medseg_diff.inference.sliding_window import VolumePrediction, infer_volume
 from medseg_diff.inference.loading import LoadedModel
 from medseg_diff.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: The fewest voxels along any axis a case may have, in its file and once resampled to the model's voxel size.
+#: Every network here is a 3D convolutional net whose first step halves the grid (the U-Nets' first stride 2, the
+#: diffusion denoiser's 2-voxel patches) and whose every level convolves 3x3x3: with fewer than 4 voxels along an
+#: axis fewer than 2 cells are left after that first halving, so along that axis no deeper feature has a
+#: neighbour holding data -- the rest of every window is zero padding and the output is what the network makes
+#: of padding. A 1- or 2-slice "volume" is an image, not a volume. Small but real volumes pass: the tests' 16³
+#: phantoms at 2 mm are 6.4 voxels even for a model trained at 5 mm, and windows are padded to the roi.
+MIN_VOXELS = 4
+#: Two normalised modalities (z-scores within the head) closer than this everywhere are one image: a copy, re-saved
+#: or rescaled (x -> a*x + b) -- float rounding moves a z-score by ~1e-6; two real modalities differ by ~1.
+SAME_IMAGE_ATOL = 1e-3
+#: The coarsest voxel, as a multiple of the model's voxel size along the same axis, a case may have. Resampling
+#: a voxel c times the model's spacing makes c - 1 of every c slices the model sees up by interpolation; BraTS
+#: itself holds scans acquired with thick (~5-6 mm) slices resampled to its 1 mm grid, which the models learnt
+#: from, so up to 8 passes (a 1x1x5 mm clinical scan under a 1 mm model is 5x: accepted, with a warning above
+#: ``WARN_COARSER``). Beyond 8 (a 1x1x10 mm scan under a 1 mm model) 7 of 8 slices would be invented: refused.
+#: This is also the anisotropy rule: on the model's grid a case is only as anisotropic as its coarsest axis is
+#: coarse (finer axes are averaged down to the model's spacing, never below it), so a 10:1 volume is refused
+#: exactly when its thick axis is > 8x the model's spacing; a 0.45x0.45x6 mm FLAIR is 13:1 in its file but 6:1
+#: on a 1 mm model's grid, and accepted.
+MAX_COARSER = 8.0
+#: Above this many times the model's voxel size along an axis a case is predicted with a warning.
+WARN_COARSER = 3.0
+_AXES = "ijk"
 
 
 @dataclass
@@ -57,7 +91,8 @@ def predict_case(model: LoadedModel, record: dict, convention: LabelConvention,
     # 1. load and transform (label kept only for metrics, on the original grid)
     transform = eval_transforms(convention, cfg.data.spacing, with_label=False, with_prior=has_prior,
                                 head_mask_key=HEAD)
-    check_grid(record, case_id)
+    reference_image = check_grid(record, case_id)
+    check_geometry(record, cfg.data.spacing, case_id, reference_image)
     truth = _read_truth(record, convention, case_id)  # before the inference: a bad label fails at once
     record_in = {k: v for k, v in record.items() if k != LABEL}
     try:
@@ -137,21 +172,93 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def check_grid(record: dict, case_id: str) -> None:
-    """Modalities (and label / prior) of a case must share shape and affine; checked from headers only."""
+def check_grid(record: dict, case_id: str):
+    """Modalities (and label / prior) of a case must share shape and affine; checked from headers only (a DICOM
+    series is decoded). Returns the first modality's image (``read_image``)."""
     from medseg_diff.data.check import grid_mismatch
-    from medseg_diff.data.io import read_image
+    from medseg_diff.data.io import MULTI_COMPONENT, read_image
 
-    images = record[IMAGE] if isinstance(record[IMAGE], (list, tuple)) else [record[IMAGE]]
+    single = not isinstance(record[IMAGE], (list, tuple))  # MSD: one 4D file holds the four modalities
+    images = [record[IMAGE]] if single else list(record[IMAGE])
     others = [record[k] for k in (LABEL, PRIOR) if k in record]
+
+    def check_modality(img, path) -> None:
+        shape = tuple(int(d) for d in img.shape)
+        if single and (len(shape) != 4 or shape[3] != len(MODALITIES)):
+            raise DataError(path, f"expected a 4D image of {len(MODALITIES)} volumes ({', '.join(MSD_CHANNEL_ORDER)}),"
+                                  f" got shape {shape}", case=case_id)
+        if not single and len(shape) == 4 and shape[3] > 1:
+            raise DataError(path, f"{MULTI_COMPONENT} (a 4D image of {shape[3]} volumes, shape {shape}, where one 3D "
+                                  f"modality is expected)", case=case_id)
+
     ref = read_image(images[0])
-    for path in list(images[1:]) + others:
+    check_modality(ref, images[0])
+    for i, path in enumerate(list(images[1:]) + others):
         img = read_image(path)
+        if i < len(images) - 1:
+            check_modality(img, path)
         if path == record.get(LABEL) and len(img.shape) != 3:
             raise DataError(path, f"a label map must be 3D, this one has shape {tuple(img.shape)}", case=case_id)
         problems = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, images[0])
         if problems:
             raise DataError(path, problems[0], case=case_id)
+    return ref
+
+
+def check_geometry(record: dict, spacing, case_id: str, image=None) -> None:
+    """Refuse a grid the model cannot use, naming the file (the first modality: ``check_grid`` has made every file
+    of the case share its grid), from its header only:
+
+    * fewer than ``MIN_VOXELS`` slices along an axis of the file;
+    * fewer than ``MIN_VOXELS`` voxels along an axis once resampled to the model's voxel size ``spacing`` (mm;
+      None: the model predicts on the file's own grid);
+    * a voxel more than ``MAX_COARSER`` times the model's voxel size along an axis (resampling would invent most of
+      the slices the model sees); above ``WARN_COARSER`` times, a warning.
+
+    ``image``: that file as ``read_image`` returned it (``check_grid`` does), so a DICOM series is not decoded twice.
+    """
+    from medseg_diff.data.io import read_image
+
+    path = _first_path(record)
+    img = image if image is not None else read_image(path)
+    shape = [int(d) for d in img.shape[:3]]
+    zooms = [float(z) for z in np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)]
+    for axis, n in enumerate(shape):
+        if n < MIN_VOXELS:
+            raise DataError(path, f"{n} slice{'s' if n != 1 else ''} along axis {axis + 1} ({_AXES[axis]}) "
+                                  f"(shape {tuple(shape)}); the model needs at least {MIN_VOXELS}: it is a 3D network, "
+                                  f"and a slab this thin is an image, not a volume", case=case_id)
+    if spacing is None:
+        return
+    spacing = [float(v) for v in spacing]
+    for axis, (n, zoom, target) in enumerate(zip(shape, zooms, spacing)):
+        where = f"axis {axis + 1} ({_AXES[axis]})"
+        extent = n * zoom
+        voxels = extent / target
+        if voxels < MIN_VOXELS:
+            raise DataError(path, f"{extent:.3g} mm along {where} ({n} slices of {zoom:.3g} mm) is only {voxels:.2g} "
+                                  f"voxel{'' if f'{voxels:.2g}' == '1' else 's'} at the model's {target:g} mm voxel "
+                                  f"size; the model needs at least {MIN_VOXELS}", case=case_id)
+    coarse = [zoom / target for zoom, target in zip(zooms, spacing)]
+    worst = int(np.argmax(coarse))
+    where = f"axis {worst + 1} ({_AXES[worst]})"
+    sizes = "x".join(f"{z:.3g}" for z in zooms)
+    model = "x".join(f"{t:g}" for t in spacing)
+    if coarse[worst] > MAX_COARSER:
+        raise DataError(path, f"voxels of {sizes} mm are {coarse[worst]:.3g} times the model's {model} mm along "
+                              f"{where}; resampling would invent {_invented(coarse[worst])} the model sees (at most "
+                              f"{MAX_COARSER:g} times is accepted); use a scan with thinner slices", case=case_id)
+    if coarse[worst] > WARN_COARSER:
+        log.warning("case %s: %s: warning: voxels of %s mm are %.3g times the model's %s mm along %s; resampling "
+                    "interpolates %s the model sees: expect a coarser segmentation along that axis",
+                    case_id, path, sizes, coarse[worst], model, where, _invented(coarse[worst]))
+
+
+def _invented(factor: float) -> str:
+    """'7 of every 8 slices' for a coarsening ``factor`` of 8 (c - 1 of every c slices interpolated)."""
+    whole = max(int(math.floor(factor + 1e-9)), 1)
+    return (f"{whole - 1} of every {whole} slices" if abs(factor - whole) < 0.05
+            else f"{1 - 1 / factor:.0%} of the slices")
 
 
 def _input_files(record: dict) -> list[str]:
@@ -173,7 +280,8 @@ def _unreadable_input(record: dict, root: BaseException, case_id: str) -> DataEr
 
 
 def check_values(data: dict, record: dict, case_id: str) -> None:
-    """Reject NaN/Inf in any modality or prior, and an empty (all-zero) modality, before inference.
+    """Reject NaN/Inf in any modality or prior, an empty (all-zero) modality, and two modalities that are one image
+    (a copy, re-saved or rescaled), before inference.
 
     Checked on the transformed tensors, so no file is read twice: channel-wise normalisation spreads a
     single NaN/Inf over its whole channel and leaves an empty modality all zero. Only when a channel fails
@@ -181,14 +289,29 @@ def check_values(data: dict, record: dict, case_id: str) -> None:
     """
     image = torch.as_tensor(data[IMAGE]).flatten(1)  # [4, N]
     bad = ~torch.isfinite(image).all(dim=1) | ~image.any(dim=1)
-    for c in torch.nonzero(bad).flatten().tolist():
+    failing = torch.nonzero(bad).flatten().tolist()
+    for c in failing[:1]:
         images = record[IMAGE]
         if isinstance(images, (list, tuple)):
             path, channel, what = images[c], None, f"{MODALITIES[c]} image"
         else:  # MSD: one 4D file
             path, channel = images, MSD_CHANNEL_ORDER.index(MODALITIES[c])
             what = f"{MODALITIES[c]} channel (volume {channel} of the 4D image)"
-        raise DataError(path, f"{what} {_value_problem(path, channel)}", case=case_id)
+        others = [MODALITIES[o] for o in failing[1:]]
+        noun = ("image" if isinstance(images, (list, tuple)) else "channel") + ("s" if len(others) > 1 else "")
+        also = f" (and the {', '.join(others)} {noun} too)" if others else ""
+        raise DataError(path, f"{what} {_value_problem(path, channel)}{also}", case=case_id)
+    same = [(a, b) for b in range(image.shape[0]) for a in range(b)  # z-scores equal within float rounding
+            if bool(((image[a] - image[b]).abs().max() < SAME_IMAGE_ATOL).item())]
+    if same:  # a modality copied over another (byte copies are refused with the manifest; this finds re-saved ones)
+        a, b = same[0]
+        images = record[IMAGE]
+        if isinstance(images, (list, tuple)):
+            raise DataError(images[b], f"{MODALITIES[b]} holds the same image as {MODALITIES[a]} ({images[a]}) once "
+                                       "normalised: a modality copied over another; each modality needs its own image",
+                            case=case_id)
+        raise DataError(images, f"the {MODALITIES[b]} and {MODALITIES[a]} channels hold the same image once "
+                                "normalised: a modality copied into another's channel; each needs its own", case=case_id)
     if PRIOR in data and not bool(torch.isfinite(torch.as_tensor(data[PRIOR])).all()):
         raise DataError(record[PRIOR], f"external prior {_value_problem(record[PRIOR], None)}", case=case_id)
 
@@ -205,7 +328,10 @@ def _value_problem(path: str | Path, channel: int | None) -> str:
         return f"contains NaN/Inf ({n_nan} NaN and {n_inf} Inf voxels of {array.size})"
     if not np.any(array):
         return "is empty (all zero)"
-    return "is empty inside the head (no non-zero voxel left after preprocessing)"
+    if float(array.max()) == float(array.min()):
+        return f"is constant (every voxel is {float(array.max()):g}): it shows no head"
+    return ("is empty inside the head (no voxel differs from its background after preprocessing: the background is "
+            "the dominant value of the volume's border, of either sign)")
 
 
 def _read_truth(record: dict, convention: LabelConvention, case_id: str | None = None) -> np.ndarray | None:
