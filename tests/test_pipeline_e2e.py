@@ -287,6 +287,39 @@ def test_mlflow_evaluation_run_nests_one_child_run_per_model(pipeline):
     assert f"overlays/diffusion/{first}/{first}_montage.png" in artifacts
 
 
+def test_mlflow_evaluation_run_reads_as_the_comparison(pipeline):
+    """A reviewer sees what the run compares from its name, its description (the rounded comparison.md), a table
+    of the paired comparison, and metrics a person can read; training runs say they are training runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(pipeline.uri)
+    experiment = _experiment_id(pipeline)
+    parent = next(r for r in client.search_runs([experiment], "tags.stage = 'evaluate'")
+                  if "mlflow.parentRunId" not in r.data.tags)
+    n = len(pipeline.test_cases)
+    assert parent.info.run_name == f"evaluate: {' vs '.join(MODELS)}, test, {n} cases"
+    assert sorted(r.info.run_name for r in client.search_runs([experiment], "tags.stage = 'train'")) == \
+        [f"train: {m}, fold 0" for m in sorted(MODELS)]
+    markdown = (pipeline.eval_dir / "comparison.md").read_text(encoding="utf-8")
+    assert markdown.startswith(f"# diffusion vs unet: paired comparison on {n} cases")
+    assert parent.data.tags["mlflow.note.content"] == markdown  # the run page's description
+    comparison = json.loads((pipeline.eval_dir / "comparison.json").read_text(encoding="utf-8"))["diffusion_vs_unet"]
+    downloaded = client.download_artifacts(parent.info.run_id, "comparison_table.json", str(pipeline.work))
+    table = json.loads(Path(downloaded).read_text(encoding="utf-8"))
+    records = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(records) == 3 * 4  # dice, hd95_mm, lesion_dice × TC, WT, ET, per-case mean
+    for record in records:
+        full = comparison[record["metric"]]["mean" if record["region"] == "regionavg" else record["region"]]
+        assert record["comparison"] == "diffusion vs unet" and record["n"] == full["n"] == n
+        for stat in ("mean_diff", "ci_low", "ci_high"):
+            logged = parent.data.metrics[f"diffusion_vs_unet.{record['metric']}_{record['region']}.{stat}"]
+            if math.isfinite(full[stat]):
+                assert record[stat] == logged == round(full[stat], 4)  # rounded, and the same in both places
+        if math.isfinite(full["wilcoxon_p"]):
+            assert record["wilcoxon_p"] == float(f"{full['wilcoxon_p']:.3g}")
+    assert "comparison.md" in _artifacts(client, parent.info.run_id)
+
+
 def test_every_stage_used_the_configured_store_not_the_working_directory(pipeline):
     assert list(pipeline.cwd.iterdir()) == []  # no default sqlite:///mlflow.db, no mlruns/ or mlartifacts/ here
     assert (pipeline.work / "mlartifacts").is_dir()  # artifacts beside the configured database

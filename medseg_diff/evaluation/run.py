@@ -34,7 +34,7 @@ from medseg_diff.evaluation.metrics import (
 from medseg_diff.evaluation.sources import ScoredInputs, read_case
 from medseg_diff.evaluation.stats import UnmatchedCasesWarning, compare_models
 from medseg_diff.evaluation.tables import METRIC_FORMAT, box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv
-from medseg_diff.tracking import resolve_uri, source_tags, start_tracker
+from medseg_diff.tracking import compare_runs_url, resolve_uri, source_tags, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +70,28 @@ class EvalReport:
     rows: list[dict]
     summary_markdown: str
     comparisons: dict[str, dict] = field(default_factory=dict)  # "a_vs_b" -> metric -> region -> comparison
+    comparison_markdown: str = ""  # comparison.md: the paired tables, rounded (empty with fewer than two models)
     failed: dict[str, str] = field(default_factory=dict)  # "model/case" -> error
     run_id: str | None = None
     overlays: list[Path] = field(default_factory=list)
     tracking_uri: str | None = None  # the MLflow store the run was logged to
+    experiment_id: str | None = None  # the run's MLflow experiment
+    model_run_ids: dict[str, str] = field(default_factory=dict)  # model -> its nested run (what Compare compares)
 
     def mlflow_hint(self) -> str:
-        """Where the MLflow run is and the command that shows it (empty without a run)."""
+        """Where the MLflow run is, the command that shows it, and the address of its models' *Compare* page
+        (empty without a run)."""
         if not self.run_id:
             return ""
-        ui = (f"mlflow ui --backend-store-uri {self.tracking_uri}" if self.tracking_uri and
-              not self.tracking_uri.startswith(("http://", "https://")) else f"open {self.tracking_uri}")
-        return f"MLflow evaluation run {self.run_id} in {self.tracking_uri}\n  see it: {ui}"
+        uri = self.tracking_uri or ""
+        served = uri.startswith(("http://", "https://"))
+        hint = (f"MLflow evaluation run {self.run_id} in {uri}\n"
+                f"  see it: {f'open {uri}' if served else f'mlflow ui --backend-store-uri {uri}'}")
+        if len(self.model_run_ids) >= 2 and self.experiment_id is not None:
+            ui = uri if served else "http://127.0.0.1:5000"
+            hint += (f"\n  compare the models: "
+                     f"{compare_runs_url(ui, list(self.model_run_ids.values()), [self.experiment_id])}")
+        return hint
 
 
 def select_cases(manifest: Manifest, subset: str, fold: int = 0):
@@ -194,11 +204,16 @@ def _write_artifacts(out: Path, rows: list[dict], models: list[str], bins, n_boo
              "### Lesion-wise, matched pairs only (unpenalised: means over matched lesions, panoptica's sq_dsc / "
              "sq_hd95 / sq_nsd; missed and false lesions count only in the F1 above)", "",
              summary_table(rows, metrics=("lesion_dice", "lesion_hd95_mm", "lesion_nsd")), ""]
-    comparisons = {}
+    comparisons, comparison_parts = {}, []
     scored = [m for m in models if any(r["model"] == m for r in rows)]
     if len(scored) >= 2:
         a, b = scored[0], scored[1]
         pair = {}
+        n_cases = len({r["case"] for r in rows})
+        comparison_parts = [f"# {a} vs {b}: paired comparison on {n_cases} cases", "",
+                            f"Mean of {a} − {b} over the cases both models were scored on, its bootstrap (BCa) CI and "
+                            "the two-sided Wilcoxon signed-rank p; regions TC, WT, ET and the per-case mean over them. "
+                            "Full precision: comparison.json; per case: per_case.csv.", ""]
         for metric in COMPARED:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -207,19 +222,25 @@ def _write_artifacts(out: Path, rows: list[dict], models: list[str], bins, n_boo
                 if issubclass(w.category, UnmatchedCasesWarning):  # fewer pairs than cases: say so
                     log.warning("%s, %s: %s", f"{a} vs {b}", metric, w.message)
             pair[metric] = {k: asdict(v) for k, v in comp.items()}
-            parts += [f"## {a} vs {b}: {METRIC_FORMAT[metric][0]}", "", comparison_table(comp, a, b, metric), ""]
+            section = [f"## {a} vs {b}: {METRIC_FORMAT[metric][0]}", "", comparison_table(comp, a, b, metric), ""]
+            parts += section
+            comparison_parts += section
         comparisons[f"{a}_vs_{b}"] = pair
     parts += ["## Uncertainty and cost", "", _cost_table(rows, scored, bins), ""]
     markdown = "\n".join(parts)
     (out / "summary.md").write_text(markdown, encoding="utf-8")
     (out / "comparison.json").write_text(json.dumps(comparisons, indent=2, default=float), encoding="utf-8")
+    comparison_markdown = "\n".join(comparison_parts)
+    if comparison_markdown:
+        (out / "comparison.md").write_text(comparison_markdown, encoding="utf-8")
     box_plots(rows, out / "box_dice.png", metric="dice")
     box_plots(rows, out / "box_hd95.png", metric="hd95_mm")
     box_plots(rows, out / "box_lesion_dice.png", metric="lesion_dice")
     pooled = {m: pooled_bins(b) for m, b in bins.items() if b}
     if pooled:
         calibration_plot(pooled, out / "calibration.png")
-    return EvalReport(out_dir=out, rows=rows, summary_markdown=markdown, comparisons=comparisons)
+    return EvalReport(out_dir=out, rows=rows, summary_markdown=markdown, comparisons=comparisons,
+                      comparison_markdown=comparison_markdown)
 
 
 def model_summary(rows: list[dict], model: str, bins: list[ReliabilityBins]) -> dict[str, float]:
@@ -275,11 +296,17 @@ def _cell(value: float | None, decimals: int) -> str:
 
 def _track(report: EvalReport, sources: dict[str, dict], bins, manifest: Manifest, params: dict,
            uri: str | None, experiment: str | None) -> str | None:
+    """One parent run named after the comparison (``evaluate: a vs b, test, 6 cases``) whose description is
+    comparison.md, with the paired comparison as metrics (rounded) and as an MLflow table; one child per model
+    (named after it, holding its ``METRIC_NAMES`` summary) to select and *Compare*."""
     names = list(sources)
+    n_cases = len({r["case"] for r in report.rows})
     provenance = {"stage": "evaluate", "dataset": manifest.name, "subset": str(params["subset"]),
                   "manifest_hash": manifest.content_hash(), **source_tags()}
-    parent = start_tracker(True, uri, experiment or manifest.name, run_name=f"evaluate-{'-vs-'.join(names)}",
-                           tags=provenance | {"models": ",".join(names)})
+    note = (report.comparison_markdown or report.summary_markdown)[:7000]  # MLflow caps a tag at 8000 characters
+    parent = start_tracker(True, uri, experiment or manifest.name,
+                           run_name=f"evaluate: {' vs '.join(names)}, {params['subset']}, {n_cases} cases",
+                           tags=provenance | {"models": ",".join(names), "mlflow.note.content": note})
     parent.log_params({k: ("-" if v is None else v) for k, v in params.items()}
                       | {f"source.{n}": s.get("source", s.get("path")) for n, s in sources.items()})
     parent.log_dataset(manifest.name, manifest.content_hash(), str(manifest.source or manifest.root), "evaluation")
@@ -291,13 +318,21 @@ def _track(report: EvalReport, sources: dict[str, dict], bins, manifest: Manifes
         child.log_params({k: ("-" if v is None else v) for k, v in source.items()})
         child.log_metrics(model_summary(report.rows, name, bins.get(name, [])))
         child.end()
+        report.model_run_ids[name] = child.run_id
+    report.experiment_id = getattr(parent, "experiment_id", None)
+    table = []
     for pair, per_metric in report.comparisons.items():
         for metric, comp in per_metric.items():
             for region, c in comp.items():
-                key = f"{pair}.{metric}_{'regionavg' if region == 'mean' else region}"
-                parent.log_metrics({f"{key}.mean_diff": c["mean_diff"], f"{key}.ci_low": c["ci_low"],
-                                    f"{key}.ci_high": c["ci_high"], f"{key}.wilcoxon_p": c["wilcoxon_p"]})
-    for name in ("per_case.csv", "summary.md", "comparison.json", "box_dice.png", "box_hd95.png",
+                region = "regionavg" if region == "mean" else region
+                rounded = _rounded(c)
+                parent.log_metrics({f"{pair}.{metric}_{region}.{k}": v for k, v in rounded.items()})
+                table.append({"comparison": pair.replace("_vs_", " vs "), "metric": metric, "region": region,
+                              "n": int(c["n"]), "mean_a": _round(c["mean_a"], 4), "mean_b": _round(c["mean_b"], 4),
+                              **rounded})
+    if table:
+        parent.log_table(table, "comparison_table.json")
+    for name in ("per_case.csv", "summary.md", "comparison.md", "comparison.json", "box_dice.png", "box_hd95.png",
                  "box_lesion_dice.png", "calibration.png"):
         path = report.out_dir / name
         if path.exists():
@@ -306,3 +341,16 @@ def _track(report: EvalReport, sources: dict[str, dict], bins, manifest: Manifes
         parent.log_artifact(report.out_dir / "overlays", "overlays")
     parent.end()
     return parent.run_id
+
+
+def _rounded(c: dict) -> dict[str, float]:
+    """A comparison's MLflow metrics as a reader wants them in the runs table: differences and CI bounds to 4
+    decimals, p to 3 significant digits (comparison.json keeps every digit)."""
+    p = float(c["wilcoxon_p"])
+    return {"mean_diff": _round(c["mean_diff"], 4), "ci_low": _round(c["ci_low"], 4),
+            "ci_high": _round(c["ci_high"], 4), "wilcoxon_p": float(f"{p:.3g}") if np.isfinite(p) else p}
+
+
+def _round(value, decimals: int) -> float:
+    value = float(value)
+    return round(value, decimals) if np.isfinite(value) else value

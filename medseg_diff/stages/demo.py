@@ -22,7 +22,7 @@ from medseg_diff.predictions import layout
 from medseg_diff.stages.evaluate import evaluate
 from medseg_diff.stages.options import Scoring, Tracking
 from medseg_diff.training.run import train
-from medseg_diff.tracking import resolve_uri, runs_table_url
+from medseg_diff.tracking import compare_runs_url, resolve_uri, runs_table_url
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
 
@@ -63,10 +63,7 @@ def run_demo(out: str | Path = "demo_out", cases: int = 20, spacing: float = 3.0
     dicom_files = dicom_round_trip(data / "manifest.json", out / "dicom", checkpoints["diffusion"])
     timings["dicom_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
-    from mlflow.tracking import MlflowClient
-
-    experiment_id = MlflowClient(uri).get_run(report.run_id).info.experiment_id if report.run_id else "0"
-    return {"report": report, "timings": timings, "tracking_uri": uri, "experiment_id": experiment_id,
+    return {"report": report, "timings": timings, "tracking_uri": uri, "experiment_id": report.experiment_id or "0",
             "dicom_files": dicom_files}
 
 
@@ -95,6 +92,8 @@ def print_summary(result: dict) -> None:
         print(f"Clinician report: {path}")
     for path in result.get("dicom_files", []):
         print(f"DICOM for a PACS: {path}")
-    print(f"MLflow run: {report.run_id}\nSee both models side by side:  mlflow ui --backend-store-uri {uri}\n"
-          f"  then open {runs_table_url('http://127.0.0.1:5000', result['experiment_id'])}"
-          "  (the runs table; select the two nested runs and press Compare)")
+    ui, experiment = "http://127.0.0.1:5000", result["experiment_id"]
+    print(f"MLflow evaluation run: {report.run_id}\nReview it:  mlflow ui --backend-store-uri {uri}   then open\n"
+          f"  the two models side by side:  {compare_runs_url(ui, list(report.model_run_ids.values()), [experiment])}\n"
+          f"  the paired comparison, tables and plots:  {ui}/#/experiments/{experiment}/runs/{report.run_id}\n"
+          f"  every run of the data set:  {runs_table_url(ui, experiment)}")

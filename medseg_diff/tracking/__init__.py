@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from medseg_diff.tracking.mlflow_store import relocate_store
 from medseg_diff.tracking.mlflow_tracker import MlflowTracker
 from medseg_diff.tracking.provenance import git_commit, source_tags
-from medseg_diff.tracking.uris import DEFAULT_URI, check_server, resolve_uri, runs_table_url
+from medseg_diff.tracking.uris import DEFAULT_URI, check_server, compare_runs_url, resolve_uri, runs_table_url
 
 __all__ = [
     "DEFAULT_URI",
@@ -34,6 +34,7 @@ __all__ = [
     "NullTracker",
     "Tracker",
     "check_server",
+    "compare_runs_url",
     "git_commit",
     "relocate_store",
     "resolve_uri",
@@ -53,6 +54,8 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
 
     def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict | None = None) -> None: ...
 
@@ -76,6 +79,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags):
+        pass
+
+    def log_table(self, rows, artifact_file):
         pass
 
     def log_dataset(self, name, digest, source, context, profile=None):

@@ -71,6 +71,13 @@ class MlflowTracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """``rows`` as an MLflow table artifact (``artifact_file`` ends in ``.json``): the run page shows it as a table
+        and the *Evaluation* tab of *Compare* puts the tables of several runs side by side."""
+        import pandas as pd
+
+        self.client.log_table(self.run_id, pd.DataFrame(rows), artifact_file)
+
     def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict | None = None) -> None:
         """Record a dataset as this run's input (MLflow's Datasets column): ``digest`` identifies its content,
         ``context`` says what the run used it for (training, evaluation)."""

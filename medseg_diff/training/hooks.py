@@ -43,7 +43,7 @@ class MlflowHook:
     def on_start(self, trainer: Trainer) -> None:
         t, m = self.cfg.tracking, self.manifest
         kind = trainer.adapter.kind
-        name = t.run_name or f"{kind}-fold{self.cfg.data.fold}"
+        name = t.run_name or f"train: {kind}, fold {self.cfg.data.fold}"  # evaluation runs read "evaluate: a vs b, …"
         tags = {
             "model": kind, "dataset": m.name, "manifest_hash": m.content_hash(),
             "device": device_description(trainer.device), "world_size": str(trainer.dist.world_size),

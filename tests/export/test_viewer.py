@@ -11,27 +11,21 @@ import base64
 import gzip
 import hashlib
 import html
-import io
 import json
-import os
 import re
-import select
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
 
 from medseg_diff.data.conventions import BRATS2021
 from medseg_diff.export import viewer
+from browser import CHROMIUM, DevTools
 from factories import LPS_AFFINE, tiny_images, tiny_label
 
-CHROMIUM = Path("/usr/bin/chromium")
 LABELS = [(1, "NCR - necrotic tumour core", (86, 180, 233)), (2, "ED - peritumoural edema", (240, 228, 66)),
           (4, "ET - enhancing tumour", (213, 94, 0))]
 DATA_BLOCK = re.compile(r'<script type="application/json" data-role="data">(.*?)</script>', re.S)
@@ -209,103 +203,6 @@ def test_full_size_case_stays_a_few_megabytes(real_data, fake_bundle):
 # --------------------------------------------------------------------------------------- headless Chromium
 
 
-_ON_FDS_3_AND_4 = (
-    "import os, sys\n"
-    "read, write = (os.dup(int(fd)) for fd in sys.argv[1:3])\n"  # above 4 first, so neither overwrites the other
-    "os.dup2(read, 3)\nos.dup2(write, 4)\nos.set_inheritable(3, True)\nos.set_inheritable(4, True)\n"
-    "os.execv(sys.argv[3], sys.argv[3:])\n"
-)
-
-
-class DevTools:
-    """Chromium driven over the DevTools protocol on a pipe (fd 3: commands in, fd 4: replies out)."""
-
-    def __init__(self, profile: Path, width: int, height: int):
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-        command = [
-            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader",
-            "--enable-unsafe-swiftshader", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--remote-debugging-pipe", f"--user-data-dir={profile}",
-            f"--window-size={width},{height}", "about:blank",
-        ]
-        # a Python trampoline puts the pipe ends on the descriptors 3 and 4 that --remote-debugging-pipe uses
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _ON_FDS_3_AND_4, str(to_chrome_r), str(from_chrome_w), *command],
-            pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buffer, self._next_id, self.session = b"", 0, None
-        self.events: list[dict] = []
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        for domain in ("Page.enable", "Runtime.enable"):
-            self.call(domain)
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
-
-    def call(self, method: str, timeout: float = 20.0, **params) -> dict:
-        self._next_id += 1
-        message = {"id": self._next_id, "method": method, "params": params}
-        if self.session and not method.startswith("Target."):
-            message["sessionId"] = self.session
-        try:
-            os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
-        except BrokenPipeError:
-            raise RuntimeError(f"chromium exited: {self._stderr()}") from None
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == self._next_id:
-                    if "error" in reply:
-                        raise RuntimeError(f"{method}: {reply['error']}")
-                    return reply["result"]
-                self.events.append(reply)
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
-                raise TimeoutError(f"{method}: no reply in {timeout} s")
-            chunk = os.read(self._from_chrome, 1 << 20)
-            if not chunk:
-                raise RuntimeError(f"chromium exited: {self._stderr()}")
-            self._buffer += chunk
-
-    def _stderr(self) -> str:
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        return f"status {self.process.wait()}: " + self.process.stderr.read().decode(errors="replace")[-2000:]
-
-    def js(self, expression: str):
-        """Value of a JavaScript expression (awaited when it is a promise), as JSON."""
-        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def errors(self) -> list[str]:
-        return [json.dumps(e["params"])[:500] for e in self.events if e.get("method") == "Runtime.exceptionThrown"]
-
-    def screenshot(self, clip: dict) -> np.ndarray:
-        shot = self.call("Page.captureScreenshot", format="png", clip={**clip, "scale": 1})
-        return mpimg.imread(io.BytesIO(base64.b64decode(shot["data"])), format="png")[..., :3]
-
-    def close(self):
-        try:
-            self.call("Browser.close", timeout=5)
-        except Exception:  # noqa: BLE001 - it may be gone already
-            pass
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        os.close(self._to_chrome)
-        os.close(self._from_chrome)
-
-
 def write_page(path: Path, fragment: str) -> Path:
     path.write_text(f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>viewer</title></head>'
                     f'<body style="margin: 8px; font-family: sans-serif">{fragment}</body></html>', encoding="utf-8")
@@ -451,3 +348,63 @@ def test_the_viewer_shows_the_montages_orientation(fake_bundle):
     script = viewer._asset("viewer.js")
     assert "sagittalNoseLeft: data.sagittal_nose_left" in script
     assert "isRadiologicalConvention: data.radiological" in script
+
+
+def _asymmetric_case(n: int = 32):
+    """A head (sphere) with one lesion to its patient's right, front and top, stored in LPS voxel order with
+    ``LPS_AFFINE``: whatever the voxel order, every view must draw the lesion up and to the left of the head's
+    centre (radiological axial/coronal: patient's right on the left; sagittal: nose on the left; superior up)."""
+    grid = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij")).astype(np.float32)
+    centre = (n - 1) / 2
+    head = ((grid - centre) ** 2).sum(0) <= 13 ** 2
+    lesion = ((grid - (np.array([centre + 6, centre + 6, centre + 6])[:, None, None, None])) ** 2).sum(0) <= 4 ** 2
+    # RAS index (a, b, c) -> LPS file index (n-1-a, n-1-b, c): LPS_AFFINE's first two axes point left and back
+    to_file = lambda ras: np.ascontiguousarray(ras[::-1, ::-1, :])  # noqa: E731
+    image = to_file(np.where(lesion, 220.0, np.where(head, 100.0, 0.0)).astype(np.float32))
+    labels = to_file(np.where(lesion, 2, 0).astype(np.uint8))
+    return {m: image for m in ("flair", "t1", "t1ce", "t2")}, labels
+
+
+def _up_left_of_head(lesion: np.ndarray, head: np.ndarray) -> tuple[float, float]:
+    """(rows, columns) from the head's centre to the lesion's, in pixels: both negative = up and left."""
+    return tuple(np.argwhere(lesion).mean(0) - np.argwhere(head).mean(0))
+
+
+def test_the_montage_draws_an_off_centre_lesion_up_and_left_in_every_view(tmp_path):
+    from medseg_diff.export.slices import Slicer
+    from medseg_diff.predictions.types import CaseOverlay
+
+    images, labels = _asymmetric_case()
+    reference = tmp_path / "case_flair.nii.gz"
+    nib.save(nib.Nifti1Image(images["flair"], LPS_AFFINE), str(reference))
+    overlay = CaseOverlay(case_id="case", reference=reference, images=images, labels=labels, convention=BRATS2021,
+                          probabilities=None, uncertainty=None, attention={}, model_name="m", run_id=None,
+                          ground_truth=None, dice=None)
+    slicer = Slicer(overlay, LPS_AFFINE)
+    for panel in slicer.panels(slicer.centres()[0]):
+        rows, cols = _up_left_of_head(panel.regions[1], panel.image > 0)
+        assert rows < -2 and cols < -2, (panel.view, rows, cols)
+
+
+@needs_browser
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
+def test_the_viewer_draws_the_same_lesion_where_the_montage_does(tmp_path, view):
+    """Rendered in headless Chromium: the single-view layout of each plane puts the lesion up and to the left of the
+    head's centre, as the montage does (the test above) — one orientation for both pictures."""
+    images, labels = _asymmetric_case()
+    fragment = viewer.viewer_section(images, labels, LABELS, [], LPS_AFFINE, height_px=500)
+    browser = open_viewer(tmp_path, fragment)
+    try:
+        set_control(browser, "seg-opacity", 100)
+        set_control(browser, "layout", view)
+        shot = browser.screenshot(canvas_clip(browser))
+        lesion = np.abs(shot - np.array(LABELS[1][2]) / 255).max(axis=-1) < 0.06
+        head = shot.max(axis=-1) > 0.2
+        assert lesion.sum() > 50 and head.sum() > 3 * lesion.sum(), (view, lesion.sum(), head.sum())
+        rows, cols = _up_left_of_head(lesion, head)
+        assert rows < -5 and cols < -5, (view, rows, cols)
+        assert browser.errors() == []
+    finally:
+        browser.close()
+        shutil.rmtree(tmp_path / "profile", ignore_errors=True)

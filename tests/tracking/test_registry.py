@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from medseg_diff.checkpoint import load_checkpoint
 from medseg_diff.data.dataset import case_record
 from medseg_diff.data.manifest import load_manifest
 from medseg_diff.errors import DataError
-from medseg_diff.tracking import MlflowTracker, NullTracker, runs_table_url
+from medseg_diff.tracking import MlflowTracker, NullTracker, compare_runs_url, runs_table_url
 from medseg_diff.tracking import registry
 from medseg_diff.tracking.registry import INPUT_COLUMNS, checkpoint_of_model, log_model
 
@@ -345,3 +346,58 @@ def test_runs_table_url_is_a_route_of_the_served_ui(trained):
         js = response.read().decode()
     assert '"/experiments/:experimentId/runs"' in js  # the runs tab's route
     assert '"workflowType"' in js and 'MACHINE_LEARNING="machine_learning"' in js
+    # the Compare page's route and its query, as the UI itself builds them (getCompareRunPageRoute)
+    assert '"/compare-runs"' in js and "?runs=${JSON.stringify(e)}&experiments=${JSON.stringify(t)}" in js
+    compare = compare_runs_url(trained.url, ["r1", "r2"], [run.info.experiment_id, run.info.experiment_id])
+    query = urllib.parse.parse_qs(compare.split("#/compare-runs?", 1)[1])
+    assert compare.startswith(f"{trained.url}/#/compare-runs?")
+    assert json.loads(query["runs"][0]) == ["r1", "r2"]
+    assert json.loads(query["experiments"][0]) == [run.info.experiment_id]
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium (apt install chromium)")
+@pytest.mark.timeout(240)
+def test_the_review_addresses_open_the_comparison_in_the_served_ui(trained, tmp_path):
+    """README's review steps in a real browser against the installed MLflow UI: the *Compare* address that evaluate
+    prints shows both models' runs and their metrics; the evaluation run's page shows the comparison as its
+    description."""
+    from browser import DevTools
+
+    from medseg_diff.data.manifest import load_manifest
+    from medseg_diff.stages.evaluate import evaluate
+    from medseg_diff.stages.options import Scoring, Tracking
+
+    manifest = load_manifest(trained.manifest)
+    folders = {}
+    for name, shift in (("toolA", 0), ("toolB", 1)):  # two "tools": the labels, and the labels shifted by a voxel
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for case in manifest.cases:
+            img = nib.load(str(manifest.path_of(case.label)))
+            seg = np.roll(np.asarray(img.dataobj), shift, axis=0)
+            nib.save(nib.Nifti1Image(seg, img.affine), str(folders[name] / f"{case.id}.nii.gz"))
+    report = evaluate(trained.manifest, tmp_path / "eval", predictions=folders,
+                      scoring=Scoring(subset="all", n_boot=200, export_cases=0),
+                      tracking=Tracking(uri=trained.url, experiment="review"))
+    hint = report.mlflow_hint()
+    compare = hint.split("compare the models: ", 1)[1].strip()
+    assert compare == compare_runs_url(trained.url, list(report.model_run_ids.values()), [report.experiment_id])
+    run_page = f"{trained.url}/#/experiments/{report.experiment_id}/runs/{report.run_id}"
+
+    def page_text(browser, url, expected, timeout=60.0):
+        browser.call("Page.navigate", url=url)
+        deadline, text = time.monotonic() + timeout, ""
+        while time.monotonic() < deadline:
+            text = browser.js("document.body ? document.body.innerText : ''") or ""
+            if all(e in text for e in expected):
+                return text
+            time.sleep(0.5)
+        pytest.fail(f"{url} never showed {expected}; it showed:\n{text[:3000]}")
+
+    browser = DevTools(tmp_path / "profile", 1600, 1200)
+    try:
+        page_text(browser, compare, ["toolA", "toolB", "dice_WT_case_mean"])
+        page_text(browser, run_page, ["evaluate: toolA vs toolB", "paired comparison"])
+    finally:
+        browser.close()
+        shutil.rmtree(tmp_path / "profile", ignore_errors=True)

@@ -153,7 +153,7 @@ def test_mlflow_server_serves_the_experiment_and_its_runs(mlflow_server, store):
     runs = {r["info"]["run_id"]: r for r in found["runs"]}
     assert store.run_id in runs
     run = runs[store.run_id]
-    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "unet-fold0"
+    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "train: unet, fold 0"
     metrics = {m["key"]: m for m in run["data"]["metrics"]}
     assert metrics["train_loss"]["step"] == 2
     assert metrics["train_loss"]["value"] == pytest.approx(store.history[-1]["train_loss"], rel=1e-6)
