@@ -82,12 +82,14 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "diffusion": ([D], "the demo's diffusion default"),
     "full_res": ([D, "model.denoiser.patch_size=1"], "as diffusion, s = 1 (full resolution)"),
     "refine": ([D, "model.denoiser.refine=true"], "as diffusion, with the full-resolution refiner (once per member)"),
+    "refine4": ([D, "model.denoiser.refine=true", "model.denoiser.refine_width=4"],
+                "as refine, with a refiner of width 4 (half its per-member work)"),
     "no_cross": ([D, "model.denoiser.cross_attention_levels=[]"], "as diffusion, no cross-attention"),
     "no_linear": ([D, "model.denoiser.linear_attention_levels=[]"], "as diffusion, no linear self-attention"),
     "no_prior": ([D, "model.denoiser.prior_source=none"], "as diffusion, no mask prior"),
 }  # fmt: skip
 #: compared with the reference (diffusion) on Dice and entropy AUROC
-OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "refine", "no_cross", "no_linear", "no_prior")
+OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "refine", "refine4", "no_cross", "no_linear", "no_prior")
 QUICK = dict(train_cases=6, held_out=2, seeds=[0], variants=["unet", "diffusion"],
              overrides=["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.max_val_cases=1"])
 EXPERIMENT = "medseg-diff-study"

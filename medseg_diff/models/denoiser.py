@@ -199,6 +199,7 @@ class DiffusionSegUNet(nn.Module):
         token_source: str = "features",
         token_level: int = -1,
         refine: bool = False,
+        refine_width: int | None = None,
     ):
         super().__init__()
         check_patch(patch_size)
@@ -244,7 +245,8 @@ class DiffusionSegUNet(nn.Module):
         self.mid = _Stage(channels[-1], channels[-1], (1, 1), time_dim, n - 1, opts)
         self.up = nn.ModuleList(_Stage(2 * c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
         self.upsample = nn.ModuleList(Upsample3d(b, a) for a, b in zip(channels[:-1], channels[1:]))
-        self.refiner = Refiner(in_channels, out_channels, stem_channels // 2 or 1) if refine else None
+        width = refine_width if refine_width is not None else (stem_channels // 2 or 1)
+        self.refiner = Refiner(in_channels, out_channels, width) if refine else None
         if patch_size == 1:
             self.detail = None
             self.head = nn.Sequential(

@@ -205,6 +205,18 @@ def test_the_refiner_starts_as_the_identity_and_runs_once_per_member_after_the_l
     assert not tiny().refines
 
 
+def test_the_refiner_width_is_its_own_setting_and_defaults_to_half_the_stem():
+    from medseg_diff.config import config_from_dict
+
+    assert tiny(refine=True).refiner.image.out_channels == 4  # stem_channels 8 // 2
+    net = tiny(refine=True, refine_width=2)
+    assert net.refiner.image.out_channels == 2 and net.refiner.body[1].in_channels == 2 + 3
+    cfg = config_from_dict({"model": {"kind": "diffusion", "denoiser": {"refine": True, "refine_width": 4}}})
+    assert cfg.model.denoiser.refine_width == 4
+    with pytest.raises(ConfigError, match="model.denoiser.refine_width"):
+        config_from_dict({"model": {"kind": "diffusion", "denoiser": {"refine": True, "refine_width": 0}}})
+
+
 def test_training_through_the_new_paths_reaches_every_parameter():
     net = tiny(prior_source="optional", self_condition=True, token_source="prior", token_level=0, refine=True,
                cross_attention_levels=(0, 1)).train()
