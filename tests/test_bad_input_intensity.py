@@ -386,6 +386,19 @@ def test_predict_refuses_voxels_far_coarser_than_the_models(model, tmp_path, cap
     assert "9 of every 10 slices" in line and "at most 8 times" in line
 
 
+def test_predict_refuses_a_2d_acquisition_whose_slices_are_far_coarser_than_the_models(model, tmp_path, capsys):
+    """0.7x0.7x7 mm (10:1) under a 2 mm model: slices 3.5 times the model's; 0.5x0.5x5 (10:1, 2.5x) still predicts."""
+    data = tmp_path / "data"
+    folder = write_case(data, "A3", seed=1)
+    _regrid(folder, affine=np.diag([0.7, 0.7, 7.0, 1.0]))
+    rc, err = _predict(capsys, model, data, tmp_path / "out")
+    line = _line(err, folder / "A3_t1.nii.gz")
+    assert rc == 2 and "slices 10 times thicker than the in-plane voxels" in line
+    assert "3.5 times the model's 2x2x2 mm along axis 3 (k)" in line
+    _regrid(folder, affine=np.diag([0.5, 0.5, 5.0, 1.0]))
+    assert _predict(capsys, model, data, tmp_path / "out2")[0] == 0
+
+
 def test_moderately_thick_slices_predict_with_a_warning(model, tmp_path, capsys):
     """2x2x8 mm under a 2 mm model (4x, as a 1x1x4 mm clinical scan under a 1 mm model): predicted, with a warning."""
     data = tmp_path / "data"

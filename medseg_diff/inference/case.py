@@ -51,13 +51,15 @@ SAME_IMAGE_ATOL = 1e-3
 #: itself holds scans acquired with thick (~5-6 mm) slices resampled to its 1 mm grid, which the models learnt
 #: from, so up to 8 passes (a 1x1x5 mm clinical scan under a 1 mm model is 5x: accepted, with a warning above
 #: ``WARN_COARSER``). Beyond 8 (a 1x1x10 mm scan under a 1 mm model) 7 of 8 slices would be invented: refused.
-#: This is also the anisotropy rule: on the model's grid a case is only as anisotropic as its coarsest axis is
-#: coarse (finer axes are averaged down to the model's spacing, never below it), so a 10:1 volume is refused
-#: exactly when its thick axis is > 8x the model's spacing; a 0.45x0.45x6 mm FLAIR is 13:1 in its file but 6:1
-#: on a 1 mm model's grid, and accepted.
 MAX_COARSER = 8.0
 #: Above this many times the model's voxel size along an axis a case is predicted with a warning.
 WARN_COARSER = 3.0
+#: A scan whose slices are at least this many times thicker than its in-plane voxels (a 2D acquisition, 1x1x10 mm)
+#: is refused when its slices are also more than ``WARN_COARSER`` times the model's voxel (a 1x1x10 mm scan under a
+#: 3 mm model: 70 % of the slices the model sees would be interpolated between two acquired slices 10 in-plane
+#: voxels apart). Its thin axes say what the anatomy looks like; the thick one leaves the model to guess. A
+#: 0.45x0.45x6 mm FLAIR (13:1) under a 3 mm model is 2x: accepted.
+MAX_ANISOTROPY = 10.0
 _AXES = "ijk"
 
 
@@ -213,7 +215,8 @@ def check_geometry(record: dict, spacing, case_id: str, image=None) -> None:
     * fewer than ``MIN_VOXELS`` voxels along an axis once resampled to the model's voxel size ``spacing`` (mm;
       None: the model predicts on the file's own grid);
     * a voxel more than ``MAX_COARSER`` times the model's voxel size along an axis (resampling would invent most of
-      the slices the model sees); above ``WARN_COARSER`` times, a warning.
+      the slices the model sees), or more than ``WARN_COARSER`` times in a scan at least ``MAX_ANISOTROPY``:1
+      anisotropic (a 2D acquisition); above ``WARN_COARSER`` times, a warning.
 
     ``image``: that file as ``read_image`` returned it (``check_grid`` does), so a DICOM series is not decoded twice.
     """
@@ -248,6 +251,13 @@ def check_geometry(record: dict, spacing, case_id: str, image=None) -> None:
         raise DataError(path, f"voxels of {sizes} mm are {coarse[worst]:.3g} times the model's {model} mm along "
                               f"{where}; resampling would invent {_invented(coarse[worst])} the model sees (at most "
                               f"{MAX_COARSER:g} times is accepted); use a scan with thinner slices", case=case_id)
+    anisotropy = max(zooms) / min(zooms)
+    if anisotropy >= MAX_ANISOTROPY and coarse[worst] > WARN_COARSER:
+        raise DataError(path, f"voxels of {sizes} mm: slices {anisotropy:.3g} times thicker than the in-plane voxels "
+                              f"(a 2D acquisition) and {coarse[worst]:.3g} times the model's {model} mm along {where}; "
+                              f"resampling would invent {_invented(coarse[worst])} the model sees (refused from "
+                              f"{MAX_ANISOTROPY:g}:1 with slices over {WARN_COARSER:g} times the model's); use a 3D "
+                              "acquisition or one with thinner slices", case=case_id)
     if coarse[worst] > WARN_COARSER:
         log.warning("case %s: %s: warning: voxels of %s mm are %.3g times the model's %s mm along %s; resampling "
                     "interpolates %s the model sees: expect a coarser segmentation along that axis",
