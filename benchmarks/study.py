@@ -85,6 +85,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                   "as diffusion, without the full-resolution refiner (the default before 2026-12-07)"),
     "refine": ([D, "model.denoiser.refine=true", "model.denoiser.refine_width=8"],
                "as diffusion, with a refiner of width 8 (stem_channels // 2)"),
+    "refine6": ([D, "model.denoiser.refine=true", "model.denoiser.refine_width=6"],
+                "as diffusion, with a refiner of width 6"),
     "refine4": ([D, "model.denoiser.refine=true", "model.denoiser.refine_width=4"],
                 "as diffusion, refiner of width 4 spelt out (the default since 2026-12-07)"),
     "no_cross": ([D, "model.denoiser.cross_attention_levels=[]"], "as diffusion, no cross-attention"),
@@ -92,8 +94,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "no_prior": ([D, "model.denoiser.prior_source=none"], "as diffusion, no mask prior"),
 }  # fmt: skip
 #: compared with the reference (diffusion) on Dice and entropy AUROC
-OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine4", "no_cross",
-          "no_linear", "no_prior")
+OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine6", "refine4",
+          "no_cross", "no_linear", "no_prior")
 QUICK = dict(train_cases=6, held_out=2, seeds=[0], variants=["unet", "diffusion"],
              overrides=["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.max_val_cases=1"])
 EXPERIMENT = "medseg-diff-study"
