@@ -28,6 +28,8 @@ from medseg_diff.errors import DataError
 log = logging.getLogger(__name__)
 
 FOLDER_LOCK = ".medseg-diff.lock"
+#: A lock file still empty or unreadable after this many seconds lost its writer between creating and writing it.
+UNWRITTEN_LOCK_S = 10.0
 
 
 class BusyError(DataError):
@@ -53,6 +55,13 @@ def _alive(pid: int, start: str | None) -> bool:
         pass
     now = _process_start(pid)
     return start is None or now is None or now == start
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def holder_of(lock: Path) -> dict | None:
@@ -110,17 +119,35 @@ class OutputLock:
         same_host = holder.get("host") == socket.gethostname()
         pid = holder.get("pid")
         if same_host and isinstance(pid, int) and not _alive(pid, holder.get("process_start")):
-            aside = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
-            try:
-                os.replace(self.path, aside)  # only one of several waiting runs wins this; the others retry
-            except FileNotFoundError:
-                return
-            aside.unlink(missing_ok=True)
-            log.warning("took over %s: its holder (%s) is no longer running", self.what, describe(holder))
+            if self._move_aside(holder):
+                log.warning("took over %s: its holder (%s) is no longer running", self.what, describe(holder))
+            return
+        if not holder and _age(self.path) > UNWRITTEN_LOCK_S:  # its writer died between creating and writing it
+            if self._move_aside(holder):
+                log.warning("took over %s: its lock file %s was left empty or unreadable", self.what, self.path)
             return
         hint = ("wait for it to finish, or choose another --out" if same_host else
                 f"wait for it to finish, or choose another --out; if that run is gone, delete {self.path}")
         raise BusyError(self.path.parent, f"{self.what} is being written by another run ({describe(holder)}); {hint}")
+
+    def _move_aside(self, stale: dict) -> bool:
+        """Move the stale lock out of the way; True when it was the one read as ``stale``. Of several runs that
+        found the same stale lock, one moves it; a later one may move the fresh lock the first just made, sees
+        that it is not the stale one, and links it back (``os.link`` fails rather than replace a newer lock)."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return False
+        if holder_of(aside) == stale:
+            aside.unlink(missing_ok=True)
+            return True
+        try:
+            os.link(aside, self.path)  # a live run's fresh lock: back where it was
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
 
     def release(self) -> None:
         if not self.held:

@@ -89,3 +89,14 @@ def tiny_config(manifest, output_dir, kind="diffusion", tracking_uri=None, **sec
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
     return config_from_dict(raw)
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """``medseg-diff ARGS`` as a user runs it: its exit status and everything it printed (stderr, then stdout),
+    asserting that no traceback reached the user."""
+    from medseg_diff.cli import main
+
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out, captured.err
+    return rc, captured.err + captured.out

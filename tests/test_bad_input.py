@@ -15,18 +15,10 @@ import pytest
 import torch
 import yaml
 
-from factories import save, tiny_config, write_case
+from factories import save, tiny_config, write_case, run_cli as run
 from medseg_diff.checkpoint import load_checkpoint, save_checkpoint
 from medseg_diff.cli import main
 from medseg_diff.data.manifest import build_manifest, write_manifest
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    rc = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    err = captured.err
-    assert "Traceback" not in err and "Traceback" not in captured.out, err
-    return rc, err + captured.out
 
 
 def _dataset(root: Path, n: int = 4) -> Path:
@@ -576,3 +568,22 @@ def test_of_runs_starting_together_exactly_one_gets_the_folder(tmp_path):
     assert sum(o.startswith("held") for o in outs) == 1
     assert all("being written by another run" in o for o in outs if o.startswith("refused"))
     assert not (tmp_path / "out" / ".medseg-diff.lock").exists()  # released by its holder
+
+
+def test_a_lock_its_writer_never_filled_is_taken_over_once_old(tmp_path, caplog):
+    """A run killed between creating its lock file and writing it leaves it empty: refused while it may still be
+    being written, taken over once it is older than ``UNWRITTEN_LOCK_S``."""
+    from medseg_diff.errors import DataError
+    from medseg_diff.ownership import FOLDER_LOCK, UNWRITTEN_LOCK_S, folder_lock
+
+    lock = tmp_path / "out" / FOLDER_LOCK
+    lock.parent.mkdir()
+    lock.write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match="being written by another run"):
+        folder_lock(tmp_path / "out").acquire()
+    old = lock.stat().st_mtime - 2 * UNWRITTEN_LOCK_S
+    os.utime(lock, (old, old))
+    held = folder_lock(tmp_path / "out").acquire()
+    assert any("left empty or unreadable" in r.getMessage() for r in caplog.records)
+    held.release()
+    assert not lock.exists()

@@ -19,19 +19,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from factories import REAL_DATA, save, tiny_config, write_case
-from medseg_diff.cli import main
+from factories import REAL_DATA, save, tiny_config, write_case, run_cli as run
 from medseg_diff.data.conventions import BRATS2021, MODALITIES
 from medseg_diff.data.manifest import build_manifest, write_manifest
 
 SUFFIXES = dict(zip(MODALITIES, BRATS2021.modality_suffixes))
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    rc = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err and "Traceback" not in captured.out, captured.err
-    return rc, captured.err + captured.out
 
 
 def _line(text: str, path: Path, only: bool = True) -> str:

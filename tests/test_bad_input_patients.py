@@ -16,18 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from factories import BRATS2021, MSD, save, tiny_config, write_case
-from medseg_diff.cli import main
+from factories import BRATS2021, MSD, save, tiny_config, write_case, run_cli as run
 from medseg_diff.data.manifest import build_manifest, case_id_problem, load_manifest, write_manifest
 from medseg_diff.errors import DataError
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    rc = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    err = captured.err
-    assert "Traceback" not in err and "Traceback" not in captured.out, err
-    return rc, err + captured.out
 
 
 def _error_line(text: str) -> str:

@@ -135,38 +135,51 @@ def discover(root: str | Path, convention: str | None = None, follow_symlinks: b
 
 
 def patient_conflict(cases: list[CaseFiles], root: Path, shared_folders: bool = False) -> DataError | None:
-    """The first file that makes a case more than one patient's, as a ``DataError`` naming it (None: none).
-
-    - a file that resolves into another case's folder (a folder is a case's when it is the ``folder`` of that case
-      and of no other; ``shared_folders``: no folder is, as in MSD's ``imagesTr/``);
-    - one file (after resolving symlinks) given for two keys of a case (e.g. t1 and t1ce), or used by two cases.
-    """
+    """The first file that makes a case more than one patient's (``one_patient_problems``), as a ``DataError``
+    naming it (None: none). A folder is a case's when it is the ``folder`` of that case and of no other
+    (``shared_folders``: no folder is, as in MSD's ``imagesTr/``)."""
     owners: dict[Path, set[str]] = {}
     if not shared_folders:
         for case in cases:
             if case.folder is not None and case.folder.is_dir():
                 owners.setdefault(case.folder.resolve(), set()).add(case.case_id)
+    entries = [(case.case_id, [(key, case.found.get(key, path), path.resolve()) for key, path in case.entries()])
+               for case in cases]
+    found = one_patient_problems(entries, owners, root)
+    if not found:
+        return None
+    case_id, shown, problem = found[0]
+    return DataError(shown, problem, case=case_id)
+
+
+def one_patient_problems(cases: list[tuple[str, list[tuple[str, Path, Path]]]], owners: dict[Path, set[str]],
+                         root: Path) -> list[tuple[str, Path, str]]:
+    """``(case id, file, problem)`` for every file that makes a case more than one patient's, from paths alone:
+    one file (after resolving symlinks) given for two keys of a case, a file that resolves into another case's
+    folder (``owners``: folder -> the cases whose folder it is), or one file used by two cases. ``cases``: per case,
+    ``(key, path as given, resolved path)`` of each file. The rule of ``discover`` and of ``manifest`` alike."""
+    problems: list[tuple[str, Path, str]] = []
     used: dict[Path, tuple[str, str]] = {}
-    for case in cases:
+    for case_id, files in cases:
         mine: dict[Path, str] = {}
-        for key, path in case.entries():
-            target = path.resolve()
-            shown = case.found.get(key, path)
+        for key, shown, target in files:
+            via = "" if target == shown else f" (to {target})"
             if target in mine:
-                return DataError(shown, f"{mine[target]} and {key} are the same file ({target}); each modality needs "
-                                        "its own image", case=case.case_id)
+                problems.append((case_id, shown, f"{mine[target]} and {key} are the same file{via}; each modality "
+                                                 "needs its own image"))
+                continue
             mine[target] = key
             owner = folder_owner(target, owners, root)
-            if owner is not None and owner[0] != case.case_id:
-                return DataError(shown, f"{key} resolves into case {owner[0]}'s folder {owner[1]} (to {target}); one "
-                                        f"case is one patient: give {case.case_id} its own {key}", case=case.case_id)
-            if target in used and used[target][0] != case.case_id:
+            if owner is not None and owner[0] != case_id:
+                problems.append((case_id, shown, f"{key} resolves into case {owner[0]}'s folder {owner[1]} (to "
+                                                 f"{target}); one case is one patient: give {case_id} its own {key}"))
+            elif target in used and used[target][0] != case_id:
                 other, other_key = used[target]
-                return DataError(shown, f"{key} is the same file as case {other}'s {other_key} ({target}); one file "
-                                        "cannot be two patients' image", case=case.case_id)
+                problems.append((case_id, shown, f"{key} is the same file as case {other}'s {other_key}{via}; one "
+                                                 "file cannot be two patients' image"))
         for target, key in mine.items():
-            used.setdefault(target, (case.case_id, key))
-    return None
+            used.setdefault(target, (case_id, key))
+    return problems
 
 
 def folder_owner(target: Path, owners: dict[Path, set[str]], root: Path) -> tuple[str, Path] | None:
@@ -207,10 +220,15 @@ def _identical_images(case: CaseFiles) -> DataError | None:
 
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
+    hash_into(digest, path)
+    return digest.hexdigest()
+
+
+def hash_into(digest, path: Path) -> None:
+    """Feed the bytes of ``path`` to ``digest``, a MiB at a time (``manifest.sha256_file`` uses it too)."""
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Walk:

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from medseg_diff.data.conventions import MODALITIES, get_convention
 from medseg_diff.data.discovery import (CASE_ID_PATTERN, MAX_CASE_ID_LENGTH, CaseFiles, case_id_problem, discover,
-                                        folder_owner)
+                                        hash_into, one_patient_problems)
 from medseg_diff.errors import ManifestError
 
 __all__ = ["CASE_ID_PATTERN", "MAX_CASE_ID_LENGTH", "Manifest", "ManifestCase", "build_manifest", "case_id_problem",
@@ -35,7 +35,6 @@ __all__ = ["CASE_ID_PATTERN", "MAX_CASE_ID_LENGTH", "Manifest", "ManifestCase", 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-_CHUNK = 1 << 20
 IMAGE_LAYOUTS = ("separate", "4d")
 SUBSETS = ("train", "test", "unlabelled")
 
@@ -118,9 +117,7 @@ def sha256_file(path: Path) -> str:
             digest.update(str(f.relative_to(path)).encode())
         elif series:
             digest.update(str(f.relative_to(path.parent)).encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
+        hash_into(digest, f)
     return digest.hexdigest()
 
 
@@ -202,42 +199,22 @@ def identity_problems(manifest: Manifest) -> list[tuple[str, str, str]]:
     """
     resolved = {rel: _resolve(manifest.path_of(rel)) for case in manifest.cases for rel in _entries(case).values()}
     owners = _folder_owners(manifest, resolved) if manifest.image_layout == "separate" else {}
-    root = manifest.root.resolve()
-    problems: list[tuple[str, str, str]] = []
-    used: dict[Path, tuple[str, str]] = {}
-    for case in manifest.cases:
-        mine: dict[Path, str] = {}
-        local_shas: dict[str, str] = {}
-        for key, rel in _entries(case).items():
-            path, target = manifest.path_of(rel), resolved[rel]
-            via = "" if target == path else f" (to {target})"
-            if target in mine:
-                problems.append((case.id, str(path), f"{mine[target]} and {key} are the same file{via}; each "
-                                                     "modality needs its own image"))
+    entries = [(case.id, [(key, manifest.path_of(rel), resolved[rel]) for key, rel in _entries(case).items()])
+               for case in manifest.cases]
+    problems = [(case_id, str(path), problem)
+                for case_id, path, problem in one_patient_problems(entries, owners, manifest.root.resolve())]
+    for case in manifest.cases:  # a modality copied over another: equal recorded SHA-256
+        first: dict[str, str] = {}
+        for key, rel in case.images.items():
+            sha = case.sha256.get(rel)
+            if not sha:
                 continue
-            mine[target] = key
-            owner = folder_owner(target, owners, root)
-            if owner is not None and owner[0] != case.id:
-                problems.append((case.id, str(path), f"{key} resolves into case {owner[0]}'s folder {owner[1]} (to "
-                                                     f"{target}); one case is one patient: give {case.id} its own "
-                                                     f"{key}"))
-            elif target in used and used[target][0] != case.id:
-                other, other_key = used[target]
-                problems.append((case.id, str(path), f"{key} is the same file as case {other}'s {other_key}{via}; one "
-                                                     "file cannot be two patients' image"))
-            if key == "label" or not case.sha256.get(rel):
-                continue
-            sha = case.sha256[rel]
-            if sha in local_shas:
-                other_key = local_shas[sha]
-                problems.append((case.id, str(path), f"{key} has the same content as {other_key} "
-                                                     f"({manifest.path_of(case.images[other_key])}): identical bytes "
-                                                     "(equal SHA-256), a modality copied over another; each modality "
-                                                     "needs its own image"))
-                continue
-            local_shas[sha] = key
-        for target, key in mine.items():
-            used.setdefault(target, (case.id, key))
+            if sha in first and resolved[rel] != resolved[case.images[first[sha]]]:  # the same file: reported above
+                problems.append((case.id, str(manifest.path_of(rel)),
+                                 f"{key} has the same content as {first[sha]} "
+                                 f"({manifest.path_of(case.images[first[sha]])}): identical bytes (equal SHA-256), a "
+                                 "modality copied over another; each modality needs its own image"))
+            first.setdefault(sha, key)
     return problems
 
 
