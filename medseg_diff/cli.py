@@ -116,6 +116,9 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", type=Path, default=None, help="manifest path (default OUT/manifest.json)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--test-fraction", type=_fraction, default=0.2)
+    p.add_argument("--timepoints", type=_positive_int, default=1,
+                   help="scans per patient (> 1 needs --layout brats2023: CASE-000, CASE-001, ...; --cases counts "
+                        "patients); the split keeps a patient's scans together")
 
 
 @command("synth", "write synthetic BraTS-like phantoms (MNI152 anatomy + grown tumour) and their manifest")(add_synth_args)
@@ -125,9 +128,13 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise DataError(args.out, "is a file" if not args.out.is_dir() else
                         "already holds files; synthesise into a new or empty folder (nothing was overwritten)")
+    if args.timepoints > 1 and args.layout != "brats2023":
+        raise DataError(args.out, f"--timepoints {args.timepoints} needs --layout brats2023 (its case ids carry the "
+                                  f"timepoint: BraTS-SYN-00000-000, -001); {args.layout} has one scan per patient")
     folders, path = synthesize_dataset(args.out, args.cases, args.spacing, args.seed, args.layout, args.workers,
-                                       args.manifest, args.folds, args.test_fraction)
-    print(f"wrote {len(folders)} cases to {args.out} and manifest {path}")
+                                       args.manifest, args.folds, args.test_fraction, timepoints=args.timepoints)
+    per = f" ({args.cases} patients x {args.timepoints} timepoints)" if args.timepoints > 1 else ""
+    print(f"wrote {len(folders)} cases{per} to {args.out} and manifest {path}")
     return 0
 
 
@@ -145,6 +152,10 @@ def add_manifest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--follow-symlinks", action="store_true",
                    help="accept symlinks that resolve outside the data folder (refused by default)")
+    p.add_argument("--patients", type=Path, default=None, metavar="FILE",
+                   help="who each case's patient is, for the per-patient split: a CSV with a case_id,patient_id "
+                        "header or a JSON object {case id: patient id}, naming every case (default: the case id; "
+                        "BraTS 2023+: the id without its timepoint, BraTS-GLI-00001-001 -> BraTS-GLI-00001)")
 
 
 @command("manifest", "build a manifest (paths, SHA-256, convention, splits) of a data set folder")(add_manifest_args)
@@ -152,9 +163,10 @@ def run_manifest(args: argparse.Namespace) -> int:
     from medseg_diff.stages.data import dataset_manifest
 
     manifest, path = dataset_manifest(args.root, args.out, args.name, args.convention, args.folds,
-                                      args.test_fraction, args.seed, args.follow_symlinks)
+                                      args.test_fraction, args.seed, args.follow_symlinks, patients=args.patients)
     subsets = {s: sum(c.subset == s for c in manifest.cases) for s in ("train", "test", "unlabelled")}
-    print(f"{manifest.name}: {len(manifest.cases)} cases, convention {manifest.convention}, "
+    patients = len({c.patient for c in manifest.cases})
+    print(f"{manifest.name}: {len(manifest.cases)} cases of {patients} patients, convention {manifest.convention}, "
           f"{manifest.folds} folds; train {subsets['train']}, test {subsets['test']}, "
           f"unlabelled {subsets['unlabelled']} -> {path}")
     return 0

@@ -16,6 +16,11 @@ case whose voxels are identical though their bytes differ (a re-saved copy); in 
 channels. An image identical to another case's image (same SHA-256, or same voxels) is a warning naming the pair
 (``duplicate_images``): one patient in two cases, or two patients mixed.
 
+One patient, one side of every split: a patient whose (labelled) cases are in two subsets or two folds
+(``manifest.split_problems``) is an error of the later case, naming the patient and both cases. ``load_manifest``
+refuses such a manifest already, so ``medseg-diff check`` reports it as the manifest's error (status 2);
+``check_manifest`` reports it too for a ``Manifest`` built or edited in memory.
+
 Warnings do not fail a case: a modality whose background (the volume's border) is a constant offset > 0
 (``background_offset``) breaks "brain = any modality > 0" masks, so it is reported with the fix.
 
@@ -34,7 +39,8 @@ import numpy as np
 
 from medseg_diff.data.conventions import get_convention
 from medseg_diff.data.io import read_array
-from medseg_diff.data.manifest import Manifest, ManifestCase, duplicate_images, identity_problems, sha256_file
+from medseg_diff.data.manifest import (Manifest, ManifestCase, duplicate_images, identity_problems, sha256_file,
+                                       split_problems)
 from medseg_diff.errors import DataError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -78,12 +84,15 @@ def check_manifest(
     Returns the errors only (empty: every case is usable); ``on_case`` gets each case's errors. Warnings go
     to ``on_warning`` (default: logged on the ``medseg_diff.data.check`` logger, i.e. stderr in the CLI).
     Files that make a case more than one patient's (``identity_problems``) are errors of the later case, naming
-    the earlier file; images equal to an earlier case's (same SHA-256, or same voxels) are warnings naming the pair.
+    the earlier file, and so is a patient in two subsets or folds (``split_problems``); images equal to an earlier
+    case's (same SHA-256, or same voxels) are warnings naming the pair.
     """
     warn = on_warning or _log_warning
     identity: dict[str, list[Problem]] = {}
     for case_id, file, message in identity_problems(manifest):
         identity.setdefault(case_id, []).append(Problem(case_id, file, message))
+    for case_id, message in split_problems(manifest):
+        identity.setdefault(case_id, []).append(Problem(case_id, str(manifest.source or "manifest"), message))
     for case_id, file, message in duplicate_images(manifest):
         warn(Problem(case_id, file, message, severity="warning"))
     seen: dict[str, tuple[str, str, Path, str | None]] = {}  # voxel digest -> (case, modality, file, SHA-256)

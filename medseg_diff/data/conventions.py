@@ -8,10 +8,15 @@
 
 Regions (BraTS evaluation): WT = every tumour label, TC = NCR (or MSD's non-enhancing) ∪ ET, ET.
 Channel order of every region tensor in this package: ``REGIONS = ("TC", "WT", "ET")``.
+
+Patients (``LabelConvention.patient_id``): a BraTS 2023+ case id carries a timepoint, ``BraTS-GLI-00001-000`` and
+``BraTS-GLI-00001-001`` are two scans of patient ``BraTS-GLI-00001``; in the other conventions (and for ids not of
+that form) a case is its own patient. Splits keep a patient's cases together (``data.manifest``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +43,16 @@ class LabelConvention:
     modality_suffixes: tuple[str, ...]
     seg_suffix: str
     separator: str
+    #: case ids of one patient's scans: a regular expression whose group ``patient`` is the patient id (None: every
+    #: case is its own patient)
+    patient_pattern: str | None = None
+
+    def patient_id(self, case_id: str) -> str:
+        """The patient a case id belongs to by this convention's naming: ``BraTS-GLI-00001-001`` ->
+        ``BraTS-GLI-00001`` in BraTS 2023+; the case id itself when the convention has no timepoints or the id does
+        not follow them."""
+        match = re.fullmatch(self.patient_pattern, case_id) if self.patient_pattern else None
+        return match.group("patient") if match else case_id
 
     @property
     def labels(self) -> tuple[int, ...]:
@@ -92,6 +107,8 @@ BRATS2023 = LabelConvention(
     modality_suffixes=("t1n", "t1c", "t2w", "t2f"),
     seg_suffix="seg",
     separator="-",
+    # BraTS-<task>-<patient number>-<timepoint>: BraTS-GLI-00001-000, BraTS-MET-00110-001, BraTS-GLI-02073-100
+    patient_pattern=r"(?P<patient>[Bb][Rr][Aa][Tt][Ss]-[A-Za-z]+-[0-9]+)-[0-9]{3}",
 )
 MSD = LabelConvention(
     name="msd",

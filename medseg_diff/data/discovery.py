@@ -16,6 +16,9 @@ One case is one patient (``discover`` refuses the rest, naming the files): no fi
 case's folder (a symlink ``C1/C1_t2.nii.gz -> ../C2/C2_t2.nii.gz``), one file is not two modalities of a case or a
 file of two cases, and no two images of a case are byte-identical (a modality copied over another). Case ids are
 usable as file names (``case_id_problem``).
+
+A patient may have several cases (``patient_of``): the timepoints of a BraTS 2023+ id (the convention's rule), the
+studies of one DICOM PatientID; a manifest keeps a patient's cases in one subset and fold.
 """
 
 from __future__ import annotations
@@ -82,6 +85,18 @@ class CaseFiles:
     def entries(self) -> list[tuple[str, Path]]:
         """``(key, path)`` of every file: the images, then ``("label", label)``."""
         return list(self.images.items()) + ([("label", self.label)] if self.label else [])
+
+
+def patient_of(case: CaseFiles, convention: LabelConvention) -> str:
+    """The patient id of ``case``: a DICOM study's PatientID (made file-name safe, as in its case id
+    ``PATIENT_DATE_HASH``; the case id when the study has none), else the convention's rule
+    (``LabelConvention.patient_id``: ``BraTS-GLI-00001-001`` -> ``BraTS-GLI-00001``; other ids: the case id)."""
+    if case.dicom is not None:
+        patient = case.case_id.split("_", 1)[0]  # the PatientID part of PATIENT_DATE_HASH (it holds no "_")
+        if not case.dicom.patient_id.strip() or patient == "anonymous":
+            return case.case_id  # a study without a PatientID: no evidence that two are one patient
+        return patient
+    return convention.patient_id(case.case_id)
 
 
 def discover(root: str | Path, convention: str | None = None, follow_symlinks: bool = False,

@@ -10,6 +10,11 @@ case's files come from one folder; files and folders that are symlinks leaving t
 with ``follow_symlinks``. One case is one patient (``identity_problems``): no file of a case lies in another case's
 folder or is another case's file, no file is two modalities, and no two images have the same SHA-256. A loaded
 manifest is validated as data: every key's type and value, named by its key path (``cases[2].subset``).
+
+A patient may have several cases (``ManifestCase.patient``: the timepoints of a BraTS 2023+ id, or a mapping file's
+``--patients``); splits are per patient (``data.patients.grouped_splits``), and a manifest in which one patient is
+in two subsets or folds is refused when loaded (``split_problems``). A manifest without ``patient`` keys (written
+before they existed) loads with the convention's patient of each case id.
 """
 
 from __future__ import annotations
@@ -18,19 +23,21 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from medseg_diff.data.conventions import MODALITIES, get_convention
 from medseg_diff.data.discovery import (CASE_ID_PATTERN, MAX_CASE_ID_LENGTH, CaseFiles, case_id_problem, discover,
-                                        hash_into, one_patient_problems)
+                                        hash_into, one_patient_problems, patient_of)
+from medseg_diff.data.patients import grouped_splits, patient_id_problem, read_patient_map, split_leaks
 from medseg_diff.errors import ManifestError
 
 __all__ = ["CASE_ID_PATTERN", "MAX_CASE_ID_LENGTH", "Manifest", "ManifestCase", "build_manifest", "case_id_problem",
-           "duplicate_images", "identity_problems", "load_manifest", "safe_relative", "sha256_file", "write_manifest"]
+           "duplicate_images", "identity_problems", "load_manifest", "safe_relative", "sha256_file", "split_problems",
+           "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,11 @@ class ManifestCase:
     sha256: dict[str, str]
     fold: int | None = None  # cross-validation fold, None for test / unlabelled cases
     subset: str = "train"  # "train" (in the folds), "test" (held out) or "unlabelled"
+    patient: str | None = None  # the patient whose scan this is; None: the case id (a patient with one case)
+
+    def __post_init__(self) -> None:
+        if self.patient is None:
+            self.patient = self.id
 
 
 @dataclass
@@ -91,11 +103,15 @@ class Manifest:
 
     def content_hash(self) -> str:
         """SHA-256 over the sorted (case, subset, fold, path, checksum) entries: identifies the data **and its
-        split** (moving a test case into training changes it), not the JSON formatting."""
+        split** (moving a test case into training changes it), not the JSON formatting. A case's patient is part of
+        it when it is not the one its id implies (the convention's ``patient_id``: the case id, or the id without its
+        BraTS 2023 timepoint), so manifests written before patients were recorded keep their hash."""
+        conv = get_convention(self.convention)
         digest = hashlib.sha256()
         for case in sorted(self.cases, key=lambda c: c.id):
+            patient = "" if case.patient == conv.patient_id(case.id) else f"\tpatient={case.patient}"
             for rel, sha in sorted(case.sha256.items()):
-                digest.update(f"{case.id}\t{case.subset}\t{case.fold}\t{rel}\t{sha}\n".encode())
+                digest.update(f"{case.id}\t{case.subset}\t{case.fold}\t{rel}\t{sha}{patient}\n".encode())
         return digest.hexdigest()
 
 
@@ -147,12 +163,16 @@ def build_manifest(
     test_fraction: float = 0.0,
     seed: int = 0,
     follow_symlinks: bool = False,
+    patients: str | Path | None = None,
 ) -> Manifest:
-    """Discover the cases under ``root``, checksum every file and assign splits.
+    """Discover the cases under ``root``, checksum every file and assign splits per patient.
 
-    Labelled cases are shuffled with ``seed``; ``test_fraction`` of them are held out as "test", the
-    rest are dealt round-robin into ``folds`` folds (``folds`` < 2: no folds). Cases without a label
-    are "unlabelled" (prediction only).
+    Each case's patient is ``discovery.patient_of`` (a BraTS 2023+ id without its timepoint, a DICOM PatientID, else
+    the case id), or what the mapping file ``patients`` says (``data.patients.read_patient_map``: a CSV
+    ``case_id,patient_id`` or a JSON object naming every case; refused naming the file and the line otherwise).
+    Labelled patients are shuffled with ``seed``; ``test_fraction`` of the labelled cases are held out as "test",
+    whole patients, and the other patients are dealt into ``folds`` folds of balanced case counts (``folds`` < 2: no
+    folds): ``data.patients.grouped_splits``. Cases without a label are "unlabelled" (prediction only).
 
     Refused (``DataError``/``ManifestError`` naming the folder): a case id in two folders, a case id that
     cannot be a file name (``case_id_problem``), ids equal but for letter case, a case missing a modality,
@@ -167,7 +187,8 @@ def build_manifest(
     # ids are checked here (ManifestError, also letter-case twins); contents by their SHA-256, computed anyway
     conv, found = discover(root, convention, follow_symlinks=follow_symlinks, check_ids=False, compare_content=False)
     _check_ids([(c.case_id, c.folder or root) for c in found], None)
-    cases = [_manifest_case(c, root) for c in found]
+    mapping = read_patient_map(patients, [c.case_id for c in found]) if patients is not None else {}
+    cases = [_manifest_case(c, root, mapping.get(c.case_id) or patient_of(c, conv)) for c in found]
     _assign_splits(cases, folds, test_fraction, seed)
     manifest = Manifest(
         name=name or root.name,
@@ -279,7 +300,7 @@ def _check_ids(ids: list[tuple[str, Path | str | None]], source: Path | None) ->
         seen[key] = (case_id, where)
 
 
-def _manifest_case(case: CaseFiles, root: Path) -> ManifestCase:
+def _manifest_case(case: CaseFiles, root: Path, patient: str) -> ManifestCase:
     if case.missing:
         present = ", ".join(case.images) or "none"
         raise ManifestError(
@@ -296,17 +317,23 @@ def _manifest_case(case: CaseFiles, root: Path) -> ManifestCase:
         label=label,
         sha256={f: sha256_file(root / f) for f in files},
         subset="train" if label else "unlabelled",
+        patient=patient,
     )
 
 
 def _assign_splits(cases: list[ManifestCase], folds: int, test_fraction: float, seed: int) -> None:
-    labelled = sorted((c for c in cases if c.label), key=lambda c: c.id)
-    random.Random(seed).shuffle(labelled)
-    n_test = int(round(test_fraction * len(labelled)))
-    for case in labelled[:n_test]:
-        case.subset, case.fold = "test", None
-    for i, case in enumerate(labelled[n_test:]):
-        case.subset, case.fold = "train", (i % folds if folds >= 2 else None)
+    """Subset and fold of every labelled case, a patient's cases together (``data.patients.grouped_splits``)."""
+    split = grouped_splits([(c.id, c.patient) for c in cases if c.label], folds, test_fraction, seed)
+    for case in cases:
+        if case.id in split:
+            case.subset, case.fold = split[case.id]
+
+
+def split_problems(manifest: Manifest) -> list[tuple[str, str]]:
+    """``(case id, problem)`` for every case whose patient has an earlier case in another subset or fold (a model
+    would be validated or tested on a patient it was trained on); unlabelled cases are not part of the rule
+    (``data.patients.split_leaks``)."""
+    return split_leaks((c.id, c.patient, c.subset, c.fold) for c in manifest.cases)
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
@@ -350,7 +377,9 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     ``splits.folds`` an integer, ...); ``convention`` known; ``image_layout`` and ``modalities`` the pipeline's;
     ``subset`` one of ``SUBSETS``; ``fold`` an integer in 0..folds-1 for a train case when there are folds, else
     null; paths relative and inside the root; case ids unique and usable as file names; every case one patient
-    (``identity_problems`` but across cases: paths and checksums only, no image is read).
+    (``identity_problems`` but across cases: paths and checksums only, no image is read); ``patient`` a usable
+    name (absent: the convention's patient of the case id, ``LabelConvention.patient_id``), and no patient in two
+    subsets or folds (``split_problems``, naming the patient and both cases).
     """
     path = Path(path)
     try:
@@ -388,7 +417,8 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         name=name,
         convention=convention,
         root=base,
-        cases=[_load_case(c, i, base, path, folds) for i, c in enumerate(cases_doc)],
+        cases=[_load_case(c, i, base, path, folds, get_convention(convention).patient_id)
+               for i, c in enumerate(cases_doc)],
         modalities=tuple(modalities),
         image_layout=image_layout,
         folds=folds,
@@ -400,10 +430,13 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     _check_ids([(c.id, path) for c in manifest.cases], path)
     for case_id, file, problem in identity_problems(manifest):
         raise ManifestError(path, f"{file}: {problem}", case=case_id)
+    for _, problem in split_problems(manifest):
+        raise ManifestError(path, problem)
     return manifest
 
 
-def _load_case(doc: object, index: int, root: Path, source: Path, folds: int) -> ManifestCase:
+def _load_case(doc: object, index: int, root: Path, source: Path, folds: int,
+               patient_of_id: Callable[[str], str]) -> ManifestCase:
     """One entry of ``cases``, validated (every fault named by its key path, e.g. ``cases[2].fold``)."""
     where = f"cases[{index}]"
     if not isinstance(doc, dict):
@@ -439,6 +472,11 @@ def _load_case(doc: object, index: int, root: Path, source: Path, folds: int) ->
         why = (f"only train cases are in folds, this is a {subset} case" if subset != "train"
                else f"splits.folds is {folds} (no cross-validation folds)")
         raise ManifestError(source, f"{where}.fold: {fold} given but {why}; use null", case=case)
+    patient = get("patient", (str, type(None)), "a patient id string or null", default=None)
+    if patient is None:  # written before patients were recorded (or null): the patient its id implies
+        patient = patient_of_id(case_id)
+    elif patient_id_problem(patient):
+        raise ManifestError(source, f"{where}.patient: {patient_id_problem(patient)}", case=case)
     return ManifestCase(
         id=case_id,
         images={k: relative(v, f"images.{k}") for k, v in images.items()},
@@ -446,6 +484,7 @@ def _load_case(doc: object, index: int, root: Path, source: Path, folds: int) ->
         sha256={relative(k, "sha256"): v for k, v in sha256.items()},
         fold=fold,
         subset=subset,
+        patient=patient,
     )
 
 

@@ -12,20 +12,23 @@ from medseg_diff.data.synth import synthesize
 
 def synthesize_dataset(out: Path, cases: int, spacing: float, seed: int, layout: str, workers: int,
                        manifest: Path | None, folds: int, test_fraction: float,
-                       progress: bool = True) -> tuple[list[Path], Path]:
-    """Phantoms into ``out`` and their manifest (default ``out/manifest.json``): ``(case folders, manifest)``."""
+                       progress: bool = True, timepoints: int = 1) -> tuple[list[Path], Path]:
+    """Phantoms into ``out`` (``cases`` patients, ``timepoints`` scans each) and their manifest (default
+    ``out/manifest.json``, split per patient): ``(case folders, manifest)``."""
     folders = synthesize(out, cases=cases, spacing=spacing, seed=seed, layout=layout, workers=workers,
-                         progress=progress)
+                         progress=progress, timepoints=timepoints)
     built = build_manifest(out, name=out.name, convention=layout, folds=folds, test_fraction=test_fraction,
                            seed=seed)
     return folders, write_manifest(built, manifest or out / "manifest.json")
 
 
 def dataset_manifest(root: Path, out: Path, name: str | None, convention: str | None, folds: int,
-                     test_fraction: float, seed: int, follow_symlinks: bool = False) -> tuple[Manifest, Path]:
-    """The manifest of a data set folder, written to ``out``: ``(manifest, its path)``."""
+                     test_fraction: float, seed: int, follow_symlinks: bool = False,
+                     patients: Path | None = None) -> tuple[Manifest, Path]:
+    """The manifest of a data set folder, written to ``out``: ``(manifest, its path)``; ``patients``: a mapping file
+    (case id -> patient id) that overrides the patients the case ids imply."""
     manifest = build_manifest(root, name=name, convention=convention, folds=folds, test_fraction=test_fraction,
-                              seed=seed, follow_symlinks=follow_symlinks)
+                              seed=seed, follow_symlinks=follow_symlinks, patients=patients)
     return manifest, write_manifest(manifest, out)
 
 

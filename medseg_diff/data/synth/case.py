@@ -1,4 +1,10 @@
-"""One phantom case in memory: anatomy warped per case, a tumour grown in it, four modalities rendered."""
+"""One phantom case in memory: anatomy warped per case, a tumour grown in it, four modalities rendered.
+
+A patient ``index`` may be scanned several times (``timepoint`` 0, 1, ...): every scan has the patient's anatomy
+(the same deformation and scale) and tumour (same place and shape), and each follow-up adds a new head position in
+the scanner, a tumour grown or shrunk a little from the scan before, and a new session's contrast, bias field and
+noise. Timepoint 0 is the case as drawn before timepoints existed, bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ import numpy as np
 from medseg_diff.data.conventions import MODALITIES
 from medseg_diff.data.synth.anatomy import Anatomy, load_anatomy, sample, sample_tissue, template_resolution
 from medseg_diff.data.synth.contrast import Tissue, draw_appearance, render_modality
-from medseg_diff.data.synth.geometry import OutputGrid, output_grid, random_warp, warp_grid
-from medseg_diff.data.synth.tumour import Tumour, draw_tumour, grow_tumour, keep_connected
+from medseg_diff.data.synth.geometry import OutputGrid, output_grid, random_warp, reposition, warp_grid
+from medseg_diff.data.synth.tumour import Tumour, draw_tumour, evolve_tumour, grow_tumour, keep_connected
 
 
 @dataclass(frozen=True)
@@ -33,20 +39,36 @@ def case_rngs(seed: int, index: int) -> dict[str, np.random.Generator]:
     return {name: np.random.default_rng(child) for name, child in zip(names, children)}
 
 
-def make_case(seed: int, index: int, spacing: float, anatomy: Anatomy | None = None) -> SynthCase:
-    """Draw and render case ``index`` of the phantom set ``seed`` at ``spacing`` mm.
+def follow_up_rngs(seed: int, index: int, timepoint: int) -> dict[str, np.random.Generator]:
+    """Independent generators of what changes at scan ``timepoint`` (≥ 1) of patient ``index``: head position,
+    tumour change, the session's appearance and noise; they depend on (seed, index, timepoint) only."""
+    names = ("pose", "change", "appearance", "noise")
+    children = np.random.SeedSequence([seed, index, timepoint]).spawn(len(names))
+    return {name: np.random.default_rng(child) for name, child in zip(names, children)}
 
-    Steps: 1. random pose + smooth deformation (output voxel → template point q); 2. tumour;
-    3. mass effect near the tumour; 4. healthy tissue at the displaced points; 5. tumour labels;
-    6. the four modalities with their artefacts.
+
+def make_case(seed: int, index: int, spacing: float, anatomy: Anatomy | None = None, timepoint: int = 0) -> SynthCase:
+    """Draw and render scan ``timepoint`` of patient ``index`` of the phantom set ``seed`` at ``spacing`` mm.
+
+    Steps: 1. random pose + smooth deformation (output voxel → template point q), a follow-up placed anew;
+    2. tumour, a follow-up's changed scan by scan; 3. mass effect near the tumour; 4. healthy tissue at the displaced
+    points; 5. tumour labels; 6. the four modalities with their artefacts.
     """
+    if timepoint < 0:
+        raise ValueError(f"timepoint must be >= 0, got {timepoint}")
     rngs = case_rngs(seed, index)
     anatomy = anatomy if anatomy is not None else load_anatomy(template_resolution(spacing))
     grid = output_grid(spacing)
+    # 1-2. the patient's pose, deformation and tumour; a follow-up: tumour changed scan by scan, head placed anew
+    warp, tumour = random_warp(rngs["warp"]), draw_tumour(rngs["tumour"], anatomy)
+    for scan in range(1, timepoint + 1):
+        later = follow_up_rngs(seed, index, scan)
+        tumour = evolve_tumour(tumour, later["change"])
+        if scan == timepoint:
+            warp = reposition(warp, later["pose"])
+            rngs = {**rngs, "appearance": later["appearance"], "noise": later["noise"]}
     # 1. case space → tumour-bearing template space, [3, N]
-    q = warp_grid(grid, random_warp(rngs["warp"])).reshape(3, -1)
-    # 2. tumour (in template space)
-    tumour = draw_tumour(rngs["tumour"], anatomy)
+    q = warp_grid(grid, warp).reshape(3, -1)
     # 3. mass effect, only where it is not negligible
     near = _points_within(q, tumour.centre, tumour.reach_mm())
     q_near = q[:, near]

@@ -13,7 +13,7 @@ tumour centre). The tumour itself is drawn in ``q`` coordinates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -79,6 +79,15 @@ def random_warp(
     shift = rng.uniform(-max_shift_mm, max_shift_mm, size=3)
     displacement = np.stack([random_cosine_coefficients(rng, 4, displacement_rms_mm, False) for _ in range(3)])
     return CaseWarp(rotation=rotation, scale=scale, shift_mm=shift, displacement=displacement)
+
+
+def reposition(warp: CaseWarp, rng: np.random.Generator, max_angle_deg: float = 3.0,
+               max_shift_mm: float = 4.0) -> CaseWarp:
+    """The same head placed anew in the scanner (a follow-up scan): a small extra rotation (each axis ±max_angle)
+    and shift; scale and deformation, i.e. the patient's anatomy, are kept."""
+    extra = rotation_matrix(np.deg2rad(rng.uniform(-max_angle_deg, max_angle_deg, size=3)))
+    shift = warp.shift_mm + rng.uniform(-max_shift_mm, max_shift_mm, size=3)
+    return replace(warp, rotation=extra @ warp.rotation, shift_mm=shift)
 
 
 def warp_grid(grid: OutputGrid, warp: CaseWarp) -> np.ndarray:

@@ -139,6 +139,25 @@ def _draw_sizes(rng: np.random.Generator, kind: str, composition: str) -> tuple[
     return float(core), float(rim), float(edema), float(enhancement), float(coverage), composition
 
 
+def evolve_tumour(tumour: Tumour, rng: np.random.Generator) -> Tumour:
+    """The same tumour at a later scan: core and edema grown or shrunk a little (radius × 0.85–1.25 and × 0.85–1.3:
+    progression or response), mass effect following the size, enhancement ±3 %. Place, shape, composition and noise
+    fields are kept, so the follow-up is recognisably the same lesion.
+
+    The noise fields cover the baseline's reach only; beyond it they are 0, where (for growth ≤ 1.25 and the noise
+    amplitudes drawn) the level sets are already outside the lesion.
+    """
+    core_growth, edema_growth = rng.uniform(0.85, 1.25), rng.uniform(0.85, 1.3)
+    core, edema = tumour.core_radius_mm * core_growth, tumour.edema_radius_mm * edema_growth
+    size_before = tumour.core_radius_mm + 0.3 * tumour.edema_radius_mm
+    size = core + 0.3 * edema
+    strength = tumour.mass.strength * min(1.0, size / 25.0) / min(1.0, size_before / 25.0)
+    mass = MassEffect(centre=tumour.centre, strength=float(min(strength, 0.7)), sigma_mm=size)
+    enhancement = max(1.0, tumour.enhancement * float(np.exp(rng.normal(0.0, 0.03))))
+    return replace(tumour, core_radius_mm=float(core), edema_radius_mm=float(edema), mass=mass,
+                   enhancement=enhancement)
+
+
 def grow_tumour(tumour: Tumour, q: np.ndarray, wm: np.ndarray, csf: np.ndarray, brain: np.ndarray) -> TumourMap:
     """Labels at tumour-bearing template points ``q`` ``[3, P]`` given the (mass-displaced) tissue there.
 

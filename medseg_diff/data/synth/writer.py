@@ -26,10 +26,13 @@ def layout_convention(layout: str) -> LabelConvention:
         raise ValueError(f"unknown synth layout {layout!r}; choose one of: {', '.join(LAYOUTS)}") from None
 
 
-def case_id(layout: str, index: int) -> str:
-    """Case folder name: ``BraTS2021_Synth_00007`` or ``BraTS-SYN-00007-000``."""
+def case_id(layout: str, index: int, timepoint: int = 0) -> str:
+    """Case folder name of patient ``index``'s scan ``timepoint``: ``BraTS2021_Synth_00007`` (one scan per patient),
+    or ``BraTS-SYN-00007-000``, ``BraTS-SYN-00007-001``, ... (BraTS 2023+: the id carries the timepoint)."""
     if layout == "brats2023":
-        return f"BraTS-SYN-{index:05d}-000"
+        return f"BraTS-SYN-{index:05d}-{timepoint:03d}"
+    if timepoint:
+        raise ValueError(f"layout {layout!r} has no timepoints in its case ids; use brats2023")
     return f"BraTS2021_Synth_{index:05d}"
 
 
