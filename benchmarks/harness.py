@@ -445,7 +445,7 @@ def scored_rows(label: str, pred, conv: LabelConvention) -> list[dict]:
     """Rows ``{case, model=label, region, dice, ..., uncertainty_auroc, ece, seconds}`` of one ``CasePrediction``
     (``inference.case.predict_case``), scored by ``evaluation.run.score_case`` on the original grid."""
     from medseg_diff.evaluation.metrics import metric_rows
-    from medseg_diff.evaluation.run import score_case
+    from medseg_diff.evaluation.scoring import score_case
     from medseg_diff.evaluation.sources import ScoredInputs
 
     inputs = ScoredInputs(pred.case_id, pred.labels, pred.ground_truth, pred.spacing, Path(), probs=pred.probs,

@@ -63,7 +63,8 @@ from medseg_diff.data.conventions import LabelConvention, get_convention
 from medseg_diff.data.dataset import case_record
 from medseg_diff.data.manifest import load_manifest
 from medseg_diff.errors import ConfigError, DataError
-from medseg_diff.evaluation.run import select_cases, uncertainty_quality
+from medseg_diff.evaluation.run import select_cases
+from medseg_diff.evaluation.scoring import uncertainty_quality
 from medseg_diff.evaluation.tables import write_per_case_csv
 from medseg_diff.kinds import build_kind, build_network
 from medseg_diff.kinds.unet import UNetKind

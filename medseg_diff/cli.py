@@ -267,6 +267,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="sliding-window overlap in [0, 1) (default: the training config's infer.overlap)")
     add_postprocess_args(p)
     p.add_argument("--export-cases", type=int, default=2, help="clinician overlays for the first N cases of each model")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="score the cases in N processes (each with one torch thread); per_case.csv and every table "
+                        "are the same as with 1. Models still predict one case at a time, in this process")
     p.add_argument("--continue-on-error", action="store_true")
     p.add_argument("--prior-dir", type=Path, default=None,
                    help="external mask priors for models trained with prior_source=external")
@@ -295,7 +298,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     scoring = Scoring(subset=args.subset, fold=args.fold, root=args.root, prior_dir=args.prior_dir,
                       export_cases=args.export_cases, continue_on_error=args.continue_on_error,
-                      lesion_task=args.lesion_task)
+                      lesion_task=args.lesion_task, workers=args.workers)
     sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, overlap=args.overlap,
                         min_lesion_mm3=args.min_lesion_mm3, min_enhancing_mm3=args.min_enhancing_mm3)
     tracking = Tracking(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
@@ -339,6 +342,11 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="replace case folders that hold another model's or run's prediction (whole folders)")
     p.add_argument("--no-checksums", action="store_true",
                    help="with a manifest input: do not verify the files' SHA-256 against it")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="predict only shard I of N (0-based: 0/N .. N-1/N): the cases whose position in the case ids, "
+                        "sorted, is I modulo N. N such processes into one --out write every case once (a Slurm "
+                        "array: --array=0-(N-1) and --shard $SLURM_ARRAY_TASK_ID/N). Under torchrun the default is "
+                        "RANK/WORLD_SIZE, and --device auto is cuda:LOCAL_RANK")
     dicom = p.add_argument_group("DICOM", "DICOM study inputs get a DICOM Segmentation and Parametric Maps in CASE/dicom/")
     dicom.add_argument("--series-rule", type=Path, default=None, metavar="FILE",
                        help="JSON/YAML: modality -> regexes on SeriesDescription (default: the usual descriptions, "
@@ -354,7 +362,9 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 @command("predict", "segment cases: BraTS labels, probabilities, uncertainty and attention on the input grid")(
     add_predict_args)
 def run_predict(args: argparse.Namespace) -> int:
-    from medseg_diff.stages.options import Cases, Sampling, SeriesRule, Writing  # light: no torch
+    import os
+
+    from medseg_diff.stages.options import Cases, Launch, Sampling, SeriesRule, Shard, Writing  # light: no torch
 
     if (args.input is None) == (args.dicomweb is None):
         raise DataError(None, "give either --input (files) or --dicomweb URL --study UID (a PACS)")
@@ -362,13 +372,29 @@ def run_predict(args: argparse.Namespace) -> int:
         raise DataError(None, "--study and --no-store go with --dicomweb")
     if args.dicomweb is not None and args.study is None:
         raise DataError(None, "--dicomweb needs --study STUDY_UID")
+    try:
+        shard = Shard.parse(args.shard) if args.shard is not None else None
+        launch = Launch.from_environ(os.environ)  # torchrun: one shard per rank, one GPU per local rank
+    except ValueError as err:
+        raise DataError(None, str(err)) from None
+    if launch is not None and launch.shard.count > 1:
+        if shard is not None:
+            raise DataError(None, f"--shard {shard} under torchrun (WORLD_SIZE={launch.shard.count}): the ranks "
+                                  "already split the cases; leave --shard out")
+        if args.dicomweb is not None:
+            raise DataError(None, f"--dicomweb predicts one study: run it in one process, not under torchrun "
+                                  f"(WORLD_SIZE={launch.shard.count})")
+        shard = launch.shard
+    if shard is not None and args.dicomweb is not None:
+        raise DataError(None, "--shard goes with --input (a PACS study is predicted by one process)")
     rule = SeriesRule.from_file(args.series_rule) if args.series_rule is not None else None
     _need_checkpoint(args.checkpoint)
     _need_input(args.input)
     _need_tracking_uri(args.tracking_uri, tracking=False)  # predict fetches model URIs from it; it logs no run
     sampling = Sampling(device=args.device, sample_steps=args.steps, ensemble=args.ensemble, seed=args.seed,
                         overlap=args.overlap, min_lesion_mm3=args.min_lesion_mm3,
-                        min_enhancing_mm3=args.min_enhancing_mm3)
+                        min_enhancing_mm3=args.min_enhancing_mm3,
+                        local_rank=launch.local_rank if launch is not None else 0)
     writing = Writing(overwrite=args.overwrite, continue_on_error=args.continue_on_error)
     cases = Cases(convention=args.convention, prior_dir=args.prior_dir, series_rule=rule)
     if args.dicomweb is not None:
@@ -380,10 +406,10 @@ def run_predict(args: argparse.Namespace) -> int:
         return 1 if result.predictions.failed else 0
     from medseg_diff.stages.predict import predict_cases
 
-    cases = replace(cases, subset=args.subset, root=args.root, verify_checksums=not args.no_checksums)
+    cases = replace(cases, subset=args.subset, root=args.root, verify_checksums=not args.no_checksums, shard=shard)
     report = predict_cases(args.checkpoint, args.input, args.out, sampling, cases, writing,
                            tracking_uri=args.tracking_uri)
-    print(report.summary())
+    print((f"shard {shard}: " if shard is not None else "") + report.summary())
     return 1 if report.failed else 0
 
 

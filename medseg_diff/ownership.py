@@ -193,6 +193,16 @@ def staging_owner_alive(name: str) -> bool:
     return _alive(int(found.group(1)), None)
 
 
+_STAGED_CASE = re.compile(r"^\.(.+)\.(partial|old)-[^.]+$")
+
+
+def staged_case(name: str) -> tuple[str, str] | None:
+    """``(case, kind)`` of a staging / old-copy folder name (``.CASE.partial-…`` or ``.CASE.old-…``, with or without
+    the process in it); None for any other name."""
+    found = _STAGED_CASE.match(name)
+    return (found.group(1), found.group(2)) if found else None
+
+
 def staging_name(case_id: str, kind: str = "partial") -> str:
     """A hidden staging / old-copy name that says which process made it: ``.CASE.partial-PID-HOSTHASH-TOKEN``."""
     return f".{case_id}.{kind}-{os.getpid()}-{_host_hash()}-{secrets.token_hex(4)}"

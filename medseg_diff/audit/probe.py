@@ -104,7 +104,7 @@ def xt_use(net, scheduler, case: AuditCase, windowing: Windowing, seed: int, thr
 def member_summary(prediction: VolumePrediction, case: AuditCase, threshold: float, ensemble: int) -> dict:
     """Questions 3 and 4 from a run with ``keep_members``: variance near the tumour, disagreeing voxels, and the
     AUROC of variance and entropy for the errors of the mean prediction."""
-    from medseg_diff.evaluation.run import uncertainty_quality
+    from medseg_diff.evaluation.scoring import uncertainty_quality
 
     probs = outside_head_zeroed(prediction.probs.float().cpu().numpy(), case.head)
     mean, members = probs[:3], probs[3:].reshape(ensemble, 3, *case.shape)

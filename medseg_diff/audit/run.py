@@ -64,7 +64,7 @@ def diffusion_case(probe: DiffusionProbe, case: AuditCase, other: AuditCase | No
 
 def plain_case(model, case: AuditCase, seed: int) -> dict:
     """Dice and the AUROC of the predictive entropy for errors, with the model's own product segmenter."""
-    from medseg_diff.evaluation.run import uncertainty_quality
+    from medseg_diff.evaluation.scoring import uncertainty_quality
 
     prediction = Windowing.of(model.cfg).run(model.adapter.segmenter(model.net, seed=seed), case.image)
     probs = outside_head_zeroed(prediction.probs.float().cpu().numpy(), case.head)

@@ -6,7 +6,8 @@ what ``pipelines/evaluate.py`` and ``medseg-diff evaluate`` call) does steps 1-2
    stage; ``predictions`` are folders of any tool (``evaluation.sources``)
 3. per case and region: global Dice / HD95 / sensitivity / specificity / volumes (``evaluation.metrics``), the
    BraTS lesion-wise metrics (``evaluation.lesionwise``, through panoptica), and where a folder has probability
-   and uncertainty maps, uncertainty AUROC and calibration
+   and uncertainty maps, uncertainty AUROC and calibration (``evaluation.scoring``: each (model, case) is a pure
+   function of its files, so ``workers`` processes may score them; the results are collected in the serial order)
 4. per-case CSV, markdown summary, paired comparisons (bootstrap CI + Wilcoxon) of Dice, HD95 and lesion-wise
    Dice, box plots, reliability diagram; overlays of the first cases of each model
 5. MLflow: one evaluation run (params, provenance tags, the manifest as dataset input) with a nested run per
@@ -18,20 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medseg_diff.data.conventions import REGIONS, LabelConvention, get_convention
+from medseg_diff.data.conventions import REGIONS, get_convention
 from medseg_diff.data.manifest import Manifest
-from medseg_diff.errors import DataError, MedsegError
-from medseg_diff.evaluation.lesionwise import lesion_row, lesionwise_metrics
-from medseg_diff.evaluation.metrics import (
-    CaseResult, ReliabilityBins, UndefinedMetricWarning, case_metrics, evaluation_mask, metric_rows,
-    reliability_bins, uncertainty_auroc,
-)
-from medseg_diff.evaluation.sources import ScoredInputs, read_case
+from medseg_diff.errors import DataError
+from medseg_diff.evaluation.metrics import ReliabilityBins, metric_rows
+from medseg_diff.evaluation.scoring import CaseFailure, ScoreJob, scored_cases
 from medseg_diff.evaluation.stats import UnmatchedCasesWarning, compare_models
 from medseg_diff.evaluation.tables import METRIC_FORMAT, box_plots, calibration_plot, comparison_table, summary_table, write_per_case_csv
 from medseg_diff.tracking import compare_runs_url, resolve_uri, source_tags, start_tracker
@@ -114,32 +112,31 @@ def score_folders(manifest: Manifest, cases: list, folders: dict[str, Path], nam
                   sources: dict[str, dict], failed: dict[str, str], params: dict, overlays: list[Path] = (),
                   continue_on_error: bool = False,
                   tracking: bool = True, tracking_uri: str | None = None, experiment: str | None = None,
-                  n_boot: int = 10000, lesion_task: str = "GLI") -> EvalReport:
+                  n_boot: int = 10000, lesion_task: str = "GLI", workers: int = 1) -> EvalReport:
     """Steps 3-5 of the module docstring: score every folder of ``folders`` (name -> folder of label maps) on
     ``cases``, write the tables and plots into ``out`` and log them to MLflow. ``sources``: what each name is
     (``{"kind": "folder" | "model", ...}``, logged as it is); ``failed`` (``"NAME/CASE"`` -> why) holds the cases
     that failed before scoring and receives those that fail here; ``params``: the run's MLflow parameters;
-    ``overlays``: the reports exported before scoring (logged with the run)."""
+    ``overlays``: the reports exported before scoring (logged with the run); ``workers``: processes that score the
+    cases (``scored_cases``; the results are the same for any number)."""
     conv = get_convention(manifest.convention)
-    # 3. score
+    # 3. score: every (model, case) not failed before, in this order whatever the number of workers
+    jobs = [ScoreJob(name, folders[name], case.id, manifest.path_of(case.label))
+            for name in names for case in cases if f"{name}/{case.id}" not in failed]
     results, extra, bins = [], {}, {name: [] for name in names}
-    for name in names:
-        for case in cases:
-            if f"{name}/{case.id}" in failed:
-                continue
-            try:
-                inputs = read_case(folders[name], case.id, manifest.path_of(case.label), conv)
-                result, per_region, case_bins = score_case(name, inputs, conv, lesion_task)
-            except MedsegError as err:
+    with closing(scored_cases(jobs, conv.name, lesion_task, workers)) as outcomes:  # closed: the workers stop
+        for job, outcome in zip(jobs, outcomes):
+            if isinstance(outcome, CaseFailure):
                 if not continue_on_error:
-                    raise
-                failed[f"{name}/{case.id}"] = str(err)
-                log.warning("skipped %s/%s: %s", name, case.id, err)
+                    raise outcome.error
+                failed[f"{job.name}/{job.case_id}"] = str(outcome.error)
+                log.warning("skipped %s/%s: %s", job.name, job.case_id, outcome.error)
                 continue
+            result, per_region, case_bins = outcome
             results.append(result)
-            extra[(name, case.id)] = per_region
+            extra[(job.name, job.case_id)] = per_region
             if case_bins is not None:
-                bins[name].append(case_bins)
+                bins[job.name].append(case_bins)
     # 4. tables and plots
     rows = metric_rows(results)
     for row in rows:
@@ -151,36 +148,6 @@ def score_folders(manifest: Manifest, cases: list, folders: dict[str, Path], nam
         report.run_id = _track(report, sources, bins, manifest, params, tracking_uri, experiment)
         report.tracking_uri = resolve_uri(tracking_uri)
     return report
-
-
-def score_case(name: str, inputs: ScoredInputs, conv: LabelConvention, lesion_task: str = "GLI"
-               ) -> tuple[CaseResult, dict[str, dict[str, float]], ReliabilityBins | None]:
-    """Global and lesion-wise metrics of one case, and its uncertainty quality when it has probability maps.
-    Returns the result, extra columns per region, and the case's reliability bins (None without maps)."""
-    truth, mask = conv.to_regions(inputs.truth), conv.to_regions(inputs.labels)
-    result = CaseResult(case=inputs.case_id, model=name, regions=case_metrics(mask, truth, inputs.spacing),
-                        seconds=inputs.seconds, peak_memory_mb=inputs.peak_memory_mb)
-    lesions = lesionwise_metrics(mask, truth, inputs.spacing, task=lesion_task)
-    per_region = {r: dict(lesion_row(lesions[r])) for r in REGIONS}
-    case_bins = None
-    if inputs.probs is not None and inputs.uncertainty is not None:
-        quality, case_bins = uncertainty_quality(inputs.probs, inputs.uncertainty, mask, truth)
-        for r in REGIONS:
-            per_region[r].update(quality)
-    return result, per_region, case_bins
-
-
-def uncertainty_quality(probs: np.ndarray, uncertainty: np.ndarray, mask: np.ndarray, truth: np.ndarray
-                        ) -> tuple[dict[str, float], ReliabilityBins]:
-    """AUROC of the voxel uncertainty for wrong voxels, and reliability of the region probabilities, both within
-    the tumour neighbourhood (pred ∪ truth of WT, dilated 3 voxels). ``mask``/``truth``: boolean [3, X, Y, Z]."""
-    neighbourhood = evaluation_mask(mask[1], truth[1])
-    wrong = np.any(mask != truth, axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        auroc = uncertainty_auroc(uncertainty, wrong, neighbourhood)
-    case_bins = reliability_bins(probs, truth, mask=np.broadcast_to(neighbourhood, truth.shape))
-    return {"uncertainty_auroc": auroc, "ece": case_bins.ece}, case_bins
 
 
 def pooled_bins(bins: list[ReliabilityBins]) -> ReliabilityBins:

@@ -76,8 +76,9 @@ def is_case_folder(seg_path: Path, case: str) -> bool:
 
 
 def prediction_folders(path: Path) -> list[Path] | None:
-    """``path`` itself when it is a prediction folder, else its sub-folders that are (None when there are none)."""
+    """``path`` itself when it is a prediction folder, else its sub-folders that are (None when there are none).
+    Hidden sub-folders are not: they are cases a live ``predict`` is staging or replacing (``.CASE.partial-*``)."""
     path = Path(path)
     if (path / META).exists():
         return [path]
-    return sorted(p.parent for p in path.glob(f"*/{META}")) or None
+    return sorted(p.parent for p in path.glob(f"*/{META}") if not p.parent.name.startswith(".")) or None

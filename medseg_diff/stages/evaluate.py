@@ -27,7 +27,7 @@ def evaluate(manifest_path: str | Path, out_dir: str | Path, models: dict[str, s
     """Score ``models`` (name → checkpoint or MLflow model URI, predicted first) and ``predictions`` (name →
     prediction folder of any tool) on the manifest's ``scoring.subset``: ``evaluation.run``'s steps, with the
     models predicted (``sampling``; model URIs fetched from ``tracking.uri``) and the first cases exported
-    first."""
+    first. The models predict one case at a time in this process; ``scoring.workers`` processes score the cases."""
     subset, fold, root, prior_dir = scoring.subset, scoring.fold, scoring.root, scoring.prior_dir
     export_cases, continue_on_error = scoring.export_cases, scoring.continue_on_error
     n_boot, lesion_task = scoring.n_boot, scoring.lesion_task
@@ -45,6 +45,8 @@ def evaluate(manifest_path: str | Path, out_dir: str | Path, models: dict[str, s
         get_task(lesion_task)
     except ValueError as err:
         raise ConfigError("--lesion-task", str(err)) from None
+    if scoring.workers < 1:
+        raise ConfigError("--workers", f"must be an integer >= 1, got {scoring.workers}")
     pin_reproducibility()
     out = Path(out_dir)
     # 1. data
@@ -68,7 +70,7 @@ def evaluate(manifest_path: str | Path, out_dir: str | Path, models: dict[str, s
         return score_folders(manifest, cases, folders, names, out, sources=sources, failed=failed, params=params,
                              overlays=overlays, continue_on_error=continue_on_error, tracking=tracking.enabled,
                              tracking_uri=tracking_uri, experiment=experiment, n_boot=n_boot,
-                             lesion_task=lesion_task)
+                             lesion_task=lesion_task, workers=scoring.workers)
 
 
 def _predict(name, source, manifest, cases, out, device, sample_steps, ensemble, overlap, prior_dir,

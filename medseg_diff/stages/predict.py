@@ -5,8 +5,14 @@ Outputs are never half-done or mixed: each case is written into a hidden staging
 a case folder that holds another model's or another run's prediction (or files that are not a prediction) is
 refused unless ``overwrite``, which replaces the folder whole (no stale maps stay behind). A case is predicted and
 installed under its lock (``ownership.case_lock``), so runs sharing an ``--out`` never write one case at once; a case
-another live run holds is refused, the holder named. Staging names carry their process: the next run removes those
-whose process is gone, never a live run's.
+another live run holds is refused, the holder named. Staging names carry their process: a run removes those whose
+process is gone, never a live run's (``remove_stale_staging``).
+
+Several processes share the cases of one ``--out`` through ``Cases.shard`` (``--shard I/N``, or torchrun's
+``RANK``/``WORLD_SIZE``): each predicts the cases of its shard, with no collective operation between them (no process
+group is needed). Predict writes nothing folder-wide — only ``OUT/CASE/`` folders, each whole and self-describing
+(``prediction.json``) — so N shards leave the same folder one process would, which ``evaluate --predictions`` and
+``export`` read as they read any other.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from medseg_diff.data.dicom.rules import SeriesRule
 from medseg_diff.dicom.outputs import write_dicom_outputs
 from medseg_diff.data.dicom.study import is_dicom_file, read_study
 from medseg_diff.errors import DataError, MedsegError
-from medseg_diff.ownership import case_lock, staging_name, staging_owner_alive
+from medseg_diff.ownership import BusyError, case_lock, staged_case, staging_name, staging_owner_alive
 from medseg_diff.evaluation.metrics import dice_scores
 from medseg_diff.inference.case import CasePrediction, predict_case
 from medseg_diff.inference.loading import LoadedModel
@@ -88,7 +94,8 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
     ``tracking_uri``); ``model``: the model already loaded from it. A case read from a DICOM study also gets
     ``CASE/dicom/``: a DICOM Segmentation and Parametric Maps that reference its source series
     (``dicom.write_dicom_outputs``), written in the same staged step; their series numbers start above the study's
-    and ``writing.taken_series_numbers``."""
+    and ``writing.taken_series_numbers``. ``cases.shard``: only that shard's cases (an empty shard writes nothing);
+    ``sampling.local_rank``: the GPU of ``auto`` / ``cuda``."""
     device, sample_steps, ensemble, seed, overlap = (sampling.device, sampling.sample_steps, sampling.ensemble,
                                                      sampling.seed, sampling.overlap)
     subset, root, convention, case_ids, prior_dir, series_rule, verify_checksums = (
@@ -97,7 +104,11 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
     name, overwrite, continue_on_error, taken_series_numbers = (
         writing.name, writing.overwrite, writing.continue_on_error, writing.taken_series_numbers)
     pin_reproducibility()
-    dev = resolve_device(device, key="--device")
+    dev = resolve_device(device, sampling.local_rank, key="--device")
+    if dev.type == "cuda" and dev.index is not None:
+        import torch
+
+        torch.cuda.set_device(dev)  # what allocates on "cuda" without an index lands on this process's GPU too
     if model is None:
         model = load_model(checkpoint, dev, sample_steps, ensemble, seed, overlap=overlap, tracking_uri=tracking_uri,
                            postprocess=sampling.postprocess())
@@ -109,12 +120,19 @@ def predict_cases(checkpoint: str | Path, source: str | Path, out_dir: str | Pat
         if unknown:
             raise DataError(source, f"no such case(s): {', '.join(unknown)}")
         records = [by_id[c] for c in case_ids]
+    if not records:
+        raise DataError(source, f"no cases to predict (subset '{subset}')")
+    if cases.shard is not None:  # this process's share, in the source's order
+        mine = cases.shard.select([r["case_id"] for r in records])
+        log.info("shard %s: %d of %d case(s)", cases.shard, len(mine), len(records))
+        records = [r for r in records if r["case_id"] in mine]
+        if not records:
+            log.warning("shard %s has no case: %s holds fewer cases than shards", cases.shard, source)
+            return RunReport()
     manifest = load_manifest(source, root=root) if Path(source).suffix == ".json" and verify_checksums else None
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(out_dir, "the output folder is a file")
-    if not records:
-        raise DataError(source, f"no cases to predict (subset '{subset}')")
     remove_stale_staging(out_dir)
     for record in records:  # refuse a conflicting folder before any case is written, so outputs never mix
         if "missing" not in record:
@@ -166,20 +184,39 @@ def _check_prior_use(model: LoadedModel, prior_dir: str | Path | None) -> None:
 
 
 def remove_stale_staging(out_dir: Path) -> None:
-    """Remove what a killed run left: hidden ``.CASE.partial-*`` / ``.CASE.old-*`` folders in ``out_dir`` whose
-    process is gone (``ownership.staging_owner_alive``; a live run's staging is left alone) and hidden ``.*.partial``
-    / ``.*.tmp`` files in its case folders. Nothing else is touched."""
+    """Clear what a killed run left in ``out_dir``, never what a live run is writing: hidden ``.CASE.partial-*`` /
+    ``.CASE.old-*`` folders whose process is gone (``ownership.staging_owner_alive``: this host's pid no longer runs;
+    other hosts' names are kept) are removed — except an old copy whose case folder is missing (the run was killed
+    between moving it aside and installing the new one), which is put back under the case's lock — and hidden
+    ``.*.partial`` / ``.*.tmp`` files in case folders (files are staged only in staging folders) are removed.
+    Nothing else is touched."""
     if not out_dir.is_dir():
         return
     for path in out_dir.iterdir():
-        if (path.name.startswith(".") and (".partial-" in path.name or ".old-" in path.name) and path.is_dir()
-                and not staging_owner_alive(path.name)):
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s (left by an interrupted run)", path)
+        staged = staged_case(path.name)
+        if staged is not None and path.is_dir() and not staging_owner_alive(path.name):
+            case, kind = staged
+            if kind == "old" and not (out_dir / case).exists():
+                _restore_old_copy(path, out_dir, case)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("removed %s (left by an interrupted run)", path)
         elif path.is_dir() and not path.name.startswith("."):
             for leftover in [*path.glob(".*.partial"), *path.glob(".*.tmp")]:
                 leftover.unlink(missing_ok=True)
                 log.info("removed %s (left by an interrupted run)", leftover)
+
+
+def _restore_old_copy(old: Path, out_dir: Path, case: str) -> None:
+    """Put ``old`` (a case folder a killed run moved aside) back as ``out_dir/case``, under the case's lock: a live
+    run that holds the case is installing a new one, and the old copy waits for a later run to remove it."""
+    try:
+        with case_lock(out_dir, case):
+            if old.is_dir() and not (out_dir / case).exists():
+                os.replace(old, out_dir / case)
+                log.warning("restored %s from %s: a run was killed while replacing it", out_dir / case, old.name)
+    except BusyError as err:
+        log.info("kept %s: %s", old, err)
 
 
 def claim_case_folder(folder: Path, model: LoadedModel, record: dict, overwrite: bool) -> None:
