@@ -432,6 +432,33 @@ def run_export(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+# --- export-nnunet -----------------------------------------------------------------------------------
+
+
+def add_export_nnunet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path, help="the manifest whose train cases, folds and test cases are exported")
+    p.add_argument("--out", type=Path, required=True,
+                   help="nnU-Net's raw folder (nnUNet_raw): the data set is written to OUT/DatasetXXX_NAME")
+    p.add_argument("--dataset-id", type=int, default=137, help="nnU-Net dataset id, 1..999 (default 137)")
+    p.add_argument("--name", default=None, help="data set name, DatasetXXX_NAME (default: the manifest's name)")
+    p.add_argument("--root", type=Path, default=None, help="override the manifest's data root")
+    p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
+                   help=".nii.gz images are copied (default) or linked; other formats are always written as NIfTI")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data set folder of this id and name")
+
+
+@command("export-nnunet", "write a manifest as an nnU-Net v2 raw data set (region-based BraTS labels) with its folds "
+                          "as splits_final.json")(add_export_nnunet_args)
+def run_export_nnunet(args: argparse.Namespace) -> int:
+    _need_manifest(args.manifest)
+    from medseg_diff.stages.nnunet import export_nnunet_dataset
+
+    result = export_nnunet_dataset(args.manifest, args.out, dataset_id=args.dataset_id, name=args.name,
+                                   root=args.root, overwrite=args.overwrite, link=args.link)
+    print(result.summary())
+    return 0
+
+
 # --- diagnose ----------------------------------------------------------------------------------------
 
 

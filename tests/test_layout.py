@@ -39,6 +39,10 @@ ALLOWED: dict[str, set[str]] = {
                "tracking", "training", "audit"},
     "cli": {"medseg_diff", "errors", "runtime", "store_uris", "stages"},
 }
+#: modules held to a narrower row than their package's: module -> the packages it may import (its own included).
+MODULES: dict[str, set[str]] = {
+    "data.nnunet": {"errors", "data"},  # the nnU-Net exporter and label mapping: the data layer and the errors only
+}
 
 
 def _type_checking_only(tree: ast.AST) -> set[int]:
@@ -143,6 +147,14 @@ def test_the_import_graph_between_modules_is_acyclic():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_modules_with_their_own_row_import_only_what_it_allows():
+    for module, allowed in MODULES.items():
+        path = PACKAGE / f"{module.replace('.', '/')}.py"
+        assert path.is_file(), f"{module} has a row but no file"
+        bad = sorted(m for m in _imports(path) if _unit(m) not in allowed)
+        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}, outside its row {sorted(allowed)}"
 
 
 def test_the_old_flat_engine_package_is_gone():

@@ -7,6 +7,11 @@ A folder ``DIR`` holds one label map per case, in the manifest's label conventio
 * ``DIR/CASE.nii.gz``: nnU-Net's output and a BraTS submission;
 * ``DIR/CASE_seg.nii.gz``.
 
+A folder that holds nnU-Net's copy of a dataset.json defining nnU-Net's BraTS labels (``medseg-diff export-nnunet``'s,
+or nnU-Net's own Dataset137 BraTS example: 1 edema, 2 necrosis/core, 3 enhancing) has its maps converted from
+nnU-Net's values to the convention's before they are checked (``data.nnunet.labels_back``); ``nnUNetv2_predict``
+writes that copy beside its ``CASE.nii.gz`` files.
+
 Every map is checked against the case before it is scored: the same grid as the reference label (shape, and
 affine within ``data.check.AFFINE_ATOL``), a 3D integral label map with values of the convention.
 """
@@ -21,6 +26,7 @@ import numpy as np
 from medseg_diff.data.check import grid_mismatch
 from medseg_diff.data.conventions import LabelConvention
 from medseg_diff.data.io import read_array, read_image
+from medseg_diff.data.nnunet import convert_labels, labels_back, read_dataset_json
 from medseg_diff.errors import DataError
 from medseg_diff.predictions import layout
 from medseg_diff.predictions.meta import read_meta_if_any
@@ -56,9 +62,10 @@ def find_segmentation(folder: Path, case_id: str) -> Path:
 
 
 def read_label_map(path: Path, conv: LabelConvention, ref_path: Path, ref_shape, ref_affine,
-                   case_id: str) -> np.ndarray:
+                   case_id: str, mapping: dict[int, int] | None = None) -> np.ndarray:
     """A 3D label map on the reference grid with the convention's integral labels, as uint8; else a DataError
-    naming ``path``."""
+    naming ``path``. ``mapping``: the file's values -> the convention's (an nnU-Net folder's, ``folder_mapping``);
+    a value it lacks is refused."""
     img = read_image(path)
     if len(img.shape) != 3:
         raise DataError(path, f"a label map must be 3D, this one has shape {tuple(img.shape)}", case=case_id)
@@ -68,6 +75,8 @@ def read_label_map(path: Path, conv: LabelConvention, ref_path: Path, ref_shape,
     data, _ = read_array(path)
     if not np.all(np.isfinite(data)):
         raise DataError(path, "contains NaN/Inf", case=case_id)
+    if mapping is not None:
+        return convert_labels(data, mapping, path, "the nnU-Net labels of the folder's dataset.json", case=case_id)
     bad = conv.unknown_labels(data)
     if bad:
         raise DataError(path, f"label values {bad} are not {conv.name} labels {list(conv.labels)}", case=case_id)
@@ -79,12 +88,18 @@ def read_case(folder: Path, case_id: str, label_path: Path, conv: LabelConventio
     ref = read_image(label_path)
     truth = read_label_map(label_path, conv, label_path, ref.shape, ref.affine, case_id)
     seg = find_segmentation(folder, case_id)
-    labels = read_label_map(seg, conv, label_path, ref.shape, ref.affine, case_id)
+    labels = read_label_map(seg, conv, label_path, ref.shape, ref.affine, case_id, folder_mapping(folder, conv))
     spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
     out = ScoredInputs(case_id, labels, truth, spacing, seg)
     if layout.is_case_folder(seg, case_id):  # this package's folder: extra maps
         _read_extras(seg.parent, case_id, out, ref, label_path)
     return out
+
+
+def folder_mapping(folder: Path, conv: LabelConvention) -> dict[int, int] | None:
+    """nnU-Net's label value -> ``conv``'s for a folder with nnU-Net's copy of a BraTS dataset.json (module
+    docstring); None for a folder whose maps are in the convention already."""
+    return labels_back(read_dataset_json(folder), conv, Path(folder) / "dataset.json")
 
 
 def _read_extras(case_dir: Path, case_id: str, out: ScoredInputs, ref, label_path: Path) -> None:
