@@ -10,6 +10,10 @@ Keys: ``format``, ``model_kind``, ``network`` (``{"name", "kwargs"}``: the netwo
 ``optimizer``, ``lr_schedule``, ``rng``, ``epoch``, ``step``, ``best_metric``, ``best_epoch``, ``run_id``, ``history``;
 ``spacing_mm`` (the grid, in mm, the network was trained at: every input is resampled to it) and ``training_data``
 (the data set, synthetic or not, case count, voxel size, manifest hash).
+
+An *inference checkpoint* (``inference_checkpoint``: what the MLflow model carries) keeps only ``INFERENCE_KEYS``,
+the weights prediction uses and what rebuilds the network and describes it, and says so with ``inference_only``: a
+fraction of the size, the same predictions, and nothing to resume a training from.
 """
 
 from __future__ import annotations
@@ -67,6 +71,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # torch's own text suggests weights_only=False, which could run code from an untrusted file: not repeated
         raise DataError(path, f"not a medseg-diff checkpoint, or a damaged one ({type(err).__name__} while reading "
                               "it with the safe, weights-only loader)") from None
+
+
+#: What ``inference.loading.load_model`` and the provenance of a prediction read of a checkpoint: the network spec,
+#: the run config (preprocessing, sliding window, sampler), the inference weights (EMA when there is one), the voxel
+#: size and data it was trained at, and where it comes from (run, epoch, its validation score).
+INFERENCE_KEYS = ("format", "model_kind", "network", "config", "inference_model", "spacing_mm", "training_data",
+                  "run_id", "epoch", "best_metric", "best_epoch")
+
+
+def inference_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Write to ``target`` the inference part of the checkpoint ``source`` (``INFERENCE_KEYS``, marked
+    ``inference_only``): no optimizer, LR schedule, RNG states, history, nor the raw and EMA copies of the weights
+    beside ``inference_model``. ``load_model`` reads it as it reads ``source``, with the same predictions. A
+    ``DataError`` when ``source`` holds no config and inference weights."""
+    ckpt = load_checkpoint(source)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "inference_model" not in ckpt:
+        raise DataError(source, "not a medseg-diff checkpoint (no config / weights inside)")
+    slim = {k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}  # the weights as they are (their _metadata kept)
+    return save_checkpoint({**slim, "inference_only": True}, target)
 
 
 def rng_state() -> dict[str, Any]:

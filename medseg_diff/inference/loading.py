@@ -2,7 +2,9 @@
 
 The network is rebuilt from the checkpoint's own ``network`` spec (the constructor of the kind that owns ``name``, ``kinds.build_network``) and takes the
 inference weights (the EMA when training kept one); the rest of the stored config gives the preprocessing,
-sliding-window and sampler settings, which the caller may override. A model registered in MLflow is loaded through
+sliding-window and sampler settings, which the caller may override. It reads a training checkpoint and its
+inference checkpoint (``checkpoint.inference_checkpoint``, what a logged MLflow model holds) alike: nothing else of
+a checkpoint is read here. A model registered in MLflow is loaded through
 ``stages.load_model``, which fetches its checkpoint first (``tracking.registry``).
 """
 

@@ -1,5 +1,6 @@
 """The serve stage: the MLflow pyfunc that runs the whole prediction of a case (logged by
-``tracking.registry.log_model``, whose models-from-code script imports :class:`CaseSegmenter` from here).
+``tracking.registry.log_model``, whose models-from-code script imports :class:`CaseSegmenter` from here), behind
+``mlflow models serve -m models:/NAME@ALIAS --env-manager local`` (see ``tracking.registry``, "Serving").
 
 A stage, not part of ``tracking``: it composes inference and the prediction folder, while ``tracking`` stays below
 the libraries that log to it.
@@ -20,6 +21,7 @@ from medseg_diff.errors import DataError
 from medseg_diff.inference.case import predict_case
 from medseg_diff.inference.loading import LoadedModel, load_model
 from medseg_diff.predictions import layout
+from medseg_diff.runtime import pin_reproducibility
 from medseg_diff.stages.predict import write_prediction
 from medseg_diff.tracking.registry import CHECKPOINT, INPUT_COLUMNS, OUTPUT_COLUMNS, PARAMS
 
@@ -28,7 +30,10 @@ class CaseSegmenter(mlflow.pyfunc.PythonModel):
     """Whole-case prediction: one row per case in, one prediction folder per case written, their paths out."""
 
     def load_context(self, context) -> None:
-        """The checkpoint (the model's ``checkpoint`` artifact) on the GPU when there is one, else the CPU."""
+        """The checkpoint (the model's ``checkpoint`` artifact) on the GPU when there is one, else the CPU, with
+        the thread count and deterministic algorithms of ``medseg-diff predict`` (``runtime.pin_reproducibility``):
+        a served prediction is the one the command line gives."""
+        pin_reproducibility()
         self.checkpoint = Path(context.artifacts[CHECKPOINT])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._models = {(None, None): load_model(self.checkpoint, self.device)}

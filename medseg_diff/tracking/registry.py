@@ -1,17 +1,57 @@
 """The trained model in MLflow: logged as a pyfunc that runs the whole prediction, registered, and fetched back.
 
 ``log_model(tracker, checkpoint, registered_name)`` logs the checkpoint into the training run as an MLflow
-*pyfunc* model (``stages.serve.CaseSegmenter``; models-from-code: the model holds a three-line script
-that imports that class, so loading unpickles nothing) and registers it. Its signature::
+*pyfunc* model (``stages.serve.CaseSegmenter``; models-from-code: the model holds a short script that imports that
+class, so loading unpickles nothing), registers it, and points the alias ``@candidate`` at the new version. Its
+signature::
 
     input  (one row per case, all strings): case_id, t1, t1ce, t2, flair, convention, out_dir
     params (optional, 0 = as trained):      sample_steps, ensemble
     output:                                 case_id, seg_path, seconds
 
-``predict`` writes a prediction folder ``out_dir/CASE_ID/`` per row (``predictions``) and
-returns the paths of the label maps. ``mlflow.pyfunc.load_model("models:/NAME/1").predict(frame)`` therefore
-needs the ``medseg-diff`` package where it runs (the model's ``requirements.txt`` pins it and MLflow).
+``predict`` writes a prediction folder ``out_dir/CASE_ID/`` per row (``predictions``) and returns the paths of the
+label maps.
 
+What the model holds
+--------------------
+Its one artifact, ``checkpoint`` (``artifacts/inference.pt``), is the *inference checkpoint* of ``best.pt``
+(``checkpoint.inference_checkpoint``): the inference weights (the EMA when training kept one), the network spec, the
+run config, the training voxel size and data, run id and epoch; no optimizer, LR schedule, RNG state or second copy
+of the weights. It predicts exactly as ``best.pt`` does; resuming a training needs ``best.pt``/``last.pt`` from the
+run's output folder (or its ``checkpoints/`` artifacts, ``tracking.log_checkpoints``). Models logged before it
+carry the whole ``best.pt``; ``checkpoint_of_model`` and ``load_model`` read both.
+
+The alias ``candidate``
+-----------------------
+Every version that a finished training registers becomes ``models:/NAME@candidate`` (the alias moves: it names
+the newest one). ``candidate`` says "trained, not yet reviewed", which is all that a training run knows of its
+model: its validation Dice is on the few cases of one fold and may come from another data set or config than the
+version before it, so a training run cannot tell whether it is better. ``champion`` (what deployments serve) is
+set by a person after evaluating the candidate on held-out cases (``medseg-diff evaluate``)::
+
+    mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", VERSION)
+
+Both resolve wherever a model URI is taken: ``predict --checkpoint models:/NAME@candidate``, ``checkpoint_of_model``,
+``mlflow models serve -m models:/NAME@champion``.
+
+Serving
+-------
+medseg-diff is not on PyPI, so the model's ``requirements.txt`` does not name it: it pins MLflow and the packages
+medseg-diff depends on, at the versions that trained the model (local build tags such as ``+cpu`` dropped: the
+version on PyPI of the same release), each of them on PyPI. The model's code is the installed package, not a copy
+in the model: ``code_paths`` would put a second ``medseg_diff`` first on ``sys.path``, so which of the two runs
+would depend on whether the process had imported medseg_diff before loading the model. So a model is served in
+an environment where medseg-diff is installed, with MLflow's environment manager off::
+
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/NAME@candidate --env-manager local \
+        --host 127.0.0.1 --port 5001
+
+(``uvicorn`` of that environment on ``PATH``: run it with the environment activated). With a virtualenv, uv or conda
+environment manager, MLflow would build an environment from ``requirements.txt`` that lacks medseg-diff, and
+loading the model stops with an ``ImportError`` that says so.
+
+Fetching the checkpoint
+-----------------------
 ``checkpoint_of_model(uri, tracking_uri)`` fetches only what ``inference.loading.load_model`` needs: the
 checkpoint inside ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``, ``models:/m-ID``
 or ``runs:/RUN_ID/model``, cached by the model's immutable id under ``$MEDSEG_DIFF_CACHE/models`` (default
@@ -52,12 +92,14 @@ import medseg_diff.tracking.mlflow_store as mlflow_store
 from medseg_diff.tracking.provenance import git_commit
 from medseg_diff.tracking.uris import resolve_uri, runs_table_url
 
-__all__ = ["checkpoint_of_model", "log_model", "model_signature", "runs_table_url"]
+__all__ = ["CANDIDATE", "checkpoint_of_model", "log_model", "model_signature", "requirements", "runs_table_url"]
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the logged model's name: runs:/RUN_ID/model
 CHECKPOINT = "checkpoint"  # the pyfunc artifact that holds the checkpoint file
+INFERENCE_FILE = "inference.pt"  # its name: the inference checkpoint of the run's best.pt
+CANDIDATE = "candidate"  # the alias of the newest registered version (see "The alias candidate" above)
 INPUT_COLUMNS = ("case_id", "t1", "t1ce", "t2", "flair", "convention", "out_dir")
 OUTPUT_COLUMNS = ("case_id", "seg_path", "seconds")
 PARAMS = ("sample_steps", "ensemble")
@@ -66,7 +108,14 @@ PARAMS = ("sample_steps", "ensemble")
 _MODEL_CODE = '''"""medseg-diff pyfunc: the class lives in the installed package (medseg_diff.stages.serve)."""
 from mlflow.models import set_model
 
-from medseg_diff.stages.serve import CaseSegmenter
+try:
+    from medseg_diff.stages.serve import CaseSegmenter
+except ModuleNotFoundError as err:
+    if err.name != "medseg_diff":
+        raise
+    raise ImportError("this MLflow model runs medseg-diff, which is not installed here and not on PyPI: install "
+                      "it from its source (pip install PATH/TO/medseg-diff) and serve the model with "
+                      "--env-manager local in that environment") from err
 
 set_model(CaseSegmenter())
 '''
@@ -85,26 +134,41 @@ def model_signature():
 
 
 def requirements() -> list[str]:
-    """Pinned, not inferred: inference would import the model and resolve an environment (slow, online)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """MLflow and what medseg-diff needs to serve (its dependencies and its ``tracking`` extra's), pinned to the
+    installed versions without their local build tags (``torch==2.6.0``, not ``2.6.0+cpu``): releases PyPI has.
+    Not medseg-diff itself, which PyPI has not (see "Serving" above). Pinned, not inferred: inference would import
+    the model and resolve an environment (slow, online). Without medseg-diff's package metadata (a source tree on
+    ``sys.path``), MLflow alone."""
+    from importlib.metadata import PackageNotFoundError, requires, version
 
+    from packaging.requirements import Requirement
+
+    try:
+        declared = [Requirement(r) for r in requires("medseg-diff") or []]
+    except PackageNotFoundError:
+        declared = []
+    needed = [r.name for r in declared if r.name != "medseg-diff" and (
+        r.marker is None or any(r.marker.evaluate({"extra": extra}) for extra in ("", "tracking")))]
     reqs = []
-    for dist in ("medseg-diff", "mlflow"):
+    for name in dict.fromkeys(["mlflow", *needed]):
         try:
-            reqs.append(f"{dist}=={version(dist)}")
+            reqs.append(f"{name}=={version(name).split('+', 1)[0]}")
         except PackageNotFoundError:
-            reqs.append(dist)
+            reqs.append(name)
     return reqs
 
 
-def log_model(tracker, checkpoint: str | Path, registered_name: str | None = None) -> str:
-    """Log ``checkpoint`` into the tracker's run as a pyfunc model and register it under ``registered_name``.
+def log_model(tracker, checkpoint: str | Path, registered_name: str | None = None, alias: str | None = CANDIDATE
+              ) -> str:
+    """Log the inference checkpoint of ``checkpoint`` into the tracker's run as a pyfunc model, register it under
+    ``registered_name`` and point ``alias`` (default ``candidate``; None: none) at the new version.
 
     Returns ``models:/NAME/VERSION`` (registered) or ``runs:/RUN_ID/model``; ``""`` for a ``NullTracker``, and
     ``""`` with a warning (and the run tagged ``model_logging_error``) when the store refuses: the training is
-    over by then and its checkpoint on disk, so this must not leave the run unfinished. Uses no active run: the
-    logged model is created in the run's experiment by id, and the process's tracking URI is the run's only for
-    the duration of the call (restored afterwards).
+    over by then and its checkpoint on disk, so this must not leave the run unfinished. A refused alias is a
+    warning and the run's tag ``model_alias_error``; the version is registered all the same. Uses no active run:
+    the logged model is created in the run's experiment by id, and the process's tracking URI is the run's only
+    for the duration of the call (restored afterwards).
     """
     run_id = getattr(tracker, "run_id", None)
     client = getattr(tracker, "client", None)
@@ -115,15 +179,37 @@ def log_model(tracker, checkpoint: str | Path, registered_name: str | None = Non
     checkpoint = Path(checkpoint)
     kind, epoch = _checkpoint_summary(checkpoint)
     try:
-        return _log_model(client, run_id, checkpoint, registered_name, kind, epoch)
+        uri = _log_model(client, run_id, checkpoint, registered_name, kind, epoch)
     except (MlflowException, OSError) as err:
-        problem = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        problem = _one_line(err)
         log.warning("could not log the model %s into MLflow run %s (%s)", checkpoint, run_id, problem)
-        try:
-            client.set_tag(run_id, "model_logging_error", problem[:5000])
-        except (MlflowException, OSError):
-            pass
+        _tag_quietly(client, run_id, "model_logging_error", problem)
         return ""
+    if registered_name and alias:
+        version = uri.rsplit("/", 1)[1]
+        try:
+            client.set_registered_model_alias(registered_name, alias, version)
+            log.info("models:/%s@%s is version %s", registered_name, alias, version)
+        except MlflowException as err:
+            problem = _one_line(err)
+            log.warning("registered %s but could not point the alias @%s at it (%s)", uri, alias, problem)
+            _tag_quietly(client, run_id, "model_alias_error", problem)
+    return uri
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _tag_quietly(client, run_id: str, key: str, value: str) -> None:
+    """Tag the run, or nothing when the store refuses that too."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_tag(run_id, key, value[:5000])
+    except (MlflowException, OSError):
+        pass
 
 
 def _checkpoint_summary(path: Path) -> tuple[str, int]:
@@ -141,6 +227,8 @@ def _log_model(client, run_id: str, checkpoint: Path, registered_name: str | Non
     import mlflow.pyfunc
     from mlflow.models import Model
 
+    from medseg_diff.checkpoint import inference_checkpoint
+
     run = client.get_run(run_id)
     params = {k: v for k, v in run.data.params.items()}
     logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
@@ -153,10 +241,11 @@ def _log_model(client, run_id: str, checkpoint: Path, registered_name: str | Non
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         code = Path(tmp) / "medseg_model.py"
         code.write_text(_MODEL_CODE, encoding="utf-8")
+        weights = inference_checkpoint(checkpoint, Path(tmp) / INFERENCE_FILE)
         info = Model.log(
             artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
             registered_model_name=registered_name or None, await_registration_for=60,
-            python_model=str(code), artifacts={CHECKPOINT: str(checkpoint)}, signature=model_signature(),
+            python_model=str(code), artifacts={CHECKPOINT: str(weights)}, signature=model_signature(),
             pip_requirements=requirements(),
             metadata={"medseg_diff_kind": kind, "epoch": epoch, "checkpoint": checkpoint.name,
                       "medseg_diff_commit": git_commit()},

@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import pytest
 import torch
 
 from factories import tiny_config
+from mlflow_processes import free_port, stop_group, wait_for
 from medseg_diff.checkpoint import load_checkpoint
 from medseg_diff.data.dataset import case_record
 from medseg_diff.data.manifest import load_manifest
@@ -42,17 +41,11 @@ ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri
 # --- a real mlflow server on loopback ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``mlflow server`` on a sqlite database in ``folder``, artifacts served from ``folder/mlartifacts``."""
 
     def __init__(self, folder: Path):
-        self.folder, self.port = folder, _free_port()
+        self.folder, self.port = folder, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = folder.parent / f"server-{self.port}.log"
         env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
@@ -64,32 +57,11 @@ class Server:
                 cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self.url
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"mlflow server did not answer on {self.url}:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_for(f"{self.url}/health", self.proc, self.log, timeout)
+        return self.url
 
     def stop(self) -> None:
-        """Terminate the server's process group (uvicorn runs as a child), then kill what is left."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        try:  # children that outlived the leader
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(self.proc)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +145,7 @@ def test_training_registers_a_pyfunc_with_the_case_signature(trained, monkeypatc
     assert info.signature.outputs.input_names() == ["case_id", "seg_path", "seconds"]
     assert [p.name for p in info.signature.params.params] == ["sample_steps", "ensemble"]
     pyfunc = info.flavors["python_function"]
-    assert pyfunc["artifacts"]["checkpoint"]["path"] == "artifacts/best.pt"
+    assert pyfunc["artifacts"]["checkpoint"]["path"] == "artifacts/inference.pt"  # best.pt less what resumes
     assert pyfunc["model_code_path"].endswith("medseg_model.py")  # models-from-code: nothing unpickled
     # the logged model sits in the run's experiment, under the server's movable artifact root
     logged = client.get_logged_model(info.model_id)
@@ -216,6 +188,16 @@ def _assert_same_weights(net: torch.nn.Module, checkpoint: Path) -> None:
         assert torch.equal(state[key].cpu(), value), key
 
 
+def _assert_inference_checkpoint_of(fetched: Path, checkpoint: Path) -> None:
+    """``fetched`` is the inference checkpoint of ``checkpoint``: its weights and config, nothing to resume with."""
+    slim, full = load_checkpoint(fetched), load_checkpoint(checkpoint)
+    assert slim["inference_only"] is True and "optimizer" not in slim and "model" not in slim
+    assert slim["config"] == full["config"] and slim["run_id"] == full["run_id"]
+    assert set(slim["inference_model"]) == set(full["inference_model"])
+    for key, value in full["inference_model"].items():
+        assert torch.equal(slim["inference_model"][key], value), key
+
+
 def test_load_model_takes_the_registered_weights_unchanged(trained):
     from medseg_diff.stages.models import load_model
 
@@ -223,10 +205,12 @@ def test_load_model_takes_the_registered_weights_unchanged(trained):
     model = load_model(uri, "cpu", tracking_uri=trained.url)
     assert model.source == uri and model.kind == "unet" and model.run_id == trained.run_id
     _assert_same_weights(model.net, trained.checkpoint)
-    assert model.checkpoint.read_bytes() == trained.checkpoint.read_bytes()
-    # an alias, the run's model and the latest version are the same logged model: one cached copy
+    _assert_inference_checkpoint_of(model.checkpoint, trained.checkpoint)
+    # the aliases (training's candidate, a reviewer's champion), the run's model and the latest version are the
+    # same logged model: one cached copy
     _client(trained.url).set_registered_model_alias(NAME, "champion", "1")
-    for other in (f"models:/{NAME}@champion", f"runs:/{trained.run_id}/model", f"models:/{NAME}/latest"):
+    for other in (f"models:/{NAME}@candidate", f"models:/{NAME}@champion", f"runs:/{trained.run_id}/model",
+                  f"models:/{NAME}/latest"):
         assert checkpoint_of_model(other, trained.url) == model.checkpoint, other
 
 
@@ -244,7 +228,7 @@ def test_an_unknown_model_or_version_is_a_data_error_naming_it(trained, uri):
 def test_an_absent_server_is_a_service_error_at_once():
     from medseg_diff.errors import ServiceError
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(ServiceError, match="does not answer") as caught:  # a runtime fault (status 1), not bad input
         checkpoint_of_model(f"models:/{NAME}/1", url)
@@ -279,7 +263,7 @@ def test_a_served_store_moves_as_it_is(trained, tmp_path):
     (trained.store / "mlartifacts").rename(away)
     try:
         path = checkpoint_of_model(f"models:/{NAME}/1", server.wait())
-        assert path.read_bytes() == trained.checkpoint.read_bytes()
+        _assert_inference_checkpoint_of(path, trained.checkpoint)
     finally:
         server.stop()
         away.rename(trained.store / "mlartifacts")
@@ -321,7 +305,7 @@ def test_an_embedded_store_is_relocated_when_moved(trained, tmp_path, monkeypatc
     shutil.move(before, after)
     uri = f"sqlite:///{after / 'mlflow.db'}"
     path = checkpoint_of_model("models:/embedded-unet/1", uri)  # relocates the store first
-    assert path.read_bytes() == trained.checkpoint.read_bytes()
+    _assert_inference_checkpoint_of(path, trained.checkpoint)
     locations = [v for v in _artifact_locations(after / "mlflow.db") if "mlartifacts" in v]
     assert locations and all(v.startswith((after / "mlartifacts").as_uri()) for v in locations), locations
     resumed = MlflowTracker.start(uri, "embedded", run_id=tracker.run_id)
@@ -345,7 +329,13 @@ def test_runs_table_url_is_a_route_of_the_served_ui(trained):
     with urllib.request.urlopen(f"{trained.url}/{bundle}", timeout=30) as response:
         js = response.read().decode()
     assert '"/experiments/:experimentId/runs"' in js  # the runs tab's route
-    assert '"workflowType"' in js and 'MACHINE_LEARNING="machine_learning"' in js
+    if '"workflowType"' in js:  # MLflow >= 3.10 opens on a GenAI view that this query switches off
+        assert 'MACHINE_LEARNING="machine_learning"' in js
+    else:  # the floor, MLflow 3.9: no workflow switch, the runs tab is the default and the query is ignored
+        import mlflow
+        from packaging.version import Version
+
+        assert Version(mlflow.__version__) < Version("3.10"), mlflow.__version__
     # the Compare page's route and its query, as the UI itself builds them (getCompareRunPageRoute)
     assert '"/compare-runs"' in js and "?runs=${JSON.stringify(e)}&experiments=${JSON.stringify(t)}" in js
     compare = compare_runs_url(trained.url, ["r1", "r2"], [run.info.experiment_id, run.info.experiment_id])
