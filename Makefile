@@ -2,34 +2,46 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU wheel index used only when no NVIDIA GPU is present and the resolver would otherwise pick a CUDA build.
+# torch, pinned by version (constraints.txt pins the same): the CPU build where no NVIDIA GPU is present (from
+# this machine's wheel folder, else PyTorch's CPU index), PyPI's CUDA build of the same version where one is.
+TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_CPU_VERSION ?= 2.13.0
+CONSTRAINTS ?= constraints.txt
+# the extras `make setup` installs: everything (tracking, synth, dicom) and the test tools
+EXTRAS ?= all,dev
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow test-floors bench clean
 
 setup: $(VENV)/.installed
 	@# NiiVue viewer for report.html, from npm (prints why and carries on when npm is absent or offline)
 	@sh tools/fetch_niivue.sh
 
-$(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	@# Torch: keep one that is already importable; else a CUDA build only where an NVIDIA GPU exists;
-	@# else the CPU build (never a multi-GB CUDA download on a CPU-only machine).
-	@if $(PY) -c "import torch" 2>/dev/null; then \
-	    echo "setup: keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	    echo "setup: NVIDIA GPU found, installing torch with CUDA"; \
-	    $(PY) -m pip install -q "torch>=2.4"; \
-	elif $(PY) -m pip install -q --dry-run --no-deps --report - "torch==$(TORCH_CPU_VERSION)" 2>/dev/null | grep -q '+cpu'; then \
-	    echo "setup: no GPU, installing the local CPU build torch==$(TORCH_CPU_VERSION)+cpu"; \
-	    $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"; \
-	else \
-	    echo "setup: no GPU, installing CPU torch from $(TORCH_CPU_INDEX)"; \
-	    $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" --index-url $(TORCH_CPU_INDEX); \
-	fi
-	$(PY) -m pip install -q -e ".[dev]"
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	@# an isolated venv: packages of the host Python do not leak in (an old .venv made with
+	@# --system-site-packages is made again)
+	@if [ -f $(VENV)/pyvenv.cfg ] && grep -q "include-system-site-packages = true" $(VENV)/pyvenv.cfg; then \
+	    echo "setup: $(VENV) sees the host's site-packages; making it again"; rm -rf $(VENV); fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(MAKE) --no-print-directory torch TORCH_PY=$(PY)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	@touch $@
+
+# torch==$(TORCH_VERSION) into the venv of TORCH_PY: CUDA only where an NVIDIA GPU exists, never a multi-GB CUDA
+# download on a CPU-only machine
+.PHONY: torch
+torch:
+	@if $(TORCH_PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
+	    echo "setup: torch $$($(TORCH_PY) -c 'import torch; print(torch.__version__)') already there"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    echo "setup: NVIDIA GPU found, installing torch==$(TORCH_VERSION) with CUDA"; \
+	    $(TORCH_PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
+	elif $(TORCH_PY) -m pip install -q --dry-run --no-deps --report - "torch==$(TORCH_VERSION)" 2>/dev/null | grep -q '+cpu'; then \
+	    echo "setup: no GPU, installing the local CPU build torch==$(TORCH_VERSION)+cpu"; \
+	    $(TORCH_PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+	    echo "setup: no GPU, installing CPU torch==$(TORCH_VERSION) from $(TORCH_CPU_INDEX)"; \
+	    $(TORCH_PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
 
 demo: setup
 	$(PY) pipelines/demo.py --out demo_out
@@ -40,6 +52,22 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The declared floors: a fresh venv with the oldest release pyproject.toml allows of every direct dependency
+# (tools/floors.py; torch stays at TORCH_VERSION) and a smoke subset of the tests (.ci/run runs it after `make test`)
+FLOORS_VENV ?= .venv-floors
+SMOKE_TESTS ?= tests/data/test_io.py tests/data/test_manifest_check.py tests/data/test_synth.py \
+	tests/models tests/diffusion/test_sampler.py tests/evaluation/test_metrics.py tests/evaluation/test_stats.py \
+	tests/evaluation/test_lesionwise.py tests/inference/test_predict.py tests/tracking/test_registry.py \
+	tests/dicom/test_outputs.py tests/test_extras.py tests/data/test_augment.py tests/evaluation/test_workers.py \
+	tests/data/test_export_nnunet.py tests/tracking/test_serve.py
+test-floors:
+	@rm -rf $(FLOORS_VENV) && $(PYTHON) -m venv $(FLOORS_VENV)
+	@$(MAKE) --no-print-directory torch TORCH_PY=$(FLOORS_VENV)/bin/python
+	$(FLOORS_VENV)/bin/python tools/floors.py --extras all --skip torch > $(FLOORS_VENV)/floors.txt
+	@cat $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q -c $(FLOORS_VENV)/floors.txt -e ".[all]" "pytest>=8" "pytest-timeout>=2.3"
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SMOKE_TESTS)
+
 # Cost of the diffusion model vs the U-Net on the CPU (FLOPs, bytes saved for backward, step and volume times;
 # a few minutes on 2 cores). Tables printed and written to $(BENCH_OUT)/cost.{md,json}. Every benchmark: benchmarks/README.md
 BENCH_OUT ?= /tmp/medseg-diff-bench
@@ -47,4 +75,4 @@ bench: setup
 	$(PY) -m benchmarks.bench_cost --out $(BENCH_OUT)
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache $(FLOORS_VENV)

@@ -15,7 +15,7 @@ from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
-from medseg_diff.errors import ConfigError, DataError, ManifestError, MedsegError, ServiceError
+from medseg_diff.errors import ConfigError, DataError, ManifestError, MedsegError, ServiceError, missing_extra
 
 
 # --- checks made before the heavy imports (torch, MONAI, MLflow): a mistyped path is one line within a second --------
@@ -555,6 +555,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {where}{err.strerror or err} (nothing half-written was kept; "
               "--debug shows the traceback)", file=sys.stderr)
         return 1
+    except ImportError as err:  # an optional dependency (an extra of pyproject.toml) that is not installed
+        if args.debug:
+            raise
+        message = missing_extra(err)
+        if message is None:
+            print(f"{prefix}: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, "
+                  "and please report it)", file=sys.stderr)
+            return 1
+        print(f"{prefix}: error: {message}", file=sys.stderr)
+        return 2
     except Exception as err:  # anything unexpected: one line, the traceback on request
         if args.debug:
             raise

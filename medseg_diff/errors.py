@@ -46,3 +46,29 @@ class TrainingError(MedsegError):
 
 class ServiceError(MedsegError):
     """An outside service (the MLflow tracking server) did not answer: a runtime fault, not bad input (status 1)."""
+
+
+# The optional dependencies and the extra that installs each (pyproject.toml): a command that needs one that is
+# absent says which, and how to install it, instead of a traceback.
+EXTRA_OF = {
+    "mlflow": "tracking",
+    "pandas": "tracking",
+    "nilearn": "synth",
+    "pydicom": "dicom",
+    "highdicom": "dicom",
+    "dicomweb_client": "dicom",
+    "requests": "dicom",
+}
+
+
+def missing_extra(err: ImportError) -> str | None:
+    """The user's message for an optional dependency that is not installed, or None for any other import error."""
+    top = (getattr(err, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    why = {"tracking": "MLflow tracking (pass --no-tracking, or tracking.enabled: false, to run without it)",
+           "synth": "the synthetic phantoms (the MNI152 template from nilearn)",
+           "dicom": "DICOM input and output"}[extra]
+    return (f"{why} needs the Python package '{top}', which is not installed: "
+            f"pip install 'medseg-diff[{extra}]' (or 'medseg-diff[all]')")
