@@ -59,6 +59,9 @@ class DataConfig:
     cache_dir: str | None = None
     num_workers: int = 0
     max_val_cases: int | None = None
+    # training augmentation after the crops (data/transforms.py: train_transforms): none | light (flips, intensity
+    # scale/shift: what training did before the presets) | brats (nnU-Net-like: light + affine, noise, blur, ...)
+    augment: Literal["none", "light", "brats"] = "light"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,18 @@
 
 The library logs through ``logging`` (logger names under ``medseg_diff``) and never configures handlers;
 the command line (``medseg_diff.cli``) and the pipeline scripts call ``configure_logging``.
+
+torch's intra-op CPU threads per process (``thread_count``, set by ``pin_reproducibility``), first that applies:
+
+1. ``MEDSEG_DIFF_THREADS``: this package's setting, for every process alike (e.g. the same count on machines with
+   different core counts, to compare their numbers);
+2. ``OMP_NUM_THREADS``: the usual OpenMP setting; ``torchrun`` sets it to 1 per process unless it is already set,
+   so under DDP the processes of a machine do not each take all its CPUs;
+3. the CPUs this process may run on (``default_threads``), shared among the ``LOCAL_WORLD_SIZE`` processes of the
+   machine when a launcher other than ``torchrun`` starts several without ``OMP_NUM_THREADS``.
+
+An empty, non-numeric or non-positive value counts as unset. The same seed gives the same numbers to the last
+decimal only with the same thread count.
 """
 
 from __future__ import annotations
@@ -70,27 +82,43 @@ def show_progress(enabled: bool = True) -> bool:
 
 
 def default_threads() -> int:
-    """CPU threads every run uses unless ``MEDSEG_DIFF_THREADS`` says otherwise: the CPUs this process may run on.
+    """The CPU threads a process uses when neither ``MEDSEG_DIFF_THREADS`` nor ``OMP_NUM_THREADS`` is set: the CPUs
+    this process may run on, divided among the ``LOCAL_WORLD_SIZE`` processes of the machine (at least 1).
 
     Float reductions split over a different number of threads round differently, so the same seed gives the same
     numbers to the last decimal only with the same thread count. The CPUs a process may use are fixed for a machine
-    kind and do not change with its load (torch's own default can follow ``OMP_NUM_THREADS`` and physical cores);
-    set ``MEDSEG_DIFF_THREADS`` to the same value to compare machines with different core counts.
+    kind and do not change with its load (torch's own default follows physical cores); set ``MEDSEG_DIFF_THREADS``
+    to the same value to compare machines with different core counts.
     """
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // (_positive_int("LOCAL_WORLD_SIZE") or 1))
+
+
+def thread_count() -> int:
+    """torch's intra-op threads for this process: ``MEDSEG_DIFF_THREADS``, else ``OMP_NUM_THREADS``, else
+    ``default_threads()`` (the precedence of the module docstring)."""
+    return _positive_int("MEDSEG_DIFF_THREADS") or _positive_int("OMP_NUM_THREADS") or default_threads()
+
+
+def _positive_int(name: str) -> int | None:
+    """The environment variable ``name`` as a positive integer, None when unset or not one (OpenMP's nested form
+    ``4,2`` gives its first level)."""
+    value = os.environ.get(name, "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def pin_reproducibility(deterministic: bool = True) -> int:
     """Fix what would otherwise vary between runs on the same machine kind: torch's intra-op thread count
-    (``MEDSEG_DIFF_THREADS``, default ``default_threads()``) and, when ``deterministic``, deterministic algorithms
-    (cuDNN included; ``CUBLAS_WORKSPACE_CONFIG`` is set for cuBLAS). Returns the thread count."""
+    (``thread_count()``: ``MEDSEG_DIFF_THREADS``, else ``OMP_NUM_THREADS``, else ``default_threads()``) and, when
+    ``deterministic``, deterministic algorithms (cuDNN included; ``CUBLAS_WORKSPACE_CONFIG`` is set for cuBLAS).
+    Returns the thread count."""
     import torch
 
-    threads = int(os.environ.get("MEDSEG_DIFF_THREADS") or default_threads())
-    if threads > 0 and torch.get_num_threads() != threads:
+    threads = thread_count()
+    if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

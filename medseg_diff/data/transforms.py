@@ -4,6 +4,10 @@ Keys: ``IMAGE`` (4 modalities, canonical order), ``LABEL`` (BraTS labels → [TC
 ``PRIOR`` (optional external mask prior → [TC, WT, ET] probabilities). One random draw is shared by
 every key (MONAI dictionary transforms do this), so image, label and prior stay aligned.
 
+Training augmentation after the crops is a preset (``train_transforms(augment=...)``, ``data.augment``): ``none``,
+``light`` (flips, intensity scale/shift: what training always did) or ``brats`` (nnU-Net-like: affine, noise, blur,
+contrast, gamma, bias field, simulated low resolution).
+
 Inference pipelines are invertible: ``invert_prediction`` puts a prediction made on the transformed
 grid back on the input file's exact grid (shape and affine), RAS and LPS inputs alike.
 
@@ -29,6 +33,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 from monai.transforms import (
+    BorderPadd,
+    CenterSpatialCropd,
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
@@ -38,10 +44,17 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     SpatialPadd,
     Spacingd,
 )
@@ -314,6 +327,41 @@ def _geometry(keys: Sequence[str], spacing: Sequence[float] | None, modes: Seque
     return steps
 
 
+#: ``data.augment`` presets (config.py, configs/base.yaml): what ``train_transforms`` does after the crops.
+AUGMENT_PRESETS = ("none", "light", "brats")
+
+#: ``brats``: the spatial transform, after nnU-Net (v1 ``default_3D_augmentation_params`` and
+#: ``get_moreDA_augmentation``; v2 ``nnUNetTrainer.get_training_transforms`` keeps the probabilities): a rotation of
+#: up to ±30° about each axis and an isotropic-range scale in [0.85, 1.25] (MONAI draws it per axis), trilinear for
+#: the image and the prior, nearest for the label. nnU-Net draws rotation and scaling with 0.2 each; one
+#: ``RandAffined`` applies both with 0.2 (one resampling, not two).
+AFFINE_PROB = 0.2
+AFFINE_ROTATE = np.pi / 6
+AFFINE_SCALE = (0.85, 1.25)
+
+
+def affine_context(roi_size: Sequence[int]) -> tuple[int, ...]:
+    """Voxels of context added on each side of a crop before the ``brats`` affine, so that a crop rotated by up to
+    ``AFFINE_ROTATE`` about one axis and zoomed out by ``AFFINE_SCALE[1]`` samples image, not padding (nnU-Net crops
+    a larger patch for its spatial transform the same way): ``ceil(side x (s (cos a + sin a) - 1) / 2)``, 12 for a
+    32-voxel side, 34 for 96. Rotations about several axes at once can still reach the zero padding at the corners."""
+    grow = AFFINE_SCALE[1] * (np.cos(AFFINE_ROTATE) + np.sin(AFFINE_ROTATE)) - 1.0
+    return tuple(int(np.ceil(side * grow / 2)) for side in roi_size)
+
+
+class _Uncached:
+    """Runs ``transform`` but is no MONAI ``Transform``: ``CacheDataset`` and ``PersistentDataset`` cache a pipeline
+    up to the first random step **or** the first step that is not a ``Transform``, so what this wraps runs on every
+    draw and the cache holds the same volumes whichever ``data.augment`` preset built the pipeline (a disk cache
+    written by a ``light`` run stays valid for a ``brats`` run, and the padded volume costs no cache memory)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, data):
+        return self.transform(data)
+
+
 def train_transforms(
     convention: LabelConvention,
     spacing: Sequence[float] | None,
@@ -322,30 +370,84 @@ def train_transforms(
     pos_neg: tuple[float, float] = (1.0, 1.0),
     flip_prob: float = 0.5,
     intensity_prob: float = 1.0,
+    augment: str = "light",
 ) -> Compose:
     """Load → regions → air to 0 (``SuppressBackgroundd``) → RAS → spacing → foreground crop → normalise →
-    pos/neg crops → flips → intensity. Images are preprocessed exactly as by ``eval_transforms``."""
-    keys = [IMAGE, LABEL]
-    return Compose(
+    pos/neg crops → augmentation (``augment``). Images are preprocessed exactly as by ``eval_transforms``.
+
+    ``augment`` (``data.augment``, one of ``AUGMENT_PRESETS``):
+
+    * ``none``: the crops only (no flip, intensities exactly those ``eval_transforms`` gives);
+    * ``light`` (what training always did before the presets existed; the same steps, so the same draws for a
+      seed): flips along each axis (``flip_prob``), intensity scale ×(1 ± 0.1) and shift ± 0.1 (``intensity_prob``);
+    * ``brats``: nnU-Net's recipe in MONAI steps: the crops taken with ``affine_context`` voxels of context, the
+      affine (``AFFINE_PROB``), the centre crop back to ``roi_size``, then ``light``, then (probabilities per crop,
+      nnU-Net's) multiplicative brightness ×[0.75, 1.25] 0.15, a bias field 0.1 (MONAI's default; not in nnU-Net),
+      Gaussian noise 0.1, Gaussian blur σ ∈ [0.5, 1] 0.2, contrast ×[0.75, 1.25] about the mean 0.15, simulated low
+      resolution ×[0.5, 1] 0.25, inverted gamma [0.7, 1.5] 0.1, gamma [0.7, 1.5] 0.3 (both keep mean and sd).
+
+    Keys: the image, the label and, when the record has one, the prior (``PRIOR``: a 1-channel outline or label
+    map, made regions here as ``eval_transforms`` does); spatial steps move all of them with one random draw
+    (MONAI dictionary transforms), the label by nearest neighbour, the prior (probabilities) trilinearly as
+    ``eval_transforms`` resamples it. Intensity steps touch the image only.
+    """
+    if augment not in AUGMENT_PRESETS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {augment!r}")
+    keys = [IMAGE, LABEL, PRIOR]
+    modes = ("bilinear", "nearest", "bilinear")
+    opt = dict(allow_missing_keys=True)
+    context = affine_context(roi_size) if augment == "brats" else (0,) * len(roi_size)
+    crop_size = tuple(side + 2 * c for side, c in zip(roi_size, context))
+    steps = (
         load_transforms(keys, convention)
-        + [LabelsToRegionsd(keys=LABEL, convention=convention), SuppressBackgroundd(keys=IMAGE)]
-        + _geometry(keys, spacing, ("bilinear", "nearest"))
+        + [LabelsToRegionsd(keys=[LABEL, PRIOR], convention=convention, outline_keys=(PRIOR,), **opt),
+           SuppressBackgroundd(keys=IMAGE)]
+        + _geometry(keys, spacing, modes)
         + [
-            CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True),
+            CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True, **opt),
             NormalizeIntensityd(keys=IMAGE, nonzero=True, channel_wise=True),
-            SpatialPadd(keys=keys, spatial_size=tuple(roi_size)),
-            RandCropByPosNegLabeld(
-                keys=keys, label_key=LABEL, spatial_size=tuple(roi_size), pos=pos_neg[0], neg=pos_neg[1],
-                num_samples=num_samples, image_key=IMAGE, image_threshold=0.0,
-            ),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
-            RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=intensity_prob),
-            RandShiftIntensityd(keys=IMAGE, offsets=0.1, prob=intensity_prob),
-            EnsureTyped(keys=keys, track_meta=False),
+            SpatialPadd(keys=keys, spatial_size=tuple(roi_size), **opt),
         ]
     )
+    if augment == "brats":
+        # context on every side, so that a crop centred anywhere the roi_size crop could be centred fits
+        steps.append(_Uncached(BorderPadd(keys=keys, spatial_border=[c for c in context for _ in "lr"], **opt)))
+    steps.append(RandCropByPosNegLabeld(
+        keys=keys, label_key=LABEL, spatial_size=crop_size, pos=pos_neg[0], neg=pos_neg[1],
+        num_samples=num_samples, image_key=IMAGE, image_threshold=0.0, **opt,
+    ))
+    if augment == "brats":
+        low, high = AFFINE_SCALE
+        steps += [
+            RandAffined(keys=keys, prob=AFFINE_PROB, rotate_range=(AFFINE_ROTATE,) * 3,
+                        scale_range=((low - 1.0, high - 1.0),) * 3, mode=modes, padding_mode="zeros", **opt),
+            CenterSpatialCropd(keys=keys, roi_size=tuple(roi_size), **opt),
+        ]
+    if augment in ("light", "brats"):
+        steps += [
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0, **opt),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1, **opt),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2, **opt),
+            RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=intensity_prob),
+            RandShiftIntensityd(keys=IMAGE, offsets=0.1, prob=intensity_prob),
+        ]
+    if augment == "brats":
+        # nnU-Net's intensity steps and probabilities (get_moreDA_augmentation / get_training_transforms): noise with
+        # variance in [0, 0.1] (MONAI: sd in [0, sqrt(0.1)]), per-channel choices there are whole-image ones here
+        steps += [
+            RandScaleIntensityd(keys=IMAGE, factors=0.25, prob=0.15),
+            RandBiasFieldd(keys=IMAGE, degree=3, coeff_range=(0.0, 0.1), prob=0.1),
+            RandGaussianNoised(keys=IMAGE, std=float(np.sqrt(0.1)), prob=0.1),
+            RandGaussianSmoothd(keys=IMAGE, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
+            RandScaleIntensityFixedMeand(keys=IMAGE, factors=0.25, fixed_mean=True, preserve_range=True,
+                                         channel_wise=True, prob=0.15),
+            RandSimulateLowResolutiond(keys=IMAGE, zoom_range=(0.5, 1.0), downsample_mode="nearest",
+                                       upsample_mode="trilinear", prob=0.25),
+            RandAdjustContrastd(keys=IMAGE, gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
+            RandAdjustContrastd(keys=IMAGE, gamma=(0.7, 1.5), invert_image=False, retain_stats=True, prob=0.3),
+        ]
+    steps.append(EnsureTyped(keys=keys, track_meta=False, **opt))
+    return Compose(steps)
 
 
 def eval_transforms(

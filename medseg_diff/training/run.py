@@ -2,7 +2,8 @@
 
 1. join the process group (torchrun) and pick the device
 2. read the manifest; take the fold's train/val cases
-3. build the adapter (network, prior), the cached datasets and the hooks (MLflow on rank 0)
+3. build the adapter (network, prior), the cached datasets (under DDP: each process's share) and the hooks
+   (MLflow on rank 0)
 4. run the trainer (resuming from ``output_dir/last.pt``)
 """
 
@@ -25,7 +26,7 @@ from medseg_diff.data.transforms import eval_transforms, train_transforms
 from medseg_diff.errors import ConfigError, DataError
 from medseg_diff.kinds import build_kind
 from medseg_diff.runtime import configure_logging, pin_reproducibility
-from medseg_diff.training.distributed import cleanup, init_distributed
+from medseg_diff.training.distributed import DistInfo, cleanup, init_distributed, partition, shard
 from medseg_diff.training.hooks import LogHook, MlflowHook
 from medseg_diff.training.trainer import Trainer, TrainState
 
@@ -68,11 +69,8 @@ def train(cfg: Config, resume: bool = True, check_data: bool = True, verify_chec
         # 3. adapter, datasets, hooks
         adapter = build_kind(cfg)  # roi sizes against its stride: checked with the config (config.network_stride)
         t_train = train_transforms(conv, cfg.data.spacing, cfg.data.roi_size, cfg.data.samples_per_volume,
-                                   cfg.data.pos_neg)
-        train_ds = make_dataset([case_record(manifest, c) for c in train_cases], t_train, cfg.data.cache,
-                                cfg.data.cache_dir, progress=False)
-        val_ds = make_dataset([case_record(manifest, c) for c in val_cases], eval_transforms(conv, cfg.data.spacing),
-                              cfg.data.cache, cfg.data.cache_dir, progress=False) if val_cases else []
+                                   cfg.data.pos_neg, augment=cfg.data.augment)
+        train_ds, val_ds = rank_datasets(cfg, manifest, train_cases, val_cases, dist_info, t_train)
         hooks = []
         if dist_info.is_main:
             hooks = [MlflowHook(cfg, manifest)]
@@ -84,6 +82,20 @@ def train(cfg: Config, resume: bool = True, check_data: bool = True, verify_chec
         return trainer.fit(resume=resume)
     finally:
         cleanup(dist_info)
+
+
+def rank_datasets(cfg: Config, manifest: Manifest, train_cases: list, val_cases: list, dist_info: DistInfo,
+                  train_transform) -> tuple:
+    """The training and validation datasets of this process, cached as ``data.cache`` says: every case for one
+    process; under DDP its ``partition`` of the training cases and its ``shard`` of the validation cases, so that
+    each process caches only the cases it uses."""
+    conv = get_convention(manifest.convention)
+    train_records = partition([case_record(manifest, c) for c in train_cases], dist_info, cfg.experiment.seed)
+    val_records = shard([case_record(manifest, c) for c in val_cases], dist_info)
+    train_ds = make_dataset(train_records, train_transform, cfg.data.cache, cfg.data.cache_dir, progress=False)
+    val_ds = make_dataset(val_records, eval_transforms(conv, cfg.data.spacing), cfg.data.cache, cfg.data.cache_dir,
+                          progress=False) if val_records else []
+    return train_ds, val_ds
 
 
 def preflight_check(manifest: Manifest, cases: list, out_dir: Path, verify_checksums: bool = True) -> None:

@@ -7,6 +7,12 @@ diffusion noise generator and torch's global RNG from (seed, epoch), and a check
 optimiser, LR schedule, EMA, RNG states, epoch, step, best metric and the MLflow run id. So a run
 killed at any point and resumed from its last checkpoint gives the same losses and weights as one
 that never stopped.
+
+Under DDP (``torchrun``) each process gets only its share of the data (``distributed.partition`` of the training
+cases, ``distributed.shard`` of the validation cases): it samples its training part in an order reseeded per epoch,
+validates its validation cases, and the per-case Dice of all processes are gathered in case order, so validation
+takes 1/world_size of the time and gives a single process's numbers for the same weights. Process 0 writes the
+checkpoints; its hooks log.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from medseg_diff.evaluation.metrics import dice
 from medseg_diff.kinds.base import ModelKind, Objective
 from medseg_diff.inference.sliding_window import infer_volume
 from medseg_diff.runtime import show_progress
-from medseg_diff.training.distributed import DistInfo, barrier, mean_across
+from medseg_diff.training.distributed import DistInfo, barrier, gather, mean_across, unshard
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,9 @@ def _list(values) -> list[float] | None:
 
 
 class Trainer:
+    """``train_data`` / ``val_data``: this process's share under DDP (``distributed.partition`` /
+    ``distributed.shard``; every case for one process)."""
+
     def __init__(self, cfg: Config, adapter: ModelKind, train_data, val_data, device: torch.device,
                  dist_info: DistInfo = DistInfo(), hooks: list[TrainerHook] | None = None,
                  train_transform=None, objective: Objective | None = None, training_data: dict | None = None):
@@ -102,6 +111,7 @@ class Trainer:
         self.objective = objective or adapter.objective()
         self.hooks = hooks or []
         self.train_data, self.val_data, self.train_transform = train_data, val_data, train_transform
+        self.val_cases = sum(gather(len(val_data), dist_info))  # of all processes: a share may be empty
         self.out_dir = Path(cfg.experiment.output_dir)
         self.state = TrainState()
         self.net = adapter.net.to(device)
@@ -131,13 +141,9 @@ class Trainer:
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def _loader(self) -> DataLoader:
-        sampler = None
-        if self.dist.enabled:
-            sampler = torch.utils.data.DistributedSampler(self.train_data, num_replicas=self.dist.world_size,
-                                                          rank=self.dist.rank, shuffle=True,
-                                                          seed=self.cfg.experiment.seed)
-        return DataLoader(self.train_data, batch_size=self.cfg.data.batch_size, shuffle=sampler is None,
-                          sampler=sampler, num_workers=self.cfg.data.num_workers, generator=self.loader_generator,
+        """Shuffles this process's training cases (all of them for one process, its fixed part under DDP)."""
+        return DataLoader(self.train_data, batch_size=self.cfg.data.batch_size, shuffle=True,
+                          num_workers=self.cfg.data.num_workers, generator=self.loader_generator,
                           drop_last=False, pin_memory=self.device.type == "cuda")
 
     @property
@@ -161,7 +167,7 @@ class Trainer:
             for epoch in range(self.state.epoch, self.cfg.train.epochs):
                 metrics = self._train_epoch(epoch)
                 if self._should_validate(epoch):
-                    metrics.update(self._validate())
+                    metrics.update(self.validate())
                 self._end_epoch(epoch, metrics)
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -174,7 +180,7 @@ class Trainer:
 
     def _should_validate(self, epoch: int) -> bool:
         every = self.cfg.train.val_every
-        return bool(self.val_data) and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.train.epochs)
+        return self.val_cases > 0 and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.train.epochs)
 
     def _seed_epoch(self, epoch: int) -> None:
         """1. reseed everything random from (seed, epoch): resuming at an epoch boundary is exact."""
@@ -185,8 +191,6 @@ class Trainer:
         np.random.seed(seed % 2**32)
         if self.train_transform is not None:
             self.train_transform.set_random_state(seed=seed % 2**32)
-        if isinstance(self.loader.sampler, torch.utils.data.DistributedSampler):
-            self.loader.sampler.set_epoch(epoch)
 
     def _batches(self) -> Iterator[dict]:
         """``steps_per_epoch`` batches, cycling over the loader when it is shorter."""
@@ -254,33 +258,34 @@ class Trainer:
         return out.parts
 
     @torch.no_grad()
-    def _validate(self) -> dict[str, float]:
-        """Cheap whole-volume validation (rank 0): Dice per region on the transformed grid."""
-        if not self.dist.is_main:
-            return {}
+    def validate(self) -> dict[str, float]:
+        """Cheap whole-volume validation: Dice per region on the transformed grid, the mean over every validation
+        case. Under DDP every process must call it: each scores its own cases, then the per-case Dice of all
+        processes are gathered (``distributed.unshard``: case order, so the means are a single process's)."""
         net = self.eval_net.eval()
         segmenter = self.adapter.segmenter(net, validation=True, seed=self.cfg.experiment.seed)
-        roi = self.cfg.infer.roi_size or self.cfg.data.roi_size
-        scores: dict[str, list[float]] = {r: [] for r in REGIONS}
-        prior_generator = torch.Generator(device=self.device)
-        for item in self.val_data:
-            image = torch.as_tensor(item[IMAGE]).unsqueeze(0).to(self.device)
-            # prior_source=external: validate with the simulated outline; optional: without; None otherwise
-            regions = torch.as_tensor(item[LABEL]).unsqueeze(0).to(self.device)
-            prior = self.adapter.training_prior(regions, prior_generator.manual_seed(self.cfg.experiment.seed),
-                                                validation=True)
-            pred = infer_volume(segmenter, image, roi, overlap=self.cfg.infer.overlap, prior=prior,
-                                sw_batch_size=self.cfg.infer.sw_batch_size, mode=self.cfg.infer.mode,
-                                amp=self.cfg.train.amp)
-            # as predict does: no tumour where every (preprocessed) modality is background
-            head = (torch.as_tensor(item[IMAGE]) != 0).any(dim=0).numpy()
-            mask = (pred.probs > self.cfg.infer.threshold).cpu().numpy() & head
-            gt = np.asarray(item[LABEL]) > 0.5
-            for r, name in enumerate(REGIONS):
-                scores[name].append(dice(mask[r], gt[r]))
-        out = {f"val_dice_{r}": float(np.mean(v)) for r, v in scores.items()}
+        rows = unshard(gather([self._case_dice(segmenter, item) for item in self.val_data], self.dist))
+        out = {f"val_dice_{name}": float(np.mean([row[r] for row in rows])) for r, name in enumerate(REGIONS)}
         out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
         return out
+
+    def _case_dice(self, segmenter, item: dict) -> list[float]:
+        """One validation case's Dice per region (``REGIONS`` order); depends on nothing but the case and the
+        weights (the prior generator is reseeded per case, the sampler per call)."""
+        image = torch.as_tensor(item[IMAGE]).unsqueeze(0).to(self.device)
+        # prior_source=external: validate with the simulated outline; optional: without; None otherwise
+        regions = torch.as_tensor(item[LABEL]).unsqueeze(0).to(self.device)
+        prior_generator = torch.Generator(device=self.device).manual_seed(self.cfg.experiment.seed)
+        prior = self.adapter.training_prior(regions, prior_generator, validation=True)
+        roi = self.cfg.infer.roi_size or self.cfg.data.roi_size
+        pred = infer_volume(segmenter, image, roi, overlap=self.cfg.infer.overlap, prior=prior,
+                            sw_batch_size=self.cfg.infer.sw_batch_size, mode=self.cfg.infer.mode,
+                            amp=self.cfg.train.amp)
+        # as predict does: no tumour where every (preprocessed) modality is background
+        head = (torch.as_tensor(item[IMAGE]) != 0).any(dim=0).numpy()
+        mask = (pred.probs > self.cfg.infer.threshold).cpu().numpy() & head
+        gt = np.asarray(item[LABEL]) > 0.5
+        return [float(dice(mask[r], gt[r])) for r in range(len(REGIONS))]
 
     def _end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """4. bookkeeping, best/last checkpoints (rank 0), hooks."""
@@ -291,7 +296,7 @@ class Trainer:
                 self.state.best_metric, self.state.best_epoch = metrics["val_dice_mean"], epoch + 1
                 save_checkpoint(self.checkpoint(), self.out_dir / BEST)
             save_checkpoint(self.checkpoint(), self.out_dir / LAST)
-            if not self.val_data:  # no validation set: the last epoch is the best we know
+            if not self.val_cases:  # no validation set: the last epoch is the best we know
                 save_checkpoint(self.checkpoint(), self.out_dir / BEST)
         barrier(self.dist)
         for hook in self.hooks:

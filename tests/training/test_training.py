@@ -143,7 +143,8 @@ def test_roi_not_multiple_of_stride_is_rejected_before_work(phantoms, tmp_path):
 
 
 def test_ddp_two_cpu_processes_gloo(phantoms, tmp_path):
-    """torchrun with 2 processes (gloo): one process writes checkpoints, both train."""
+    """torchrun with 2 processes (gloo): one process writes checkpoints, both train, and both validate their
+    share of the validation cases (sharded: gathered into the epoch's metrics, which rank 0 records)."""
     cfg = tiny_config(phantoms, tmp_path / "ddp", "unet", train={"epochs": 1})
     path = _write_yaml(cfg, tmp_path / "cfg.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -156,6 +157,7 @@ def test_ddp_two_cpu_processes_gloo(phantoms, tmp_path):
     assert proc.stderr.count("done epoch=1") == 2  # both ranks finished (logged on stderr)
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert 0.0 <= ckpt["history"][0]["val_dice_mean"] <= 1.0 and ckpt["best_epoch"] == 1
 
 
 def test_train_compile_wraps_the_training_module_and_keeps_plain_checkpoints(tmp_path):
