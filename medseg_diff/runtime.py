@@ -12,8 +12,9 @@ torch's intra-op CPU threads per process (``thread_count``, set by ``pin_reprodu
 3. the CPUs this process may run on (``default_threads``), shared among the ``LOCAL_WORLD_SIZE`` processes of the
    machine when a launcher other than ``torchrun`` starts several without ``OMP_NUM_THREADS``.
 
-An empty, non-numeric or non-positive value counts as unset. The same seed gives the same numbers to the last
-decimal only with the same thread count.
+An empty or zero value counts as unset; a non-numeric ``OMP_NUM_THREADS`` (OpenMP's own variable) is
+ignored, a non-numeric ``MEDSEG_DIFF_THREADS`` is refused (``ConfigError`` naming it). The same seed gives the
+same numbers to the last decimal only with the same thread count.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ def default_threads() -> int:
 def thread_count() -> int:
     """torch's intra-op threads for this process: ``MEDSEG_DIFF_THREADS``, else ``OMP_NUM_THREADS``, else
     ``default_threads()`` (the precedence of the module docstring)."""
+    own = os.environ.get("MEDSEG_DIFF_THREADS", "").strip()
+    if own and not own.isdigit():  # this package's own setting: a typo is an error, not silently every CPU
+        from medseg_diff.errors import ConfigError
+
+        raise ConfigError("MEDSEG_DIFF_THREADS", f"the environment variable must be a whole number of threads "
+                                                 f"(0 or empty: unset), got {own!r}")
     return _positive_int("MEDSEG_DIFF_THREADS") or _positive_int("OMP_NUM_THREADS") or default_threads()
 
 

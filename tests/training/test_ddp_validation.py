@@ -150,6 +150,14 @@ def test_thread_precedence_medseg_diff_threads_then_omp_num_threads_then_cpus(mo
     assert thread_count() == (cpus if expected == "cpus" else expected)
 
 
+
+def test_a_mistyped_medseg_diff_threads_is_refused_naming_it(monkeypatch):
+    from medseg_diff.errors import ConfigError
+
+    monkeypatch.setenv("MEDSEG_DIFF_THREADS", "two")
+    with pytest.raises(ConfigError, match="MEDSEG_DIFF_THREADS.*'two'"):
+        thread_count()
+
 def test_pin_reproducibility_sets_torch_to_omp_num_threads(monkeypatch):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs to tell OMP_NUM_THREADS=1 from every CPU")
