@@ -183,8 +183,10 @@ class Trainer:
         return self.val_cases > 0 and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.train.epochs)
 
     def _seed_epoch(self, epoch: int) -> None:
-        """1. reseed everything random from (seed, epoch): resuming at an epoch boundary is exact."""
-        seed = self.cfg.experiment.seed * 1_000_003 + epoch
+        """1. reseed everything random from (seed, epoch, rank): resuming at an epoch boundary is exact. Under DDP
+        each rank gets its own stream (its crops, augmentation and diffusion noise differ from the other ranks');
+        one process is rank 0, whose seeds are those of before."""
+        seed = self.cfg.experiment.seed * 1_000_003 + epoch + self.dist.rank * 7_919_000_011
         self.loader_generator.manual_seed(seed)
         self.noise_generator.manual_seed(seed + 1)
         torch.manual_seed(seed + 2)
@@ -325,6 +327,9 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("inference_only"):
+            raise TrainingError(f"{path}: an inference checkpoint (the MLflow model's weights only: no optimizer or "
+                                "run state) cannot be resumed from; resume from the run's last.pt, or --no-resume")
         kind = self.adapter.kind
         if ckpt.get("model_kind") != kind:
             raise TrainingError(f"{path}: checkpoint is of a '{ckpt.get('model_kind')}' model, not '{kind}'")

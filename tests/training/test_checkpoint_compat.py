@@ -100,3 +100,17 @@ def test_overlap_override_reaches_the_config_and_is_validated(phantoms, tmp_path
     assert load_model(ckpt, overlap=0.0).cfg.infer.overlap == 0.0
     with pytest.raises(ConfigError, match=r"'--overlap': must be in \[0, 1\), got 1.0"):  # the flag the user typed
         load_model(ckpt, overlap=1.0)
+
+
+def test_an_inference_checkpoint_is_refused_as_a_resume_point(phantoms, tmp_path):
+    """The MLflow model's inference checkpoint (weights only) put where a run resumes from: a clear TrainingError,
+    not a KeyError on the missing optimizer state."""
+    from medseg_diff.checkpoint import inference_checkpoint
+
+    train(tiny_config(phantoms, tmp_path / "run", "unet", **ONE_EPOCH))
+    last = tmp_path / "run" / "last.pt"
+    inference_checkpoint(last, tmp_path / "inference.pt")
+    (tmp_path / "inference.pt").replace(last)
+    with pytest.raises(TrainingError, match="inference checkpoint.*cannot be resumed"):
+        train(tiny_config(phantoms, tmp_path / "run", "unet", train={"epochs": 2, "steps_per_epoch": 1},
+                          data={"max_val_cases": 0}))

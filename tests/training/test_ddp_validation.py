@@ -169,3 +169,26 @@ def test_pin_reproducibility_sets_torch_to_omp_num_threads(monkeypatch):
         assert pin_reproducibility(deterministic=False) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_rank_draws_its_own_noise_and_one_process_keeps_its_seeds():
+    """Under DDP every rank reseeds from (seed, epoch, rank): two ranks must not draw the same diffusion noise and
+    crops on their different cases; rank 0 (one process) keeps the seeds of before, so single-process runs are
+    unchanged."""
+    from types import SimpleNamespace
+
+    from medseg_diff.training.trainer import Trainer
+
+    def draws(rank: int, epoch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+        fake = SimpleNamespace(cfg=SimpleNamespace(experiment=SimpleNamespace(seed=5)),
+                               dist=DistInfo(rank=rank, world_size=2), train_transform=None,
+                               loader_generator=torch.Generator(), noise_generator=torch.Generator())
+        Trainer._seed_epoch(fake, epoch)
+        return (torch.randn(8, generator=fake.noise_generator), torch.randn(8, generator=fake.loader_generator))
+
+    noise0, order0 = draws(0)
+    noise1, order1 = draws(1)
+    assert not torch.equal(noise0, noise1) and not torch.equal(order0, order1)
+    before = 5 * 1_000_003 + 3  # the single-process seed of epoch 3
+    assert torch.equal(noise0, torch.randn(8, generator=torch.Generator().manual_seed(before + 1)))
+    assert torch.equal(order0, torch.randn(8, generator=torch.Generator().manual_seed(before)))
