@@ -362,6 +362,24 @@ class _Uncached:
         return self.transform(data)
 
 
+#: ``augment: brats`` scales contrast per channel (``RandScaleIntensityFixedMeand(channel_wise=True)``), which
+#: MONAI has from 1.6; the rest of the package works with MONAI 1.4 (pyproject's floor, ``make test-floors``).
+BRATS_MIN_MONAI = "1.6"
+
+
+def _need_monai_for_brats() -> None:
+    """``augment: brats`` on a MONAI older than ``BRATS_MIN_MONAI``: a ConfigError naming the key, before any work."""
+    import monai
+    from monai.utils import version_leq
+
+    if not version_leq(BRATS_MIN_MONAI, monai.__version__):
+        from medseg_diff.errors import ConfigError
+
+        raise ConfigError("data.augment", f"'brats' needs MONAI >= {BRATS_MIN_MONAI} (per-channel contrast), this "
+                                          f"environment has {monai.__version__}: pip install 'monai>="
+                                          f"{BRATS_MIN_MONAI}', or use augment: light")
+
+
 def train_transforms(
     convention: LabelConvention,
     spacing: Sequence[float] | None,
@@ -393,6 +411,8 @@ def train_transforms(
     """
     if augment not in AUGMENT_PRESETS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {augment!r}")
+    if augment == "brats":
+        _need_monai_for_brats()
     keys = [IMAGE, LABEL, PRIOR]
     modes = ("bilinear", "nearest", "bilinear")
     opt = dict(allow_missing_keys=True)

@@ -22,6 +22,16 @@ from medseg_diff.data.transforms import (
 )
 from medseg_diff.errors import ConfigError
 
+import monai
+from monai.utils import version_leq
+
+from medseg_diff.data.transforms import BRATS_MIN_MONAI
+
+#: the brats preset needs a newer MONAI than the package's floor (make test-floors installs the floor)
+needs_brats_monai = pytest.mark.skipif(not version_leq(BRATS_MIN_MONAI, monai.__version__),
+                                       reason=f"augment: brats needs MONAI >= {BRATS_MIN_MONAI}, "
+                                              f"this environment has {monai.__version__}")
+
 ROI = (16, 16, 16)
 
 
@@ -86,7 +96,8 @@ def _image_only(step) -> bool:
     return isinstance(step, RandomizableTransform) and tuple(getattr(step, "keys", ())) == (IMAGE,)
 
 
-@pytest.mark.parametrize("augment", AUGMENT_PRESETS)
+@pytest.mark.parametrize("augment", [pytest.param(a, marks=needs_brats_monai) if a == "brats" else a
+                                     for a in AUGMENT_PRESETS])
 def test_each_preset_builds_crops_of_roi_size_with_nested_binary_regions(case, augment):
     conv, record = case
     samples = _seeded(train_transforms(conv, None, ROI, num_samples=3, augment=augment))(record)
@@ -147,6 +158,7 @@ def test_none_never_changes_intensities(case):
     assert not all(is_block(s[IMAGE].numpy()) for s in light)  # the check sees augmentation when there is some
 
 
+@needs_brats_monai
 def test_brats_with_every_step_off_is_the_none_crop(case):
     """The context crop around the affine keeps the crop centre: with the affine and every other step switched off,
     ``brats`` gives exactly the crops ``none`` gives for the same seed."""
@@ -163,6 +175,7 @@ def test_brats_with_every_step_off_is_the_none_crop(case):
     assert affine_context((32, 32, 32)) == (12, 12, 12) and affine_context((96, 96, 96)) == (34, 34, 34)
 
 
+@needs_brats_monai
 def test_affine_moves_image_label_and_prior_together(aligned):
     """A forced affine: the FLAIR feature, the label's whole tumour and the prior outline stay on the same voxels,
     and they did move (the crops differ from the same crops without the affine)."""
@@ -196,6 +209,7 @@ def test_affine_moves_image_label_and_prior_together(aligned):
     assert tumour_crops >= 1
 
 
+@needs_brats_monai
 def test_brats_changes_intensities_but_not_the_label_set(case):
     conv, record = case
     brats = _seeded(train_transforms(conv, None, ROI, num_samples=8, augment="brats"), 2)(record)
@@ -203,3 +217,12 @@ def test_brats_changes_intensities_but_not_the_label_set(case):
     assert any(not np.array_equal(a[IMAGE].numpy(), b[IMAGE].numpy()) for a, b in zip(brats, none))
     for s in brats:
         assert set(np.unique(s[LABEL].numpy())) <= {0.0, 1.0}
+
+
+def test_brats_on_an_older_monai_is_refused_naming_the_key(monkeypatch):
+    """On a MONAI without per-channel contrast scaling (< 1.6, e.g. the floor 1.4) ``augment: brats`` stops before
+    any work with a ConfigError naming ``data.augment`` and the version it needs."""
+    monkeypatch.setattr(monai, "__version__", "1.5.2")
+    with pytest.raises(ConfigError, match=r"data\.augment.*MONAI >= 1\.6.*1\.5\.2"):
+        train_transforms(BRATS2021, None, (16, 16, 16), num_samples=1, augment="brats")
+    train_transforms(BRATS2021, None, (16, 16, 16), num_samples=1, augment="light")  # the others still build
