@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from factories import tiny_config
-from mlflow_processes import free_port, stop_group, wait_for
+from mlflow_processes import free_port, mlflow_client, stop_group, wait_for
 from medseg_diff.checkpoint import load_checkpoint
 from medseg_diff.data.dataset import case_record
 from medseg_diff.data.manifest import load_manifest
@@ -103,20 +103,6 @@ def trained(booting_server, phantoms, tmp_path_factory) -> Trained:
     return Trained(url, booting_server.folder, state.run_id, out / "best.pt", phantoms)
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Fetched models go to this test's folder, and no store comes from the environment."""
-    monkeypatch.setenv("MEDSEG_DIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def _case_frame(manifest: Path, out_dir: Path) -> tuple[pd.DataFrame, dict]:
     m = load_manifest(manifest)
     record = case_record(m, m.cases[0], with_label=False)
@@ -132,7 +118,7 @@ def _case_frame(manifest: Path, out_dir: Path) -> tuple[pd.DataFrame, dict]:
 def test_training_registers_a_pyfunc_with_the_case_signature(trained, monkeypatch):
     import mlflow
 
-    client = _client(trained.url)
+    client = mlflow_client(trained.url)
     version = client.get_model_version(NAME, "1")
     assert version.run_id == trained.run_id
     run = client.get_run(trained.run_id)
@@ -208,7 +194,7 @@ def test_load_model_takes_the_registered_weights_unchanged(trained):
     _assert_inference_checkpoint_of(model.checkpoint, trained.checkpoint)
     # the aliases (training's candidate, a reviewer's champion), the run's model and the latest version are the
     # same logged model: one cached copy
-    _client(trained.url).set_registered_model_alias(NAME, "champion", "1")
+    mlflow_client(trained.url).set_registered_model_alias(NAME, "champion", "1")
     for other in (f"models:/{NAME}@candidate", f"models:/{NAME}@champion", f"runs:/{trained.run_id}/model",
                   f"models:/{NAME}/latest"):
         assert checkpoint_of_model(other, trained.url) == model.checkpoint, other
@@ -320,7 +306,7 @@ def test_an_embedded_store_is_relocated_when_moved(trained, tmp_path, monkeypatc
 
 
 def test_runs_table_url_is_a_route_of_the_served_ui(trained):
-    run = _client(trained.url).get_run(trained.run_id)
+    run = mlflow_client(trained.url).get_run(trained.run_id)
     url = runs_table_url(trained.url + "/", run.info.experiment_id)
     assert url == f"{trained.url}/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning"
     with urllib.request.urlopen(f"{trained.url}/", timeout=30) as response:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from factories import run_cli, tiny_config
-from mlflow_processes import free_port, stop_group, wait_for
+from mlflow_processes import free_port, mlflow_client, stop_group, wait_for
 from medseg_diff.checkpoint import INFERENCE_KEYS, inference_checkpoint, load_checkpoint, save_checkpoint
 from medseg_diff.data.conventions import get_convention
 from medseg_diff.data.dataset import case_record
@@ -59,20 +59,6 @@ def store(phantoms, tmp_path_factory) -> Store:
     state = train(cfg)
     assert state.run_id is not None and (folder / "run" / "best.pt").exists()
     return Store(uri, folder, state.run_id, folder / "run" / "best.pt", phantoms)
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Fetched models go to this test's folder, and no store comes from the environment."""
-    monkeypatch.setenv("MEDSEG_DIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def _first_case(manifest: Path) -> dict:
@@ -129,7 +115,7 @@ def test_a_model_logged_with_the_whole_checkpoint_still_loads(store, tmp_path, m
     code = tmp_path / "medseg_model.py"
     code.write_text(registry._MODEL_CODE, encoding="utf-8")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    with mlflow.start_run(experiment_id=_client(store.uri).get_experiment_by_name(EXPERIMENT).experiment_id):
+    with mlflow.start_run(experiment_id=mlflow_client(store.uri).get_experiment_by_name(EXPERIMENT).experiment_id):
         mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"checkpoint": str(store.checkpoint)},
                                 registered_model_name="whole-checkpoint", pip_requirements=["mlflow"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
@@ -148,7 +134,7 @@ def _aliases(client, name: str) -> dict[str, int]:
 def test_training_points_candidate_at_the_version_it_registers_and_sets_no_champion(store):
     from mlflow.exceptions import MlflowException
 
-    client = _client(store.uri)
+    client = mlflow_client(store.uri)
     assert _aliases(client, NAME) == {CANDIDATE: 1}
     assert client.get_model_version_by_alias(NAME, CANDIDATE).run_id == store.run_id
     with pytest.raises(MlflowException):  # champion is a reviewer's to set

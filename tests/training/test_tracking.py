@@ -4,11 +4,8 @@ training continues the same MLflow run."""
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -18,6 +15,7 @@ import pytest
 import yaml
 
 from factories import tiny_config
+from mlflow_processes import free_port, mlflow_client, stop_group, wait_for
 from medseg_diff.config import load_config
 from medseg_diff.checkpoint import load_checkpoint
 from medseg_diff.training.run import train
@@ -45,12 +43,6 @@ def store(phantoms, tmp_path_factory) -> Store:
     state = train(tiny_config(phantoms, folder / "unet", "unet", tracking_uri=uri, **FAST))
     assert state.run_id is not None and state.epoch == 2
     return Store(uri, folder, state.run_id, state.history)
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 # --- reading a run back from elsewhere ------------------------------------------------------------------
@@ -82,31 +74,10 @@ def test_a_second_process_reads_back_the_training_metrics(store, tmp_path):
     assert [step for step, _ in run["history"]["val_dice_mean"]] == [2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's process group (uvicorn runs as a child), then kill what is left."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    try:  # children that outlived the leader
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(store):
     """``mlflow server`` on the store's database, on a free local port; always stopped afterwards."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = store.folder / "server.log"
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
@@ -116,20 +87,10 @@ def mlflow_server(store):
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=store.folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer on {url}:\n{log.read_text(encoding='utf-8')[-3000:]}")
-            time.sleep(0.25)
+        wait_for(f"{url}/health", proc, log, timeout=180)
         yield url
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _get_json(url: str) -> dict:
@@ -195,7 +156,7 @@ def test_mlflow_tracking_uri_is_used_when_the_config_has_none(phantoms, store, t
     cfg = tiny_config(phantoms, tmp_path / "run", "unet", train={"epochs": 1, "steps_per_epoch": 1},
                       data={"max_val_cases": 0}, tracking={"enabled": True, "uri": None, "experiment": "from-env"})
     state = train(cfg)
-    client = _client(store.uri)
+    client = mlflow_client(store.uri)
     run = client.get_run(state.run_id)
     assert client.get_experiment(run.info.experiment_id).name == "from-env"
     assert run.info.status == "FINISHED"
@@ -210,7 +171,7 @@ def test_config_uri_wins_over_mlflow_tracking_uri(phantoms, store, tmp_path, mon
                       data={"max_val_cases": 0},
                       tracking={"enabled": True, "uri": store.uri, "experiment": "from-config"})
     state = train(cfg)
-    assert _client(store.uri).get_run(state.run_id).info.status == "FINISHED"
+    assert mlflow_client(store.uri).get_run(state.run_id).info.status == "FINISHED"
     assert not elsewhere.exists() and _store_files(tmp_path) == []
 
 
@@ -231,7 +192,7 @@ def test_resumed_training_continues_the_same_mlflow_run(phantoms, store, tmp_pat
         train(cfg)
     monkeypatch.undo()
     run_id = load_checkpoint(tmp_path / "run" / "last.pt")["run_id"]
-    client = _client(store.uri)
+    client = mlflow_client(store.uri)
     assert client.get_run(run_id).info.status == "KILLED"
     state = train(cfg)
     assert state.run_id == run_id and state.epoch == 3

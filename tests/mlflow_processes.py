@@ -1,5 +1,6 @@
 """MLflow's own servers as subprocesses of a test: a free loopback port, waiting for an address to answer, and
-stopping the whole process group (``mlflow server`` and ``mlflow models serve`` both run uvicorn as a child)."""
+stopping the whole process group (``mlflow server`` and ``mlflow models serve`` both run uvicorn as a child), and
+a client of a store."""
 
 from __future__ import annotations
 
@@ -51,3 +52,10 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` of the store or server ``uri`` (no process-wide tracking URI set)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
