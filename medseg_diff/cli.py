@@ -438,9 +438,9 @@ def run_export(args: argparse.Namespace) -> int:
 def add_export_nnunet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path, help="the manifest whose train cases, folds and test cases are exported")
     p.add_argument("--out", type=Path, required=True,
-                   help="nnU-Net's raw folder (nnUNet_raw): the data set is written to OUT/DatasetXXX_NAME")
+                   help="nnU-Net's raw folder (nnUNet_raw): the data set is written to OUT/Dataset<ID>_<NAME>")
     p.add_argument("--dataset-id", type=int, default=137, help="nnU-Net dataset id, 1..999 (default 137)")
-    p.add_argument("--name", default=None, help="data set name, DatasetXXX_NAME (default: the manifest's name)")
+    p.add_argument("--name", default=None, help="data set name, Dataset<ID>_<NAME> (default: the manifest's name)")
     p.add_argument("--root", type=Path, default=None, help="override the manifest's data root")
     p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
                    help=".nii.gz images are copied (default) or linked; other formats are always written as NIfTI")

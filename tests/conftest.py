@@ -32,6 +32,17 @@ def phantoms(tmp_path_factory) -> Path:
     return root / "manifest.json"
 
 
+
+@pytest.fixture
+def live_pid():
+    """A running process: the pid of 'another run' that a lock file or a staging folder names."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
 @pytest.fixture(autouse=True)
 def _locale_unchanged():
     """No test may leave the process locale changed: SimpleITK's DICOM writer (GDCM), which tests use to make DICOM

@@ -100,3 +100,13 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out, captured.err
     return rc, captured.err + captured.out
+
+
+def dead_pid() -> int:
+    """The pid of a process that has already ended: the owner of a killed run's leftovers."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

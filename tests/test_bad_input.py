@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from factories import save, tiny_config, write_case, run_cli as run
+from factories import dead_pid, save, tiny_config, write_case, run_cli as run
 from medseg_diff.checkpoint import load_checkpoint, save_checkpoint
 from medseg_diff.cli import main
 from medseg_diff.data.manifest import build_manifest, write_manifest
@@ -450,18 +450,6 @@ def test_an_unreachable_pacs_is_named_with_the_study_and_nothing_is_written(mode
 # --- one writer per output folder ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def live_holder():
-    """A running process whose pid a lock file names (the 'other run')."""
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
 def _lock_file(path: Path, pid: int) -> Path:
     import json
     import socket
@@ -472,15 +460,6 @@ def _lock_file(path: Path, pid: int) -> Path:
     path.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 1.7e9, "command": "evaluate …",
                                 "process_start": _process_start(pid), "token": "theirs"}), encoding="utf-8")
     return path
-
-
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def _evaluate(capsys, manifest, out):
@@ -497,14 +476,14 @@ def _evaluate(capsys, manifest, out):
 
 
 def test_a_second_evaluate_into_a_live_output_folder_is_refused_naming_the_holder(model, tmp_path, capsys,
-                                                                                   live_holder):
+                                                                                   live_pid):
     _, manifest = model
     out = tmp_path / "eval"
     assert _evaluate(capsys, manifest, out)[0] == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    lock = _lock_file(out / ".medseg-diff.lock", live_holder)
+    lock = _lock_file(out / ".medseg-diff.lock", live_pid)
     rc, err = _evaluate(capsys, manifest, out)
-    assert rc == 2 and f"pid {live_holder}" in err and "being written by another run" in err and str(out) in err
+    assert rc == 2 and f"pid {live_pid}" in err and "being written by another run" in err and str(out) in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != lock} == before  # nothing replaced
     assert lock.is_file()  # the holder's lock stays
 
@@ -512,42 +491,42 @@ def test_a_second_evaluate_into_a_live_output_folder_is_refused_naming_the_holde
 def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_note(model, tmp_path, capsys, caplog):
     _, manifest = model
     out = tmp_path / "eval"
-    _lock_file(out / ".medseg-diff.lock", _dead_pid())
+    _lock_file(out / ".medseg-diff.lock", dead_pid())
     rc, _ = _evaluate(capsys, manifest, out)
     assert rc == 0 and (out / "per_case.csv").is_file() and not (out / ".medseg-diff.lock").exists()
     assert any("is no longer running" in r.getMessage() for r in caplog.records)
 
 
-def test_export_into_a_live_folder_is_refused(model, tmp_path, capsys, live_holder):
+def test_export_into_a_live_folder_is_refused(model, tmp_path, capsys, live_pid):
     checkpoint, manifest = model
     preds = tmp_path / "preds"
     assert run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--subset", "test", "--out",
                preds, "--device", "cpu")[0] == 0
-    _lock_file(tmp_path / "overlays" / ".medseg-diff.lock", live_holder)
+    _lock_file(tmp_path / "overlays" / ".medseg-diff.lock", live_pid)
     rc, err = run(capsys, "export", "--predictions", preds, "--out", tmp_path / "overlays")
-    assert rc == 2 and f"pid {live_holder}" in err
+    assert rc == 2 and f"pid {live_pid}" in err
     assert [p.name for p in (tmp_path / "overlays").iterdir()] == [".medseg-diff.lock"]
 
 
 def test_predict_never_writes_a_case_another_live_run_holds_nor_removes_its_staging(model, tmp_path, capsys,
-                                                                                   live_holder):
+                                                                                   live_pid):
     from medseg_diff.data.manifest import load_manifest
 
     checkpoint, manifest = model
     out = tmp_path / "out"
     first = load_manifest(manifest).cases[0].id
-    _lock_file(out / f".{first}.lock", live_holder)
+    _lock_file(out / f".{first}.lock", live_pid)
     import socket
 
     from medseg_diff.ownership import _host_hash
 
-    theirs = out / f".{first}.partial-{live_holder}-{_host_hash()}-0123abcd"  # a live run's staging
+    theirs = out / f".{first}.partial-{live_pid}-{_host_hash()}-0123abcd"  # a live run's staging
     theirs.mkdir()
-    left = out / f".{first}.partial-{_dead_pid()}-{_host_hash()}-4567abcd"  # a killed run's staging
+    left = out / f".{first}.partial-{dead_pid()}-{_host_hash()}-4567abcd"  # a killed run's staging
     left.mkdir()
     rc, err = run(capsys, "predict", "--checkpoint", checkpoint, "--input", manifest, "--out", out, "--device", "cpu",
                   "--continue-on-error")
-    assert rc == 1 and f"case {first}" in err and f"pid {live_holder}" in err
+    assert rc == 1 and f"case {first}" in err and f"pid {live_pid}" in err
     assert theirs.is_dir() and not left.exists()
     assert not (out / first).exists() and sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
         sorted(c.id for c in load_manifest(manifest).cases if c.id != first)

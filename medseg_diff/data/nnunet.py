@@ -2,13 +2,13 @@
 
 Layout (nnU-Net v2 ``documentation/dataset_format.md``) under ``OUT`` (nnU-Net's ``nnUNet_raw``)::
 
-    OUT/DatasetXXX_NAME/
+    OUT/Dataset<ID>_<NAME>/
         dataset.json            channel_names, region-based labels, regions_class_order, numTraining, file_ending
         imagesTr/CASE_0000.nii.gz .. CASE_0003.nii.gz   every train case of the folds: t1, t1ce, t2, flair
         labelsTr/CASE.nii.gz                            its label map, in nnU-Net's values (below)
         imagesTs/CASE_0000.nii.gz ..                    every test case (held out; unlabelled cases are left out)
         splits_final.json       [{"train": [...], "val": [...]}, ...]: fold k of the manifest is entry k. nnU-Net reads
-                                it from nnUNet_preprocessed/DatasetXXX_NAME/, so it is copied there after
+                                it from nnUNet_preprocessed/Dataset<ID>_<NAME>/, so it is copied there after
                                 ``nnUNetv2_plan_and_preprocess``
 
 Labels follow nnU-Net's own BraTS example (``nnunetv2/dataset_conversion/Dataset137_BraTS21.py``,
@@ -79,7 +79,7 @@ _KNOWN_DEFINITIONS: list[tuple[dict[str, tuple[int, ...]], tuple[int, ...] | Non
 class NnunetExport:
     """What ``export_nnunet`` wrote."""
 
-    folder: Path  # OUT/DatasetXXX_NAME
+    folder: Path  # OUT/Dataset<ID>_<NAME>
     train: int  # cases in imagesTr/labelsTr
     test: int  # cases in imagesTs
     folds: int
@@ -131,7 +131,7 @@ def convert_labels(label: np.ndarray, mapping: dict[int, int], path: str | Path,
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
-    """``DatasetXXX_NAME``, refusing an id nnU-Net cannot find (not 1..999) or a name that is no plain folder
+    """``Dataset<ID>_<NAME>``, refusing an id nnU-Net cannot find (not 1..999) or a name that is no plain folder
     name."""
     low, high = DATASET_ID_RANGE
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, int) or not low <= dataset_id <= high:
@@ -139,7 +139,7 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
                               f"{dataset_id!r}")
     if not _NAME.match(name):
         raise DataError(None, f"nnU-Net dataset name {name!r} must be 1-64 letters, digits, '_' or '-' starting with "
-                              "a letter or digit (it becomes the folder DatasetXXX_NAME)")
+                              "a letter or digit (it becomes the folder Dataset<ID>_<NAME>)")
     return f"Dataset{dataset_id:03d}_{name}"
 
 
@@ -191,7 +191,7 @@ def dataset_json(manifest: Manifest, num_training: int) -> dict:
 
 def export_nnunet(manifest: Manifest, out: str | Path, dataset_id: int = 137, name: str | None = None,
                   overwrite: bool = False, link: str = "copy") -> NnunetExport:
-    """Write ``manifest`` as nnU-Net raw data set ``out/DatasetXXX_NAME`` (module docstring): train cases of every
+    """Write ``manifest`` as nnU-Net raw data set ``out/Dataset<ID>_<NAME>`` (module docstring): train cases of every
     fold with their labels, test cases as imagesTs, dataset.json and splits_final.json.
 
     Refused before anything is written (``DataError``/``ManifestError`` naming the file or folder): a manifest

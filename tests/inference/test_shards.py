@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from factories import run_cli, tiny_config, write_case
+from factories import dead_pid, run_cli, tiny_config, write_case
 from medseg_diff.data.manifest import build_manifest, write_manifest
 from medseg_diff.ownership import _host_hash
 from medseg_diff.predictions.layout import prediction_folders
@@ -37,21 +37,6 @@ def model(tmp_path_factory) -> tuple[Path, Path]:
     return root / "run" / "best.pt", manifest
 
 
-@pytest.fixture
-def live_pid():
-    """A running process: the owner of a 'live' staging folder."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def _env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return env | {"MEDSEG_DIFF_THREADS": "1", "OMP_NUM_THREADS": "1"} | extra
@@ -66,7 +51,7 @@ def test_two_shards_started_together_write_every_case_once(model, tmp_path, live
     checkpoint, manifest = model
     out = tmp_path / "out"
     out.mkdir()
-    dead, host = _dead_pid(), _host_hash()
+    dead, host = dead_pid(), _host_hash()
     left = out / f".S1.partial-{dead}-{host}-0badcafe"  # a killed run's staging
     theirs = out / f".S2.partial-{live_pid}-{host}-0123abcd"  # a live run's staging
     aside = out / f".Z_earlier.old-{dead}-{host}-4567abcd"  # a killed run's case moved aside, not yet replaced
