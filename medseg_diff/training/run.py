@@ -26,7 +26,7 @@ from medseg_diff.data.transforms import eval_transforms, train_transforms
 from medseg_diff.errors import ConfigError, DataError
 from medseg_diff.kinds import build_kind
 from medseg_diff.runtime import configure_logging, pin_reproducibility
-from medseg_diff.training.distributed import DistInfo, cleanup, init_distributed, partition, shard
+from medseg_diff.training.distributed import DistInfo, barrier, cleanup, init_distributed, partition, shard
 from medseg_diff.training.hooks import LogHook, MlflowHook
 from medseg_diff.training.trainer import Trainer, TrainState
 
@@ -79,7 +79,9 @@ def train(cfg: Config, resume: bool = True, check_data: bool = True, verify_chec
         trainer = Trainer(cfg, adapter, train_ds, val_ds, device, dist_info, hooks, train_transform=t_train,
                           training_data=record)
         # 4. train
-        return trainer.fit(resume=resume)
+        state = trainer.fit(resume=resume)
+        barrier(dist_info)  # every process done before any tears the group down (gloo aborts on an early teardown)
+        return state
     finally:
         cleanup(dist_info)
 

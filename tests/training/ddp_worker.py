@@ -15,7 +15,7 @@ from medseg_diff.data.manifest import load_manifest
 from medseg_diff.data.transforms import train_transforms
 from medseg_diff.kinds import build_kind
 from medseg_diff.runtime import pin_reproducibility
-from medseg_diff.training.distributed import cleanup, init_distributed
+from medseg_diff.training.distributed import barrier, cleanup, init_distributed
 from medseg_diff.training.run import rank_datasets
 from medseg_diff.training.trainer import Trainer
 
@@ -44,6 +44,7 @@ def main(config: str, out: str) -> None:
             "val_cases": trainer.val_cases, "metrics": metrics,
         }
         (Path(out) / f"rank{info.rank}.json").write_text(json.dumps(record))
+        barrier(info)  # as train() does: no process tears the group down while another still uses it
     finally:
         cleanup(info)
 
