@@ -129,7 +129,32 @@ def pin_reproducibility(deterministic: bool = True) -> int:
         torch.set_num_threads(threads)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     return torch.get_num_threads()
+
+
+def deterministic_algorithms(mode: bool = True, warn_only: bool = True) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=warn_only)`` without its import of ``torch._inductor``
+    (4.4 s on 2 CPU cores, paid by every command before it did any work) while nothing is compiled: torch's own
+    function only adds the inductor's ``deterministic`` flag to the switch it sets. Where the inductor is loaded
+    already, torch's function sets both; ``compile_deterministically`` sets the flag before ``torch.compile``."""
+    import sys
+
+    import torch
+
+    if "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+def compile_deterministically(module):
+    """``torch.compile(module)`` with the inductor's ``deterministic`` flag following torch's switch (which
+    ``deterministic_algorithms`` set without loading the inductor)."""
+    import torch
+
+    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                       warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+    return torch.compile(module)

@@ -42,7 +42,7 @@ from medseg_diff.errors import TrainingError
 from medseg_diff.evaluation.metrics import dice
 from medseg_diff.kinds.base import ModelKind, Objective
 from medseg_diff.inference.sliding_window import infer_volume
-from medseg_diff.runtime import show_progress
+from medseg_diff.runtime import compile_deterministically, show_progress
 from medseg_diff.training.distributed import DistInfo, barrier, gather, mean_across, unshard
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Trainer:
         self.net = adapter.net.to(device)
         self.module = self._wrap(self.objective.train_module().to(device))
         if cfg.train.compile:  # shares its parameters with self.net; checkpoints keep the plain state_dict
-            self.module = torch.compile(self.module)
+            self.module = compile_deterministically(self.module)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.loader_generator = torch.Generator()
         self.loader = self._loader()

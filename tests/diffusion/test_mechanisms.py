@@ -13,7 +13,7 @@ from medseg_diff.diffusion.loss import DiffusionLoss, DiffusionTraining, EncodeD
 from medseg_diff.diffusion.sampler import DDIMSampler, predict_x0
 from medseg_diff.diffusion.schedules import SKIP_LOGIT_LIMIT, build_scheduler, x0_logits
 from medseg_diff.errors import ConfigError
-from medseg_diff.kinds.priors import rough_outline, simulated_priors
+from medseg_diff.kinds.priors import dilate_cube, rough_outline, simulated_prior, simulated_priors
 from medseg_diff.models import DiffusionSegUNet
 from medseg_diff.models.types import Conditioning
 
@@ -171,6 +171,27 @@ def test_simulated_priors_mix_no_prior_outlines_and_soft_masks():
     outline = rough_outline(regions[:1])
     assert torch.all(outline[0, :, regions[0, 1] > 0] > 0.5)  # the outline covers the whole tumour
     assert outline.shape == (1, 3, 16, 16, 16) and float(outline.max()) <= 1
+
+
+@pytest.mark.parametrize("voxels", [1, 2, 3])
+def test_dilate_cube_equals_the_cube_max_pool(voxels):
+    g = torch.Generator().manual_seed(voxels)
+    mask = (torch.rand(2, 1, 16, 12, 9, generator=g) > 0.97).float() * torch.rand(2, 1, 16, 12, 9, generator=g)
+    cube = torch.nn.functional.max_pool3d(mask, 2 * voxels + 1, stride=1, padding=voxels)
+    assert torch.equal(dilate_cube(mask, voxels), cube) and int((cube > 0).sum()) > int((mask > 0).sum())
+
+
+def test_soft_priors_are_the_blurred_regions_scaled_by_one_confidence_per_case():
+    regions = blob().expand(64, -1, -1, -1, -1).contiguous()
+    priors = simulated_priors(regions, torch.Generator().manual_seed(0), none=0.0)
+    blurred = simulated_prior(regions[:1], torch.Generator().manual_seed(0)) / 1.0
+    box = torch.nn.functional.avg_pool3d(regions[:1], 5, stride=1, padding=2, count_include_pad=False)[0]
+    soft = [i for i in range(64) if not torch.equal(priors[i, 0], priors[i, 1])]  # outlines copy one channel
+    assert len(soft) >= 10
+    for i in soft:
+        scale = priors[i, :3][box > 0.5] / box[box > 0.5]
+        assert torch.allclose(scale, scale[0].expand_as(scale)) and 0.5 <= float(scale[0]) <= 1.0
+    assert blurred.shape == (1, 3, 16, 16, 16)
 
 
 def test_attention_loss_is_smaller_when_the_cross_attention_mass_sits_on_the_tumour():
