@@ -80,7 +80,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "unet_equal": (["model.kind=unet"], "the U-Net widened to the diffusion model's parameter count"),
     "attention_unet": (["model.kind=attention_unet"], "MONAI AttentionUnet, the demo U-Net's widths, trained like it"),
     "direct": ([D, "diffusion.mode=direct"], "the diffusion network trained directly for segmentation (one pass)"),
-    "diffusion": ([D], "the demo's diffusion default (with the width-4 refiner since 2026-12-07)"),
+    "diffusion": ([D], "the demo's diffusion default (with the width-6 refiner since 2026-12-07)"),
     "full_res": ([D, "model.denoiser.patch_size=1"], "as diffusion, s = 1 (full resolution)"),
     "no_refine": ([D, "model.denoiser.refine=false"],
                   "as diffusion, without the full-resolution refiner (the default before 2026-12-07)"),
@@ -89,14 +89,16 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "refine6": ([D, "model.denoiser.refine=true", "model.denoiser.refine_width=6"],
                 "as diffusion, with a refiner of width 6"),
     "refine4": ([D, "model.denoiser.refine=true", "model.denoiser.refine_width=4"],
-                "as diffusion, refiner of width 4 spelt out (the default since 2026-12-07)"),
+                "as diffusion, with a refiner of width 4"),
+    "recycle": ([D, "diffusion.recycle=0.5"],
+                "as diffusion, half the training samples noised from the model's own estimate (Fu et al. 2023)"),
     "no_cross": ([D, "model.denoiser.cross_attention_levels=[]"], "as diffusion, no cross-attention"),
     "no_linear": ([D, "model.denoiser.linear_attention_levels=[]"], "as diffusion, no linear self-attention"),
     "no_prior": ([D, "model.denoiser.prior_source=none"], "as diffusion, no mask prior"),
 }  # fmt: skip
 #: compared with the reference (diffusion) on Dice and entropy AUROC
 OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine6", "refine4",
-          "no_cross", "no_linear", "no_prior")
+          "recycle", "no_cross", "no_linear", "no_prior")
 QUICK = dict(train_cases=6, held_out=2, seeds=[0], variants=["unet", "diffusion"],
              overrides=["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.max_val_cases=1"])
 EXPERIMENT = "medseg-diff-study"

@@ -184,7 +184,7 @@ def test_dilate_cube_equals_the_cube_max_pool(voxels):
 def test_soft_priors_are_the_blurred_regions_scaled_by_one_confidence_per_case():
     regions = blob().expand(64, -1, -1, -1, -1).contiguous()
     priors = simulated_priors(regions, torch.Generator().manual_seed(0), none=0.0)
-    blurred = simulated_prior(regions[:1], torch.Generator().manual_seed(0)) / 1.0
+    blurred = simulated_prior(regions[:1], torch.Generator().manual_seed(0))
     box = torch.nn.functional.avg_pool3d(regions[:1], 5, stride=1, padding=2, count_include_pad=False)[0]
     soft = [i for i in range(64) if not torch.equal(priors[i, 0], priors[i, 1])]  # outlines copy one channel
     assert len(soft) >= 10
