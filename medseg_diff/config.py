@@ -137,7 +137,7 @@ class DiffusionConfig:
     x_skip: bool = False  # x0 logits += 2√ᾱ x_t / (1-ᾱ), x_t's own posterior log-odds (prediction "sample" only)
     eta: float = 0.0  # DDIM η: 0 deterministic, 1 DDPM-like fresh noise at every step (members differ more)
     recycle: float = 0.0  # fraction of training samples noised from the model's own estimate (Fu et al. 2023)
-    prior_none: float = 0.7  # prior_source optional: fraction of training crops given no prior
+    prior_none: float = 0.3  # prior_source optional: fraction of training crops given no prior (0.7 until 2026-12-07)
 
 
 @dataclass(frozen=True)
