@@ -92,13 +92,16 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                 "as diffusion, with a refiner of width 4"),
     "recycle": ([D, "diffusion.recycle=0.5"],
                 "as diffusion, half the training samples noised from the model's own estimate (Fu et al. 2023)"),
+    "chain": ([D, "diffusion.chain=0.5"],
+              "as diffusion, half the training samples drawn along the sampler's own chain (x_t, t, self-conditioning)"),
+    "chain_all": ([D, "diffusion.chain=1.0"], "as diffusion, every training sample drawn along the sampler's own chain"),
     "no_cross": ([D, "model.denoiser.cross_attention_levels=[]"], "as diffusion, no cross-attention"),
     "no_linear": ([D, "model.denoiser.linear_attention_levels=[]"], "as diffusion, no linear self-attention"),
     "no_prior": ([D, "model.denoiser.prior_source=none"], "as diffusion, no mask prior"),
 }  # fmt: skip
 #: compared with the reference (diffusion) on Dice and entropy AUROC
 OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine6", "refine4",
-          "recycle", "no_cross", "no_linear", "no_prior")
+          "recycle", "chain", "chain_all", "no_cross", "no_linear", "no_prior")
 QUICK = dict(train_cases=6, held_out=2, seeds=[0], variants=["unet", "diffusion"],
              overrides=["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.max_val_cases=1"])
 EXPERIMENT = "medseg-diff-study"

@@ -137,6 +137,7 @@ class DiffusionConfig:
     x_skip: bool = False  # x0 logits += 2√ᾱ x_t / (1-ᾱ), x_t's own posterior log-odds (prediction "sample" only)
     eta: float = 0.0  # DDIM η: 0 deterministic, 1 DDPM-like fresh noise at every step (members differ more)
     recycle: float = 0.0  # fraction of training samples noised from the model's own estimate (Fu et al. 2023)
+    chain: float = 0.0  # fraction of training samples drawn along the sampler's own chain (sample_steps, eta)
     prior_none: float = 0.3  # prior_source optional: fraction of training crops given no prior (0.7 until 2026-12-07)
 
 
@@ -545,9 +546,12 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("diffusion.snr_shift", diff.snr_shift)
     for name in ("sample_steps", "ensemble", "val_sample_steps", "val_ensemble"):
         positive(f"diffusion.{name}", getattr(diff, name))
-    for name in ("eta", "recycle", "prior_none"):
+    for name in ("eta", "recycle", "chain", "prior_none"):
         if not 0.0 <= getattr(diff, name) <= 1.0:
             fail(f"diffusion.{name}", f"must be in [0, 1], got {getattr(diff, name)}")
+    if diff.chain > 0 and diff.prediction != "sample":
+        fail("diffusion.chain", f"needs diffusion.prediction 'sample' (its losses act on x0), got "
+                                f"{diff.prediction!r}")
     if diff.x_skip and diff.prediction != "sample":
         fail("diffusion.x_skip", f"needs diffusion.prediction 'sample' (x0 logits), got {diff.prediction!r}")
     for name in ("sample_steps", "val_sample_steps"):

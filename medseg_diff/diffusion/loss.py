@@ -5,6 +5,11 @@ Diffusion step (Diff-UNet style, x0 prediction):
 1. x0 = 2·regions - 1; t ~ U{0..T-1}; ε ~ N(0, I); x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (DDPM eq. 4).
    Recycling (Fu et al. 2023, MELBA): for a fraction of the batch, x0 is replaced by the model's own estimate
    from pure noise (no gradient), so training sees the x_t that sampling will feed it, and learns to correct it.
+   Training along the sampler's own chain (``chain`` > 0): for that fraction of the batch, the sampler's K-step
+   DDIM chain (η as at inference) runs without gradient from pure noise to one of its K timesteps, drawn
+   uniformly; that x_t, that timestep and the chain's last x0 estimate (the self-conditioning input) are what the
+   step is trained on, so every step of the sampler is trained on exactly what sampling will feed it -- the
+   estimates and the η-noise of the steps before it -- and can learn to correct them.
    ``mode="direct"``: x_t = 0 and t = T-1 always -- the same network trained directly for segmentation (the control
    of Öttl et al. 2024).
 2. the network sees (x_t, t, image features) and outputs x0 logits (or ε / v); a self-conditioned network (Chen et
@@ -18,6 +23,7 @@ Diffusion step (Diff-UNet style, x0 prediction):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
-from medseg_diff.diffusion.schedules import training_target, x0_from_output, x0_logits
+from medseg_diff.diffusion.schedules import scheduler_input, training_target, x0_from_output, x0_logits
 
 _DICE_LOGITS = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
 _DICE_PROBS = DiceLoss(sigmoid=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
@@ -54,6 +60,9 @@ class DiffusionTraining:
     mode: str = "denoise"  # denoise | direct
     self_condition: float = 0.0  # fraction of the batch that gets its own first-pass x0 estimate
     recycle: float = 0.0  # fraction of the batch noised from the model's own estimate instead of the truth
+    chain: float = 0.0  # fraction of the batch drawn along the sampler's own chain (K steps, η) at a random step
+    chain_steps: int = 2  # K of that chain (the sampler's diffusion.sample_steps)
+    eta: float = 1.0  # DDIM η of that chain (the sampler's diffusion.eta)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class TrainForward:
     attention: dict[str, Tensor] = field(default_factory=dict)  # name -> raw per-level map (cross_l{i}: token grid)
     x_t: Tensor | None = None  # the x_t actually denoised, when recycling replaced some of the batch's
     refined: Tensor | None = None  # x0 logits refined at full resolution (a model with a refiner)
+    t: Tensor | None = None  # the timesteps actually denoised, when the sampler's chain replaced some of the batch's
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
@@ -122,9 +132,16 @@ class DiffusionLoss:
             if plan["recycle"] is not None:
                 plan["start"] = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
                 plan["noise"] = noise
+            chain = _fraction(b, opts.chain, x0.device, generator)
+            if chain is not None:  # drawn only when used, so that chain = 0 keeps every other draw as it was
+                plan["chain"] = chain
+                plan["chain_step"] = torch.randint(0, opts.chain_steps, (b,), device=x0.device, generator=generator)
+                plan["chain_seed"] = int(torch.randint(0, 2**62, (1,), device=x0.device, generator=generator))
+                plan["chain_steps"], plan["eta"] = opts.chain_steps, opts.eta
         # 2. predict: ``model`` is an ``EncodeDenoise`` (possibly DDP-wrapped), one forward per step
         out = model(x_t, t, image, external_prior, attention=self.weights.attention > 0, **plan)
         x_t = out.x_t if out.x_t is not None else x_t
+        t = out.t if out.t is not None else t
         loss = self.from_output(out.output, out.prior_logits, x_t, x0, noise, t, regions)
         if out.refined is not None:  # the refined estimate gets the same Dice + BCE; each half the weight
             refined, parts = segmentation_loss(out.refined, regions, self.weights)
@@ -185,7 +202,9 @@ class EncodeDenoise(nn.Module):
     ``forward(x_t [B,3,...], t [B], image [B,4,...], external_prior=None, attention=False, self_cond=None,
     recycle=None, start=None, noise=None) -> TrainForward``. ``self_cond`` / ``recycle`` are ``[B]`` boolean
     draws: those samples get a first pass without gradient (their x0 estimate as self-conditioning input; or
-    x0 estimated from pure noise ``start`` at t = T-1, re-noised with ``noise`` to t, as their x_t).
+    x0 estimated from pure noise ``start`` at t = T-1, re-noised with ``noise`` to t, as their x_t). ``chain``
+    (``[B]`` boolean), ``chain_step`` (``[B]`` in 0..K-1), ``chain_seed``, ``chain_steps`` (K) and ``eta``: those
+    samples are replaced by the sampler's own K-step chain run to step ``chain_step`` (see the module doc).
     """
 
     def __init__(self, net: nn.Module, scheduler=None):
@@ -198,11 +217,35 @@ class EncodeDenoise(nn.Module):
             kwargs = {"self_cond": self_cond} if getattr(self.net, "self_condition", False) else {}
             return x0_from_output(self.scheduler, self.net(x_t, t, cond, **kwargs).float(), x_t, t).detach()
 
+    def _chain(self, cond, shape, steps: Tensor, seed: int, k: int, eta: float, device) -> tuple[Tensor, Tensor,
+                                                                                                Tensor]:
+        """The sampler's chain without gradient (``DDIMSampler.sample``'s loop: same scheduler, spacing, η and
+        self-conditioning) from seeded pure noise, stopped for sample i after ``steps[i]`` of its K steps ->
+        (x at that step, its timestep, the last x0 estimate there: zeros before the first step)."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(k, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        x0 = torch.zeros_like(x)
+        self_conditioned = getattr(self.net, "self_condition", False)
+        with torch.no_grad():
+            for j in range(int(steps.max())):  # never the last of the K steps: steps < K
+                live = (steps > j).nonzero().flatten()  # the samples that have not reached their step yet
+                t = scheduler.timesteps[j]
+                t_batch = t.expand(len(live))
+                kwargs = {"self_cond": x0[live] if j else None} if self_conditioned else {}
+                output = self.net(x[live], t_batch, cond.select(live), **kwargs).float()
+                x[live], x0[live] = scheduler.step(scheduler_input(scheduler, output, x[live], t_batch), int(t),
+                                                   x[live], eta=eta, generator=generator if eta else None)
+        return x, scheduler.timesteps[steps.to(scheduler.timesteps.device)].to(device), x0
+
     def forward(self, x_t: Tensor, t: Tensor, image: Tensor, external_prior: Tensor | None = None,
                 attention: bool = False, self_cond: Tensor | None = None, recycle: Tensor | None = None,
-                start: Tensor | None = None, noise: Tensor | None = None) -> TrainForward:
+                start: Tensor | None = None, noise: Tensor | None = None, chain: Tensor | None = None,
+                chain_step: Tensor | None = None, chain_seed: int = 0, chain_steps: int = 2,
+                eta: float = 1.0) -> TrainForward:
         cond = self.net.encode(image, external_prior)
-        recycled = None
+        recycled, chain_t, chain_x0 = None, None, None
         if recycle is not None and bool(recycle.any()):
             # recycling: x_t from the model's own estimate at t = T-1 from pure noise (Fu et al. 2023)
             top = torch.full_like(t, self.scheduler.num_train_timesteps - 1)
@@ -210,13 +253,25 @@ class EncodeDenoise(nn.Module):
             mask = recycle.view(-1, 1, 1, 1, 1)
             x_t = torch.where(mask, self.scheduler.add_noise(own, noise, t).to(x_t.dtype), x_t)
             recycled = x_t
+        if chain is not None and bool(chain.any()):
+            # the sampler's own chain for the chosen samples: their x_t, t and self-conditioning input
+            chosen = chain.nonzero().flatten()
+            x_c, t_c, x0_c = self._chain(cond.select(chosen), x_t[chosen].shape, chain_step[chosen], chain_seed,
+                                         chain_steps, eta, x_t.device)
+            x_t, t = x_t.clone(), t.clone()
+            x_t[chosen], t[chosen] = x_c.to(x_t.dtype), t_c.to(t.dtype)
+            chain_x0 = torch.zeros_like(x_t)
+            chain_x0[chosen] = x0_c.to(x_t.dtype)
+            recycled, chain_t = x_t, t
+            if self_cond is not None:  # their self-conditioning input is the chain's, not a first pass
+                self_cond = self_cond & ~chain
         kwargs = {}
         if getattr(self.net, "self_condition", False):
-            estimate = None
+            estimate = chain_x0
             if self_cond is not None and bool(self_cond.any()):
                 # the first pass only for the cases drawn for self-conditioning; the others get zeros
                 chosen = self_cond.nonzero().flatten()
-                estimate = torch.zeros_like(x_t)
+                estimate = torch.zeros_like(x_t) if estimate is None else estimate
                 estimate[chosen] = self._estimate(x_t[chosen], t[chosen], cond.select(chosen)).to(x_t.dtype)
             kwargs["self_cond"] = estimate
         if attention:
@@ -227,4 +282,4 @@ class EncodeDenoise(nn.Module):
         refined = None
         if getattr(self.net, "refines", False):
             refined = self.net.refine(x0_logits(self.scheduler, pred, x_t, t), cond)
-        return TrainForward(pred, cond.prior_logits, maps, recycled, refined)
+        return TrainForward(pred, cond.prior_logits, maps, recycled, refined, chain_t)

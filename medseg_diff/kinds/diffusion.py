@@ -25,7 +25,8 @@ class DiffusionObjective:
         self.adapter = kind
         d = kind.cfg.diffusion
         self.scheduler = kind.scheduler()
-        training = DiffusionTraining(mode=d.mode, recycle=d.recycle,
+        training = DiffusionTraining(mode=d.mode, recycle=d.recycle, chain=d.chain, chain_steps=d.sample_steps,
+                                     eta=d.eta,
                                      self_condition=0.5 if kind.cfg.model.denoiser.self_condition else 0.0)
         self.loss_fn = DiffusionLoss(self.scheduler, loss_weights(kind.cfg), training)
 

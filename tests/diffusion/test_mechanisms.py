@@ -274,3 +274,47 @@ def test_config_refuses_out_of_range_mechanism_settings(key, value, match):
 def test_config_refuses_the_skip_with_epsilon_prediction():
     with pytest.raises(ConfigError, match="x_skip"):
         config_from_dict({"diffusion": {"x_skip": True, "prediction": "epsilon"}})
+
+
+def test_chain_training_feeds_a_step_what_the_sampler_feeds_it():
+    """``chain`` = 1: each sample is the sampler's own chain run to a random one of its K steps -- the x_t, t and
+    self-conditioning input of that step, not the truth noised."""
+    scheduler = build_scheduler(1000, x_skip=True)
+    stub = Stub(self_condition=True)
+    regions = torch.ones(8, 3, 4, 4, 4)
+    loss = DiffusionLoss(scheduler, LossWeights(prior=0.0),
+                         DiffusionTraining(chain=1.0, chain_steps=2, eta=1.0, self_condition=0.5))
+    loss(EncodeDenoise(stub, scheduler), torch.zeros(8, 4, 4, 4, 4), regions, torch.Generator().manual_seed(0))
+    # the chain's pass at t = 999 for the samples that stop at step 1, then the step trained, with gradient
+    chain, trained = stub.calls[:-1], stub.calls[-1]
+    assert len(chain) == 1 and set(chain[0]["t"].tolist()) == {999} and chain[0]["self_cond"] is None
+    t = trained["t"]
+    assert set(t.tolist()) == {999, 499}  # the sampler's two timesteps (trailing spacing), not a uniform draw
+    first, second = t == 999, t == 499
+    # step 0: pure noise and no estimate yet; step 1: the chain's estimate (zero logits + skip of pure noise at
+    # ᾱ ~ 4e-5: about 0) and x from a DDIM step with η = 1 from it -- not sqrt(ᾱ)·1 + noise of the truth
+    assert torch.all(trained["self_cond"][first] == 0)
+    assert int(second.sum()) == chain[0]["x_t"].shape[0] >= 1  # the chain runs only for the samples that need it
+    x1 = trained["x_t"][second]
+    assert abs(float(x1.mean())) < 0.2  # an estimate near 0 noised: centred, where the truth (all 1) would not be
+    alpha = scheduler.alphas_cumprod[499]
+    assert float(x1.std()) > 0.5 and float(x1.mean()) < float(alpha.sqrt()) - 0.1
+    torch.testing.assert_close(trained["self_cond"][second].abs().max(), torch.tensor(0.0), atol=0.05, rtol=0)
+
+
+def test_chain_training_is_seeded_and_leaves_chain_zero_as_it_was():
+    scheduler = build_scheduler(1000, x_skip=True)
+    regions, image = blob(4).expand(4, -1, -1, -1, -1), torch.zeros(4, 4, 4, 4, 4)
+
+    def run(chain: float) -> list[dict]:
+        stub = Stub(self_condition=True)
+        DiffusionLoss(scheduler, LossWeights(prior=0.0), DiffusionTraining(chain=chain, self_condition=0.5))(
+            EncodeDenoise(stub, scheduler), image, regions, torch.Generator().manual_seed(3))
+        return stub.calls
+
+    a, b = run(1.0), run(1.0)
+    assert all(torch.equal(x["x_t"], y["x_t"]) and torch.equal(x["t"], y["t"]) for x, y in zip(a, b))
+    plain = run(0.0)
+    assert len(plain[-1]["t"]) == 4 and not set(plain[-1]["t"].tolist()) <= {999, 499}
+    with pytest.raises(ConfigError, match="diffusion.chain"):
+        config_from_dict({"diffusion": {"chain": 0.5, "prediction": "epsilon", "x_skip": False}})
