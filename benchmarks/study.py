@@ -90,6 +90,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                 "as diffusion, with a refiner of width 6"),
     "refine4": ([D, "model.denoiser.refine=true", "model.denoiser.refine_width=4"],
                 "as diffusion, with a refiner of width 4"),
+    "refine_ctx1": ([D, "model.denoiser.refine_context=1"],
+                    "as diffusion, one residual conv on the refiner's image features (once per window)"),
+    "refine_ctx2": ([D, "model.denoiser.refine_context=2"],
+                    "as diffusion, two residual convs on the refiner's image features (once per window)"),
     "recycle": ([D, "diffusion.recycle=0.5"],
                 "as diffusion, half the training samples noised from the model's own estimate (Fu et al. 2023)"),
     "chain": ([D, "diffusion.chain=0.5"],
@@ -100,7 +104,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "no_prior": ([D, "model.denoiser.prior_source=none"], "as diffusion, no mask prior"),
 }  # fmt: skip
 #: compared with the reference (diffusion) on Dice and entropy AUROC
-OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine6", "refine4",
+OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine6", "refine4", "refine_ctx1", "refine_ctx2",
           "recycle", "chain", "chain_all", "no_cross", "no_linear", "no_prior")
 QUICK = dict(train_cases=6, held_out=2, seeds=[0], variants=["unet", "diffusion"],
              overrides=["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.max_val_cases=1"])

@@ -103,6 +103,7 @@ class DenoiserConfig:
     token_level: int = -1  # the encoder level whose grid the prior tokens and the prior head use (-1: coarsest)
     refine: bool = False  # refine the x0 logits at full resolution once per member (denoiser.py: Refiner)
     refine_width: int | None = None  # the refiner's channels (None: stem_channels // 2); its cost is per member
+    refine_context: int = 0  # residual 3x3x3 convs on the refiner's image features (once per window, not per member)
 
 
 @dataclass(frozen=True)
@@ -518,6 +519,7 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("model.denoiser.res_blocks", den.res_blocks)
     if den.refine_width is not None:
         positive("model.denoiser.refine_width", den.refine_width)
+    non_negative("model.denoiser.refine_context", den.refine_context)
     levels = len(den.channels)
     for name in ("linear_attention_levels", "cross_attention_levels"):
         for lvl in getattr(den, name):

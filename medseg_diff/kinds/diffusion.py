@@ -59,7 +59,8 @@ class DiffusionKind(ModelKind):
             "prior_source": d.prior_source, "norm_groups": d.norm_groups, "patch_size": d.patch_size,
             "encoder_channels": [d.encoder_factor * c for c in d.channels], "stem_channels": d.stem_channels,
             "self_condition": d.self_condition, "token_source": d.token_source, "token_level": d.token_level,
-            "refine": d.refine, "refine_width": d.refine_width}}
+            "refine": d.refine, "refine_width": d.refine_width,
+            **({"refine_context": d.refine_context} if d.refine_context else {})}}
 
     @classmethod
     def config_stride(cls, cfg: Config) -> tuple[int, str]:

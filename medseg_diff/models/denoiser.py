@@ -136,21 +136,30 @@ class Refiner(nn.Module):
     """Full-resolution refinement of x0 logits, run **once per member** after the last DDIM step (and on every
     training prediction), never inside a step: the denoiser's 1/s grid leaves outlines blocky at the patch size.
 
-    ``image`` features (one 3x3x3 conv of the 4 modalities at the input grid, computed once per window in
-    ``encode``) and the x0 estimate ``2σ(logits) - 1`` pass two 3x3x3 convs; the result is added to the logits
+    ``image`` features (one 3x3x3 conv of the 4 modalities at the input grid, and ``context`` residual 3x3x3 convs
+    after it, computed once per window in ``encode`` by :meth:`features`) and the x0 estimate ``2σ(logits) - 1`` pass two 3x3x3 convs; the result is added to the logits
     (zero at initialisation, so an untrained refiner changes nothing). ``logits [B, 3, X, Y, Z]``,
     ``features [B, width, X, Y, Z]`` ``-> [B, 3, X, Y, Z]``.
     """
 
-    def __init__(self, in_channels: int = 4, out_channels: int = 3, width: int = 8):
+    def __init__(self, in_channels: int = 4, out_channels: int = 3, width: int = 8, context: int = 0):
         super().__init__()
         self.image = nn.Conv3d(in_channels, width, 3, padding=1)
+        self.context = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Conv3d(width, width, 3, padding=1)) for _ in range(context))
         self.body = nn.Sequential(
             nn.SiLU(), nn.Conv3d(width + out_channels, width, 3, padding=1), nn.SiLU(),
             nn.Conv3d(width, out_channels, 3, padding=1),
         )  # fmt: skip
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
+
+    def features(self, image: Tensor) -> Tensor:
+        """The image's features on the input grid, once per window: ``[B, >= 4, X, Y, Z] -> [B, width, ...]``."""
+        features = self.image(image[:, : self.image.in_channels])
+        for layer in self.context:
+            features = features + layer(features)
+        return features
 
     def forward(self, logits: Tensor, features: Tensor) -> Tensor:
         estimate = 2.0 * torch.sigmoid(logits.float()) - 1.0
@@ -200,6 +209,7 @@ class DiffusionSegUNet(nn.Module):
         token_level: int = -1,
         refine: bool = False,
         refine_width: int | None = None,
+        refine_context: int = 0,
     ):
         super().__init__()
         check_patch(patch_size)
@@ -246,7 +256,7 @@ class DiffusionSegUNet(nn.Module):
         self.up = nn.ModuleList(_Stage(2 * c, c, (res_blocks, 0), time_dim, i, opts) for i, c in enumerate(channels))
         self.upsample = nn.ModuleList(Upsample3d(b, a) for a, b in zip(channels[:-1], channels[1:]))
         width = refine_width if refine_width is not None else (stem_channels // 2 or 1)
-        self.refiner = Refiner(in_channels, out_channels, width) if refine else None
+        self.refiner = Refiner(in_channels, out_channels, width, refine_context) if refine else None
         if patch_size == 1:
             self.detail = None
             self.head = nn.Sequential(
@@ -285,7 +295,7 @@ class DiffusionSegUNet(nn.Module):
         tokens = self.encoder.tokens(prior, coarse) if self.cross_attention_levels else None
         fused = [fuse(f) for fuse, f in zip(self.fuse, features)]  # to the denoiser's widths, once per window
         detail = None if self.detail is None else self.detail(detail)
-        full = None if self.refiner is None else self.refiner.image(image[:, : self.refiner.image.in_channels])
+        full = None if self.refiner is None else self.refiner.features(image)
         return Conditioning(features=fused, prior=prior, prior_logits=logits, tokens=tokens, token_grid=grid,
                             detail=detail, full=full)
 

@@ -238,6 +238,27 @@ def test_the_refiner_width_is_its_own_setting_and_defaults_to_half_the_stem():
         config_from_dict({"model": {"kind": "diffusion", "denoiser": {"refine": True, "refine_width": 0}}})
 
 
+def test_the_refiners_image_context_runs_once_per_window_and_keeps_old_networks_as_they_were():
+    from medseg_diff.config import config_from_dict
+    from medseg_diff.kinds.diffusion import DiffusionKind
+
+    image = torch.randn(1, 4, 16, 16, 16)
+    plain, deep = tiny(refine=True).eval(), tiny(refine=True, refine_context=2).eval()
+    assert len(plain.refiner.context) == 0 and len(deep.refiner.context) == 2
+    assert {k for k in deep.state_dict() if ".context." in k} == {f"refiner.context.{i}.1.{p}" for i in (0, 1)
+                                                                    for p in ("weight", "bias")}
+    assert set(plain.state_dict()) == {k for k in deep.state_dict() if ".context." not in k}
+    with torch.no_grad():
+        f = deep.refiner.image(image)
+        f = f + deep.refiner.context[0](f)
+        torch.testing.assert_close(deep.encode(image).full, f + deep.refiner.context[1](f))
+    spec = lambda **d: DiffusionKind.network_spec(config_from_dict(  # noqa: E731
+        {"model": {"kind": "diffusion", "denoiser": {"refine": True, **d}}}))["kwargs"]
+    assert "refine_context" not in spec() and spec(refine_context=2)["refine_context"] == 2
+    with pytest.raises(ConfigError, match="model.denoiser.refine_context"):
+        spec(refine_context=-1)
+
+
 def test_training_through_the_new_paths_reaches_every_parameter():
     net = tiny(prior_source="optional", self_condition=True, token_source="prior", token_level=0, refine=True,
                cross_attention_levels=(0, 1)).train()
