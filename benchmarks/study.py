@@ -104,8 +104,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "no_prior": ([D, "model.denoiser.prior_source=none"], "as diffusion, no mask prior"),
 }  # fmt: skip
 #: compared with the reference (diffusion) on Dice and entropy AUROC
-OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine6", "refine4", "refine_ctx1", "refine_ctx2",
-          "recycle", "chain", "chain_all", "no_cross", "no_linear", "no_prior")
+OTHERS = ("direct", "unet_equal", "unet", "attention_unet", "full_res", "no_refine", "refine", "refine6", "refine4",
+          "refine_ctx1", "refine_ctx2", "recycle", "chain", "chain_all", "no_cross", "no_linear", "no_prior")
 QUICK = dict(train_cases=6, held_out=2, seeds=[0], variants=["unet", "diffusion"],
              overrides=["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.max_val_cases=1"])
 EXPERIMENT = "medseg-diff-study"
