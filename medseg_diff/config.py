@@ -139,6 +139,8 @@ class DiffusionConfig:
     eta: float = 0.0  # DDIM η: 0 deterministic, 1 DDPM-like fresh noise at every step (members differ more)
     recycle: float = 0.0  # fraction of training samples noised from the model's own estimate (Fu et al. 2023)
     chain: float = 0.0  # fraction of training samples drawn along the sampler's own chain (sample_steps, eta)
+    self_condition_rate: float = 0.5  # a self-conditioned model: fraction of training samples given their own
+    # first-pass x0 estimate (the rest get zeros, as the sampler's first step does)
     prior_none: float = 0.3  # prior_source optional: fraction of training crops given no prior (0.7 until 2026-12-07)
 
 
@@ -548,7 +550,7 @@ def _check_semantics(cfg: Config, source) -> None:
     positive("diffusion.snr_shift", diff.snr_shift)
     for name in ("sample_steps", "ensemble", "val_sample_steps", "val_ensemble"):
         positive(f"diffusion.{name}", getattr(diff, name))
-    for name in ("eta", "recycle", "chain", "prior_none"):
+    for name in ("eta", "recycle", "chain", "self_condition_rate", "prior_none"):
         if not 0.0 <= getattr(diff, name) <= 1.0:
             fail(f"diffusion.{name}", f"must be in [0, 1], got {getattr(diff, name)}")
     if diff.chain > 0 and diff.prediction != "sample":

@@ -25,9 +25,9 @@ class DiffusionObjective:
         self.adapter = kind
         d = kind.cfg.diffusion
         self.scheduler = kind.scheduler()
+        rate = d.self_condition_rate if kind.cfg.model.denoiser.self_condition else 0.0
         training = DiffusionTraining(mode=d.mode, recycle=d.recycle, chain=d.chain, chain_steps=d.sample_steps,
-                                     eta=d.eta,
-                                     self_condition=0.5 if kind.cfg.model.denoiser.self_condition else 0.0)
+                                     eta=d.eta, self_condition=rate)
         self.loss_fn = DiffusionLoss(self.scheduler, loss_weights(kind.cfg), training)
 
     def train_module(self) -> nn.Module:

@@ -339,3 +339,16 @@ def test_chain_training_is_seeded_and_leaves_chain_zero_as_it_was():
     assert len(plain[-1]["t"]) == 4 and not set(plain[-1]["t"].tolist()) <= {999, 499}
     with pytest.raises(ConfigError, match="diffusion.chain"):
         config_from_dict({"diffusion": {"chain": 0.5, "prediction": "epsilon", "x_skip": False}})
+
+
+def test_the_self_conditioning_rate_is_a_setting_with_the_old_default():
+    from medseg_diff.config import config_from_dict
+    from medseg_diff.kinds.diffusion import DiffusionKind
+
+    def rate(**d) -> float:
+        cfg = config_from_dict({"model": {"kind": "diffusion", "denoiser": {"self_condition": True}}, "diffusion": d})
+        return DiffusionKind(cfg).objective().loss_fn.training.self_condition
+
+    assert rate() == 0.5 and rate(self_condition_rate=0.8) == 0.8
+    with pytest.raises(ConfigError, match="diffusion.self_condition_rate"):
+        rate(self_condition_rate=1.5)
