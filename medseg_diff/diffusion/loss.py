@@ -211,19 +211,29 @@ class EncodeDenoise(nn.Module):
         super().__init__()
         self.net = net
         self.scheduler = scheduler
+        self._chain_schedulers: dict[tuple[int, str], object] = {}  # see _chain_scheduler
 
     def _estimate(self, x_t: Tensor, t: Tensor, cond, self_cond: Tensor | None = None) -> Tensor:
         with torch.no_grad():
             kwargs = {"self_cond": self_cond} if getattr(self.net, "self_condition", False) else {}
             return x0_from_output(self.scheduler, self.net(x_t, t, cond, **kwargs).float(), x_t, t).detach()
 
+    def _chain_scheduler(self, k: int, device) -> object:
+        """A copy of the training scheduler set to the sampler's K timesteps (``set_timesteps`` mutates a scheduler,
+        and the training one serves ``add_noise`` at any t), made once per (K, device), not at every step."""
+        key = (k, str(device))
+        if key not in self._chain_schedulers:
+            scheduler = copy.deepcopy(self.scheduler)
+            scheduler.set_timesteps(k, device=device)
+            self._chain_schedulers[key] = scheduler
+        return self._chain_schedulers[key]
+
     def _chain(self, cond, shape, steps: Tensor, seed: int, k: int, eta: float, device) -> tuple[Tensor, Tensor,
                                                                                                 Tensor]:
         """The sampler's chain without gradient (``DDIMSampler.sample``'s loop: same scheduler, spacing, η and
         self-conditioning) from seeded pure noise, stopped for sample i after ``steps[i]`` of its K steps ->
         (x at that step, its timestep, the last x0 estimate there: zeros before the first step)."""
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(k, device=device)
+        scheduler = self._chain_scheduler(k, device)
         generator = torch.Generator(device=device).manual_seed(seed)
         x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         x0 = torch.zeros_like(x)

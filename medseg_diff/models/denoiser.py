@@ -137,8 +137,9 @@ class Refiner(nn.Module):
     training prediction), never inside a step: the denoiser's 1/s grid leaves outlines blocky at the patch size.
 
     ``image`` features (one 3x3x3 conv of the 4 modalities at the input grid, and ``context`` residual 3x3x3 convs
-    after it, computed once per window in ``encode`` by :meth:`features`) and the x0 estimate ``2σ(logits) - 1`` pass two 3x3x3 convs; the result is added to the logits
-    (zero at initialisation, so an untrained refiner changes nothing). ``logits [B, 3, X, Y, Z]``,
+    after it, computed once per window in ``encode`` by :meth:`features`) and the x0 estimate ``2σ(logits) - 1``
+    pass two 3x3x3 convs; the result is added to the logits (zero at initialisation, so an untrained refiner
+    changes nothing). ``logits [B, 3, X, Y, Z]``,
     ``features [B, width, X, Y, Z]`` ``-> [B, 3, X, Y, Z]``.
     """
 
