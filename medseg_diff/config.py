@@ -136,6 +136,7 @@ class DiffusionConfig:
     val_ensemble: int = 1
     mode: Literal["denoise", "direct"] = "denoise"  # direct: x_t = 0 at t = T-1, one pass (the Öttl et al. control)
     x_skip: bool = False  # x0 logits += 2√ᾱ x_t / (1-ᾱ), x_t's own posterior log-odds (prediction "sample" only)
+    noise: Literal["gaussian", "bernoulli"] = "gaussian"  # the forward process (bernoulli: BerDiff's voxel flips)
     eta: float = 0.0  # DDIM η: 0 deterministic, 1 DDPM-like fresh noise at every step (members differ more)
     recycle: float = 0.0  # fraction of training samples noised from the model's own estimate (Fu et al. 2023)
     chain: float = 0.0  # fraction of training samples drawn along the sampler's own chain (sample_steps, eta)
@@ -555,6 +556,9 @@ def _check_semantics(cfg: Config, source) -> None:
             fail(f"diffusion.{name}", f"must be in [0, 1], got {getattr(diff, name)}")
     if diff.chain > 0 and diff.prediction != "sample":
         fail("diffusion.chain", f"needs diffusion.prediction 'sample' (its losses act on x0), got "
+                                f"{diff.prediction!r}")
+    if diff.noise == "bernoulli" and diff.prediction != "sample":
+        fail("diffusion.noise", f"'bernoulli' needs diffusion.prediction 'sample' (x0 probabilities), got "
                                 f"{diff.prediction!r}")
     if diff.x_skip and diff.prediction != "sample":
         fail("diffusion.x_skip", f"needs diffusion.prediction 'sample' (x0 logits), got {diff.prediction!r}")

@@ -2,7 +2,8 @@
 baseline and the diffusion model are trained with the same loss on their mask estimate.
 
 Diffusion step (Diff-UNet style, x0 prediction):
-1. x0 = 2·regions - 1; t ~ U{0..T-1}; ε ~ N(0, I); x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (DDPM eq. 4).
+1. x0 = 2·regions - 1; t ~ U{0..T-1}; ε ~ N(0, I); x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (DDPM eq. 4), or with Bernoulli
+   noise x0 with each voxel flipped to a fair coin with probability 1-ᾱ_t (the scheduler's ``add_noise``).
    Recycling (Fu et al. 2023, MELBA): for a fraction of the batch, x0 is replaced by the model's own estimate
    from pure noise (no gradient), so training sees the x_t that sampling will feed it, and learns to correct it.
    Training along the sampler's own chain (``chain`` > 0): for that fraction of the batch, the sampler's K-step
@@ -235,7 +236,7 @@ class EncodeDenoise(nn.Module):
         (x at that step, its timestep, the last x0 estimate there: zeros before the first step)."""
         scheduler = self._chain_scheduler(k, device)
         generator = torch.Generator(device=device).manual_seed(seed)
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        x = scheduler.start_sample(torch.randn(shape, generator=generator, device=device, dtype=torch.float32))
         x0 = torch.zeros_like(x)
         self_conditioned = getattr(self.net, "self_condition", False)
         with torch.no_grad():
@@ -259,7 +260,7 @@ class EncodeDenoise(nn.Module):
         if recycle is not None and bool(recycle.any()):
             # recycling: x_t from the model's own estimate at t = T-1 from pure noise (Fu et al. 2023)
             top = torch.full_like(t, self.scheduler.num_train_timesteps - 1)
-            own = self._estimate(start, top, cond)
+            own = self._estimate(self.scheduler.start_sample(start), top, cond)
             mask = recycle.view(-1, 1, 1, 1, 1)
             x_t = torch.where(mask, self.scheduler.add_noise(own, noise, t).to(x_t.dtype), x_t)
             recycled = x_t

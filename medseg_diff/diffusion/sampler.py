@@ -94,7 +94,8 @@ class DDIMSampler:
         # 2. seeded starting noise for all B·N members
         generator = torch.Generator(device=image.device).manual_seed(self.seed if seed is None else seed)
         shape = (b * n, 3, *image.shape[2:])
-        x = torch.randn(shape, generator=generator, device=image.device, dtype=torch.float32)
+        x = self.scheduler.start_sample(torch.randn(shape, generator=generator, device=image.device,
+                                                    dtype=torch.float32))  # Bernoulli noise: a fair coin
         if self.start == "zeros":
             x = torch.zeros_like(x)
         self_conditioned = getattr(model, "self_condition", False)

@@ -77,7 +77,7 @@ class DiffusionKind(ModelKind):
     def scheduler(self):
         """The noise schedule of training and sampling (a fresh scheduler: ``set_timesteps`` mutates it)."""
         d = self.cfg.diffusion
-        return build_scheduler(d.timesteps, d.schedule, d.prediction, d.snr_shift, x_skip=d.x_skip)
+        return build_scheduler(d.timesteps, d.schedule, d.prediction, d.snr_shift, x_skip=d.x_skip, noise=d.noise)
 
     def sampler_settings(self) -> dict[str, int]:
         d = self.cfg.diffusion
