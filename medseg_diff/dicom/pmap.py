@@ -30,6 +30,7 @@ class MapKind:
     label: str  # LUTLabel and ContentLabel (CS: A-Z 0-9 _ space, up to 16 characters)
     explanation: str  # LUTExplanation and ContentDescription
     unit: tuple[str, str, str]  # (code value, scheme, meaning)
+    window: tuple[float, float] | None = None  # the display window (VOI LUT); None: the map's minimum to maximum
 
 
 def uncertainty_kind(units: str = "nats") -> MapKind:
@@ -46,7 +47,8 @@ def attention_kind(name: str) -> MapKind:
     import re
 
     tag = re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_") or "MAP"
-    return MapKind(f"ATTN_{tag}"[:16], f"{name} attention of the network, scaled to 0-1", UCUM_NO_UNITS)
+    return MapKind(f"ATTN_{tag}"[:16], f"{name} attention of the network, 1 = its 99.5th percentile", UCUM_NO_UNITS,
+                   window=(0.0, 1.0))
 
 
 def parametric_map_dataset(values: np.ndarray, affine: np.ndarray, source: Sequence, kind: MapKind, *,
@@ -61,6 +63,7 @@ def parametric_map_dataset(values: np.ndarray, affine: np.ndarray, source: Seque
     if not np.all(np.isfinite(frames)):
         raise ValueError(f"{kind.label.lower()} map has NaN/Inf values")
     low, high = float(frames.min()), float(frames.max())
+    shown = kind.window if kind.window is not None else (low, high)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=kind.label, lut_explanation=kind.explanation[:64], unit=CodedConcept(*kind.unit),
         value_range=(low, high), slope=1.0, intercept=0.0)
@@ -74,7 +77,8 @@ def parametric_map_dataset(values: np.ndarray, affine: np.ndarray, source: Seque
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(  # LINEAR_EXACT: a width below 1 is allowed
-            window_center=(low + high) / 2, window_width=max(high - low, 1e-6), voi_lut_function="LINEAR_EXACT")],
+            window_center=(shown[0] + shown[1]) / 2, window_width=max(shown[1] - shown[0], 1e-6),
+            voi_lut_function="LINEAR_EXACT")],
         content_label=kind.label,
         content_description=kind.explanation[:64],
         series_description=series_description or f"medseg-diff {kind.explanation}"[:64],

@@ -44,13 +44,13 @@ _ATTENTION_TEXT = {
     "other locations of the part of the scan being processed; this map shows how much of that gathering draws on "
     "each voxel (column sums of the attention matrix), at the last DDIM step, averaged over the levels that have it (the two finest in "
     "the default design), the heads and the ensemble members, and stitched across sliding windows. The file holds it divided by its "
-    "99.5th percentile in the brain (0 to 1); the pictures show it as a multiple of the brain's average. It is not a tumour probability and says nothing by "
+    "99.5th percentile in the brain (1 = that percentile); the pictures show it as a multiple of the brain's average. It is not a tumour probability and says nothing by "
     "itself about whether the segmentation is right",
     "cross": "attention on the tumour prior: the network first makes a rough, blocky guess of the tumour regions "
     "(the prior); while refining, every location consults it, and this map shows the share of that consultation "
     "landing on each place of the guess, mapped back to the image at block resolution, at the last DDIM step, "
     "averaged over heads and ensemble members, stitched across sliding windows; the file holds it divided by its "
-    "99.5th percentile in the brain (0 to 1), the pictures as a multiple of the brain's average. High values mean the network relied on its rough guess there. "
+    "99.5th percentile in the brain (1 = that percentile), the pictures as a multiple of the brain's average. High values mean the network relied on its rough guess there. "
     "In models trained with an attention loss (loss.attention > 0, the demo's default) this map was *taught* to "
     "point at the tumour during training: it shows where the model thinks the tumour is, not an unsupervised "
     "finding; `medseg-diff diagnose` measures on a checkpoint how much it concentrates on the tumour and whether "
@@ -58,7 +58,7 @@ _ATTENTION_TEXT = {
     "gate": "attention gates of the Attention U-Net (Oktay et al. 2018): at each level of its decoder a learned gate "
     "between 0 and 1 decides how much of the image detail passed along from the encoder is let through at each "
     "place; this map is those gates resized to the image and averaged over the levels, stitched across sliding "
-    "windows; the file holds it divided by its 99.5th percentile in the brain (0 to 1), the pictures as a multiple "
+    "windows; the file holds it divided by its 99.5th percentile in the brain (1 = that percentile), the pictures as a multiple "
     "of the brain's average. The gates are learned from the segmentation alone, without being told where to look; "
     "they are not a tumour probability",
 }
@@ -318,8 +318,10 @@ def _maps_section(overlay: CaseOverlay) -> str:
         )
         items.append(
             "<dt>Attention maps</dt><dd>Where the network put its internal weight while computing the "
-            f"segmentation:<ul>{described}</ul>Each map is scaled to 0\u20131 by dividing by its "
-            f"{ATTENTION_PERCENTILE:g}th percentile inside the brain (values above are shown as 1). The montage and "
+            f"segmentation:<ul>{described}</ul>Each map file is divided by its "
+            f"{ATTENTION_PERCENTILE:g}th percentile inside the brain, so 1 is that percentile; the hottest 0.5 % keep "
+            "their values above 1 (not clipped: the file's maximum is the map's), and the display window 0\u20131 "
+            "stored in the file shows them at the top of the scale. The montage and "
             "the viewer show each map as a multiple of its average inside the brain, on one fixed scale for every "
             "model and case: only voxels inside the brain above the average (1\u00d7) are coloured, full colour "
             f"from {ATTENTION_SCALE_TOP:g}\u00d7 the average (the colour bar reads \u2265), in the montage at most "

@@ -19,7 +19,7 @@ from medseg_diff.data.vocabulary import CONTRAST_MODALITIES, DISPLAY_MODALITIES,
 from medseg_diff.data.names import MAX_NAME_LENGTH, SAFE_NAME, name_length_problem
 from medseg_diff.errors import DataError
 
-#: Robust maximum used to scale attention maps to [0, 1]: this percentile of the brain's voxels.
+#: Robust maximum used to scale attention maps: this percentile of the brain's voxels becomes 1.
 ATTENTION_PERCENTILE = 99.5
 UNCERTAINTY_UNITS = ("nats", "bits")
 
@@ -108,11 +108,13 @@ class CaseOverlay:
         return mask if mask.any() else np.ones(self.labels.shape, dtype=bool)
 
     def normalised_attention(self, name: str) -> np.ndarray:
-        """Attention map ``name`` scaled to [0, 1], float32 ``[X, Y, Z]``.
+        """Attention map ``name`` divided by its robust maximum, float32 ``[X, Y, Z]``, at least 0.
 
-        Divided by its robust maximum, the ``ATTENTION_PERCENTILE`` (99.5th) percentile of the values
-        inside :attr:`brain_mask` (the maximum if that percentile is 0), then clipped to [0, 1], so a
-        few extreme voxels do not wash the map out. An all-zero map stays zero.
+        The robust maximum is the ``ATTENTION_PERCENTILE`` (99.5th) percentile of the values inside
+        :attr:`brain_mask` (the maximum if that percentile is 0), so 1 is that percentile and a few extreme voxels do
+        not wash the map out of a 0-1 display window (the exported file stores that window in its header). The
+        hottest 0.5 % keep their values above 1, not clipped: clipping made about 300 voxels tie at 1, so the file's
+        maximum was no longer the map's, and its hottest voxels could not be told apart. An all-zero map stays zero.
         """
         values = np.asarray(self.attention[name], dtype=np.float32)
         inside = values[self.brain_mask]
@@ -121,16 +123,16 @@ class CaseOverlay:
             scale = float(values.max())
         if scale <= 0:
             return np.zeros(values.shape, dtype=np.float32)
-        return np.clip(values / scale, 0.0, 1.0).astype(np.float32)
+        return np.maximum(values / scale, 0.0).astype(np.float32)
 
     def relative_attention(self, name: str) -> np.ndarray:
         """Attention map ``name`` as a multiple of its mean inside :attr:`brain_mask` (1 = the brain's average),
         float32 ``[X, Y, Z]``: the montage and the viewer colour it above 1 on the fixed scale 1 to
         ``export.types.ATTENTION_SCALE_TOP``, so a nearly flat map shows nearly nothing instead of its small differences
         stretched over the whole colour map. Computed from :meth:`normalised_attention` (a ratio, so that scaling
-        cancels; only values above the robust maximum stay clipped). An all-zero map stays zero."""
+        cancels). An all-zero map stays zero."""
         values = self.normalised_attention(name)
-        mean = float(values[self.brain_mask].mean())
+        mean = float(values[self.brain_mask].mean(dtype=np.float64))  # float64: the same for any voxel order
         return (values / mean).astype(np.float32) if mean > 0 else values
 
     def modality_name(self, name: str) -> str:

@@ -67,8 +67,10 @@ def load_reference_grid(path: Path, case: str | None = None) -> ReferenceGrid:
     return ReferenceGrid(path, tuple(int(n) for n in image.shape[:3]), affine, header, klass)
 
 
-def nifti_bytes(grid: ReferenceGrid, data: np.ndarray, description: str, intent: str = "none") -> bytes:
-    """gzip-compressed NIfTI of ``data`` ([X, Y, Z] or [X, Y, Z, C]) on the reference grid."""
+def nifti_bytes(grid: ReferenceGrid, data: np.ndarray, description: str, intent: str = "none",
+                window: tuple[float, float] | None = None) -> bytes:
+    """gzip-compressed NIfTI of ``data`` ([X, Y, Z] or [X, Y, Z, C]) on the reference grid; ``window`` is the
+    display range stored as ``cal_min``/``cal_max`` (default: the data's minimum and maximum)."""
     header = grid.header.copy()
     header.set_data_dtype(data.dtype)
     header.set_data_shape(data.shape)
@@ -78,7 +80,7 @@ def nifti_bytes(grid: ReferenceGrid, data: np.ndarray, description: str, intent:
     header.set_qform(qform, code=int(grid.header["qform_code"]))
     header.set_slope_inter(1.0, 0.0)
     header.set_intent(intent)
-    header["cal_min"], header["cal_max"] = float(data.min()), float(data.max())
+    header["cal_min"], header["cal_max"] = window if window is not None else (float(data.min()), float(data.max()))
     header["descrip"] = f"medseg-diff {description}".encode("ascii", "replace")[:79]
     image = grid.image_class(data, header.get_best_affine(), header)
     return gzip.compress(image.to_bytes(), compresslevel=_GZIP_LEVEL, mtime=0)
@@ -231,7 +233,8 @@ def stage_volumes(batch: AtomicBatch, overlay: CaseOverlay, grid: ReferenceGrid,
     for name in overlay.attention:
         att = overlay.normalised_attention(name)
         paths["attention"][name] = batch.add(layout.attention(prefix, name),
-                                             nifti_bytes(grid, att, f"attention {name} 0-1 {model}"))
+                                             nifti_bytes(grid, att, f"attention {name} 1=p99.5 {model}",
+                                                         window=(0.0, 1.0)))
     if overlay.probabilities is not None:
         probs = np.moveaxis(np.asarray(overlay.probabilities, dtype=np.float32), 0, -1)
         order = "/".join(REGIONS)

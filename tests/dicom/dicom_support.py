@@ -35,7 +35,8 @@ def write_prediction_folder(folder: Path, case: str, reference: Path, seed: int 
     if variance:
         arrays["variance"] = rng.uniform(0, 0.25, shape).astype(np.float32)
     for name in attention:
-        arrays[f"attention_{name}"] = rng.uniform(0, 1, shape).astype(np.float32)
+        # as predict writes them: 1 = the 99.5th percentile, the hottest voxels above it
+        arrays[f"attention_{name}"] = rng.uniform(0, 1.5, shape).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     for kind, array in arrays.items():
         image = nib.Nifti1Image(array, grid.affine)

@@ -136,6 +136,12 @@ def test_parametric_maps_convert_back_with_dcmqi(written, tmp_path, kind):
     mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     unit = mapping.MeasurementUnitsCodeSequence[0]
     assert (unit.CodingSchemeDesignator, unit.CodeValue) == ("UCUM", "{nat}" if kind == "uncertainty" else "1")
+    # the display window (VOI LUT): an attention map's robust 0-1 (its hottest voxels above 1 kept, shown at the top
+    # of the window), the other maps their own minimum to maximum
+    voi = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    low, high = (0.0, 1.0) if kind.startswith("attention") else (float(arrays[kind].min()), float(arrays[kind].max()))
+    assert float(voi.WindowCenter) == pytest.approx((low + high) / 2, abs=1e-4)
+    assert float(voi.WindowWidth) == pytest.approx(max(high - low, 1e-6), abs=1e-4)
 
 
 def test_the_same_prediction_gives_the_same_bytes(written, tmp_path):

@@ -20,6 +20,7 @@ from medseg_diff.diffusion.schedules import (
     scheduler_input,
     training_target,
     x0_from_output,
+    x0_logits,
 )
 from medseg_diff.models import DiffusionSegUNet
 
@@ -270,3 +271,92 @@ def test_ddim_with_a_shifted_schedule_and_the_true_prediction_lands_on_x0(predic
         output = true_output(scheduler, x0, x, t.expand(SHAPE[0]))
         x, _ = scheduler.step(scheduler_input(scheduler, output), int(t), x, eta=0.0)
     torch.testing.assert_close(x, x0, rtol=0, atol=1e-6)
+
+
+# -- Bernoulli forward process (BerDiff) ---------------------------------------------------------------------------
+
+
+def test_bernoulli_noise_keeps_each_voxel_with_the_schedules_probability_and_stays_a_mask():
+    scheduler = build_scheduler(1000, "linear_beta", "sample", noise="bernoulli")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.where(torch.rand(4, 3, 16, 16, 16, generator=g) < 0.3, 1.0, -1.0)
+    for t in (0, 99, 499, 999):
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = scheduler.add_noise(x0, noise, torch.full((4,), t))
+        assert set(x_t.unique().tolist()) <= {-1.0, 1.0}
+        alpha = float(scheduler.alphas_cumprod[t])
+        assert float((x_t == x0).float().mean()) == pytest.approx((1 + alpha) / 2, abs=0.01)  # 49,152 voxels
+        assert torch.equal(x_t, scheduler.add_noise(x0, noise, torch.full((4,), t)))  # decided by the noise only
+    start = scheduler.start_sample(torch.randn(x0.shape, generator=g))
+    assert set(start.unique().tolist()) == {-1.0, 1.0} and abs(float(start.mean())) < 0.02  # a fair coin
+
+
+def test_bernoulli_skip_is_the_exact_posterior_log_odds_of_a_flipped_voxel():
+    scheduler = build_scheduler(1000, "linear_beta", "sample", x_skip=True, noise="bernoulli")
+    t = torch.tensor([99])
+    alpha = float(scheduler.alphas_cumprod[99])
+    x_t = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1, 1)
+    p = torch.sigmoid(x0_logits(scheduler, torch.zeros_like(x_t), x_t, t)).flatten()
+    # with a 50/50 prior on x0: P(x0 = +1 | x_t = +1) = P(x_t = +1 | +1) / (P(x_t = +1 | +1) + P(x_t = +1 | -1))
+    # = ((1 + ᾱ) / 2) / 1, and P(x0 = +1 | x_t = -1) = (1 - ᾱ) / 2
+    assert p[0].item() == pytest.approx((1 + alpha) / 2, rel=1e-5)
+    assert p[1].item() == pytest.approx((1 - alpha) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("K", (1, 2, 10))
+def test_bernoulli_sampling_with_the_true_x0_lands_on_it_and_draws_masks_on_the_way(K):
+    scheduler = build_scheduler(1000, "linear_beta", "sample", noise="bernoulli")
+    scheduler.set_timesteps(K)
+    g = torch.Generator().manual_seed(1)
+    x0 = binary_mask(1).float()
+    x = scheduler.start_sample(torch.randn(x0.shape, generator=g))
+    for i, t in enumerate(scheduler.timesteps):
+        x, estimate = scheduler.step(x0, int(t), x, eta=1.0, generator=g)
+        assert torch.equal(estimate, x0)
+        assert set(x.unique().tolist()) <= {-1.0, 1.0}  # η = 1: each member draws a mask
+    assert torch.equal(x, x0)  # the last step lands on ᾱ = 1: the estimate itself
+    # η = 0 takes the posterior mean instead: deterministic, soft, and still x0 at the end
+    scheduler.set_timesteps(K)
+    x = scheduler.start_sample(torch.randn(x0.shape, generator=g))
+    for t in scheduler.timesteps:
+        x, _ = scheduler.step(x0, int(t), x, eta=0.0)
+    assert torch.allclose(x, x0)
+
+
+def test_bernoulli_posterior_agrees_with_the_forward_process():
+    """q(x_s | x_t, x0) from ``step`` equals the Bayes posterior computed by counting forward draws of the chain
+    x0 -> x_s -> x_t (each hop flips with the schedule's conditional probabilities)."""
+    scheduler = build_scheduler(1000, "linear_beta", "sample", noise="bernoulli")
+    scheduler.set_timesteps(4)  # t = 749 -> s = 499
+    a_t, a_s = (float(scheduler.alphas_cumprod[i]) for i in (749, 499))
+    g = torch.Generator().manual_seed(3)
+    n = 400_000
+    x0 = torch.ones(n)
+    x_s = torch.where(torch.rand(n, generator=g) < (1 + a_s) / 2, 1.0, -1.0)  # x0 = +1 kept or coined
+    a = a_t / a_s
+    x_t = torch.where(torch.rand(n, generator=g) < a, x_s, torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0))
+    for observed in (1.0, -1.0):
+        empirical = float((x_s[x_t == observed] == 1).float().mean())
+        prev, _ = scheduler.step(torch.ones(1), 749, torch.tensor([observed]), eta=0.0)
+        assert (float(prev) + 1) / 2 == pytest.approx(empirical, abs=0.005)
+
+
+def test_bernoulli_noise_needs_x0_prediction():
+    with pytest.raises(ValueError, match="Bernoulli noise needs prediction 'sample'"):
+        build_scheduler(prediction="epsilon", noise="bernoulli")
+    with pytest.raises(ValueError, match="noise must be"):
+        build_scheduler(noise="uniform")
+
+
+def test_bernoulli_diffusion_loss_trains_every_parameter():
+    net = tiny_net("head").train()
+    loss_fn = DiffusionLoss(build_scheduler(1000, "linear_beta", "sample", x_skip=True, noise="bernoulli"),
+                            LossWeights())
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 4, 8, 8, 8, generator=g)
+    regions = (torch.rand(2, 3, 8, 8, 8, generator=g) > 0.6).float()
+    out = loss_fn(EncodeDenoise(net), image, regions, generator=g)
+    out.total.backward()
+    assert torch.isfinite(out.total)
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing

@@ -119,9 +119,15 @@ def test_nifti_outputs_lie_on_the_reference_grid(tmp_path, codes):
     probs = np.asanyarray(nib.load(result.probabilities).dataobj)
     assert probs.shape == (*overlay.labels.shape, len(REGIONS))
     assert np.array_equal(np.moveaxis(probs, -1, 0), overlay.probabilities)
-    for path in result.attention.values():
-        att = np.asanyarray(nib.load(path).dataobj)
-        assert att.dtype == np.float32 and att.min() >= 0.0 and att.max() <= 1.0
+    for name, path in result.attention.items():
+        image = nib.load(path)
+        att = np.asanyarray(image.dataobj)
+        assert att.dtype == np.float32 and att.min() >= 0.0
+        assert np.allclose(att, overlay.normalised_attention(name))
+        # the file's maximum is the map's (not one of hundreds tied at a clipped 1), shown in a 0-1 window
+        raw = np.asarray(overlay.attention[name])
+        assert np.unravel_index(np.argmax(att), att.shape) == np.unravel_index(np.argmax(raw), raw.shape)
+        assert (float(image.header["cal_min"]), float(image.header["cal_max"])) == (0.0, 1.0)
 
 
 def test_header_geometry_copied_with_its_codes(tmp_path):
@@ -147,8 +153,11 @@ def test_attention_scaled_by_robust_max(tmp_path):
     scaled = overlay.normalised_attention("self")
     raw = overlay.attention["self"]
     brain_p995 = np.percentile(raw[overlay.brain_mask], 99.5)
-    assert scaled[BLOB] == 1.0  # the extreme voxel is clipped, not used as the maximum
-    assert np.allclose(scaled, np.clip(raw / brain_p995, 0, 1), atol=1e-6)
+    # the extreme voxel does not set the scale (1 is the brain's 99.5th percentile) but keeps its rank and value:
+    # it stays the map's maximum, far above 1, instead of tying with the other top 0.5 % at a clipped 1
+    assert scaled[BLOB] == pytest.approx(500.0 / brain_p995, rel=1e-5) and scaled[BLOB] > 1.0
+    assert np.unravel_index(np.argmax(scaled), scaled.shape) == BLOB
+    assert np.allclose(scaled, raw / brain_p995, atol=1e-6)
     assert (scaled >= 0.99).mean() < 0.05
     overlay.attention["zero"] = np.zeros_like(raw)
     assert not overlay.normalised_attention("zero").any()
