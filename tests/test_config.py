@@ -17,6 +17,18 @@ def test_defaults_validate_and_flatten():
     assert flat["train.lr"] == cfg.train.lr and flat["model.denoiser.channels"] == list(cfg.model.denoiser.channels)
 
 
+def test_bernoulli_noise_is_opt_in_and_old_checkpoints_keep_gaussian():
+    """base.yaml keeps Gaussian noise (README: the study's Dice gain against the audit's losses); a stored config
+    without the key (a checkpoint from before the setting) reads back as the Gaussian noise it was trained with."""
+    assert load_config(CONFIGS / "base.yaml").diffusion.noise == "gaussian"
+    assert load_config(CONFIGS / "demo_cpu.yaml", ["diffusion.noise=bernoulli"]).diffusion.noise == "bernoulli"
+    old = load_config(CONFIGS / "base.yaml", ["diffusion.noise=bernoulli"]).to_dict()
+    del old["diffusion"]["noise"]
+    assert config_from_dict(old).diffusion.noise == "gaussian"
+    with pytest.raises(ConfigError, match="diffusion.noise"):
+        config_from_dict({"diffusion": {"noise": "bernoulli", "prediction": "epsilon"}})
+
+
 def test_extends_merges_and_overrides_apply(tmp_path):
     (tmp_path / "base.yaml").write_text("train:\n  lr: 0.001\n  epochs: 7\ndata:\n  roi_size: [32, 32, 32]\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  epochs: 3\n")
