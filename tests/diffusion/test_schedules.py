@@ -331,13 +331,12 @@ def test_bernoulli_posterior_agrees_with_the_forward_process():
     a_t, a_s = (float(scheduler.alphas_cumprod[i]) for i in (749, 499))
     g = torch.Generator().manual_seed(3)
     n = 400_000
-    x0 = torch.ones(n)
-    x_s = torch.where(torch.rand(n, generator=g) < (1 + a_s) / 2, 1.0, -1.0)  # x0 = +1 kept or coined
+    x_s = torch.where(torch.rand(n, generator=g) < (1 + a_s) / 2, 1.0, -1.0)  # x0 = +1, kept or coined
     a = a_t / a_s
     x_t = torch.where(torch.rand(n, generator=g) < a, x_s, torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0))
     for observed in (1.0, -1.0):
         empirical = float((x_s[x_t == observed] == 1).float().mean())
-        prev, _ = scheduler.step(torch.ones(1), 749, torch.tensor([observed]), eta=0.0)
+        prev, _ = scheduler.step(torch.ones(1), 749, torch.tensor([observed]), eta=0.0)  # the estimate x0 = +1
         assert (float(prev) + 1) / 2 == pytest.approx(empirical, abs=0.005)
 
 
