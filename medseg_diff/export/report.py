@@ -58,8 +58,8 @@ _ATTENTION_TEXT = {
     "gate": "attention gates of the Attention U-Net (Oktay et al. 2018): at each level of its decoder a learned gate "
     "between 0 and 1 decides how much of the image detail passed along from the encoder is let through at each "
     "place; this map is those gates resized to the image and averaged over the levels, stitched across sliding "
-    "windows; the file holds it divided by its 99.5th percentile in the brain (1 = that percentile), the pictures as a multiple "
-    "of the brain's average. The gates are learned from the segmentation alone, without being told where to look; "
+    "windows; the file holds it divided by its 99.5th percentile in the brain (1 = that percentile), the pictures as "
+    "a multiple of the brain's average. The gates are learned from the segmentation alone, without being told where to look; "
     "they are not a tumour probability",
 }
 #: words for the direction a voxel axis runs (nibabel axis codes: the direction of increasing index)

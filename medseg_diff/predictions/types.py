@@ -129,9 +129,9 @@ class CaseOverlay:
         """Attention map ``name`` as a multiple of its mean inside :attr:`brain_mask` (1 = the brain's average),
         float32 ``[X, Y, Z]``: the montage and the viewer colour it above 1 on the fixed scale 1 to
         ``export.types.ATTENTION_SCALE_TOP``, so a nearly flat map shows nearly nothing instead of its small differences
-        stretched over the whole colour map. Computed from :meth:`normalised_attention` (a ratio, so that scaling
-        cancels). An all-zero map stays zero."""
-        values = self.normalised_attention(name)
+        stretched over the whole colour map. A ratio, so the raw map is used as it is (no percentile to compute: any
+        scaling cancels). An all-zero map stays zero."""
+        values = np.maximum(np.asarray(self.attention[name], dtype=np.float32), 0.0)
         mean = float(values[self.brain_mask].mean(dtype=np.float64))  # float64: the same for any voxel order
         return (values / mean).astype(np.float32) if mean > 0 else values
 

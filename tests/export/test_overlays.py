@@ -437,6 +437,9 @@ def test_attention_is_coloured_only_inside_the_brain_above_its_mean(tmp_path):
     assert (scale.low, scale.top) == (1.0, ATTENTION_SCALE_TOP)  # multiples of the brain's average, fixed
     relative = overlay.relative_attention("self")
     assert float(relative[overlay.brain_mask].mean()) == pytest.approx(1.0, rel=1e-5)
+    # the pictures and the exported file show one map: they differ by a constant factor only
+    exported = overlay.normalised_attention("self")
+    np.testing.assert_allclose(relative, exported / exported[overlay.brain_mask].mean(dtype=np.float64), rtol=1e-5)
     values = panel.attention["self"]
     rgba = heat_rgba(values, scale, panel.brain)
     outside = ~panel.brain
